@@ -1,0 +1,48 @@
+"""Domain errors raised by the engine, attacks and registry; the API layer maps each to a status.
+
+    InterscopeError
+    ├── InvalidArgument      bad spec or tensor               -> INVALID_ARGUMENT
+    ├── NotFound             unknown model                    -> NOT_FOUND
+    ├── FailedPrecondition   e.g. white-box attack, no grads  -> FAILED_PRECONDITION
+    ├── ResourceExhausted    limits, full queue               -> RESOURCE_EXHAUSTED
+    ├── Unavailable          model loading, shutting down     -> UNAVAILABLE
+    ├── Cancelled            the caller cancelled             -> CANCELLED
+    └── DeadlineExceeded     the caller's deadline passed     -> DEADLINE_EXCEEDED
+
+Anything else that escapes a request is a bug and becomes INTERNAL (logged with the request id).
+Messages say what was wrong and what is allowed; they are sent to the caller as they are.
+"""
+
+from __future__ import annotations
+
+
+class InterscopeError(Exception):
+    """Base of every error the service reports to callers on purpose."""
+
+
+class InvalidArgument(InterscopeError):
+    """The request or a tensor in it is malformed or outside what is allowed."""
+
+
+class NotFound(InterscopeError):
+    """A named model (or other resource) does not exist."""
+
+
+class FailedPrecondition(InterscopeError):
+    """The request is well formed but the system is not in a state to run it."""
+
+
+class ResourceExhausted(InterscopeError):
+    """A configured limit would be exceeded, or a queue is full."""
+
+
+class Unavailable(InterscopeError):
+    """The service or model cannot take the request now; retrying later may work."""
+
+
+class Cancelled(InterscopeError):
+    """The caller cancelled the request; computation stopped at a chunk boundary."""
+
+
+class DeadlineExceeded(InterscopeError):
+    """The caller's deadline passed; computation stopped at a chunk boundary."""
