@@ -1,0 +1,115 @@
+"""Server settings: one pydantic-settings class, read from INTERSCOPE_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Every knob of one interscope replica. Env: INTERSCOPE_<FIELD> (e.g. INTERSCOPE_PORT)."""
+
+    model_config = SettingsConfigDict(env_prefix="INTERSCOPE_", extra="forbid")
+
+    # -- network ---------------------------------------------------------------------------
+    host: str = Field(default="0.0.0.0", description="Address the gRPC server binds.")
+    port: int = Field(default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
+    metrics_port: int | None = Field(
+        default=9090,
+        ge=0,
+        le=65535,
+        description="Prometheus /metrics HTTP port; 0 picks a free port; unset disables.",
+    )
+    metrics_host: str = Field(default="0.0.0.0", description="Address /metrics binds.")
+
+    # -- models ----------------------------------------------------------------------------
+    model_repository: Path | None = Field(
+        default=None, description="Directory with one folder per model (config.json + file)."
+    )
+    load_models: Annotated[list[str] | None, NoDecode] = Field(
+        default=None,
+        description="Comma-separated models to load at start; unset loads every model folder.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Where models run: auto uses CUDA when available."
+    )
+    half_precision: bool = Field(
+        default=False, description="Run TorchScript models in FP16 on CUDA."
+    )
+    intra_op_threads: int = Field(
+        default=0, ge=0, description="Threads per forward pass (0: the runtime's default)."
+    )
+    max_batch_delay_ms: float = Field(
+        default=2.0, ge=0, le=1000, description="How long the batcher waits to fill a batch."
+    )
+    max_queue_rows: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="Rows waiting per model before new work gets RESOURCE_EXHAUSTED.",
+    )
+    max_upload_bytes: int = Field(
+        default=256 * MiB, ge=1, description="Largest model file LoadModel accepts as upload."
+    )
+
+    # -- request limits --------------------------------------------------------------------
+    max_players: int = Field(default=4096, ge=2, description="Most players in one profile.")
+    max_exact_players: int = Field(
+        default=20, ge=2, le=26, description="Most players the exact estimator accepts (2^n)."
+    )
+    max_forwards_per_request: int = Field(
+        default=20_000_000, ge=1, description="Most forward passes one request may plan."
+    )
+    max_inputs_per_request: int = Field(
+        default=4096, ge=1, description="Most inputs in one Profile or Attack request."
+    )
+    max_tensor_bytes: int = Field(
+        default=64 * MiB, ge=1, description="Largest tensor accepted in a request."
+    )
+    max_message_bytes: int = Field(
+        default=128 * MiB, ge=1024, description="Largest gRPC message sent or received."
+    )
+    max_concurrent_calls: int = Field(
+        default=64, ge=1, description="Analysis calls running at once; more get RESOURCE_EXHAUSTED."
+    )
+    worker_threads: int = Field(
+        default=16, ge=1, description="Threads that run engine and attack work off the event loop."
+    )
+
+    # -- security --------------------------------------------------------------------------
+    auth_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated bearer tokens; when set every RPC but health needs one.",
+    )
+    tls_cert: Path | None = Field(default=None, description="PEM server certificate (TLS).")
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert.")
+    tls_client_ca: Path | None = Field(
+        default=None, description="PEM CA bundle; when set clients need certificates (mTLS)."
+    )
+
+    # -- lifecycle -------------------------------------------------------------------------
+    grace_seconds: float = Field(
+        default=10.0, ge=0, description="On SIGTERM, how long in-flight calls may finish."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Logging level."
+    )
+
+    @field_validator("auth_tokens", "load_models", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        return self
