@@ -1,0 +1,26 @@
+"""Shared test fixtures: the demo model repository, built once per session and cached on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from interscope_server.demo import TEST_DATA_FILE, build_demo_repository
+
+#: Gitignored; reused across sessions, rebuilt when the demo recipe changes (see its stamp file).
+DEMO_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "demo-repository"
+
+
+@pytest.fixture(scope="session")
+def demo_repository() -> Path:
+    """The demo model repository (four digits CNNs plus held-out data), built on first use."""
+    return build_demo_repository(DEMO_CACHE)
+
+
+@pytest.fixture(scope="session")
+def demo_test_data(demo_repository: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out digits: x float32 (N, 1, 16, 16) in [0, 1], y int64 (N,)."""
+    with np.load(demo_repository / TEST_DATA_FILE) as data:
+        return data["x"], data["y"]
