@@ -3,6 +3,7 @@
     InterscopeError
     ├── InvalidArgument      bad spec or tensor               -> INVALID_ARGUMENT
     ├── NotFound             unknown model                    -> NOT_FOUND
+    ├── AlreadyExists        loading a name already loaded    -> ALREADY_EXISTS
     ├── FailedPrecondition   e.g. white-box attack, no grads  -> FAILED_PRECONDITION
     ├── ResourceExhausted    limits, full queue               -> RESOURCE_EXHAUSTED
     ├── Unavailable          model loading, shutting down     -> UNAVAILABLE
@@ -26,6 +27,10 @@ class InvalidArgument(InterscopeError):
 
 class NotFound(InterscopeError):
     """A named model (or other resource) does not exist."""
+
+
+class AlreadyExists(InterscopeError):
+    """A resource with that name exists and the request did not ask to replace it."""
 
 
 class FailedPrecondition(InterscopeError):

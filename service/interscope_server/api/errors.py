@@ -1,0 +1,94 @@
+"""One place that maps domain errors to gRPC status codes, for unary and streaming handlers."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from pydantic import ValidationError
+
+from interscope.codec import TensorError
+from interscope_server import errors
+
+log = logging.getLogger(__name__)
+
+#: The id of the request being served, for log lines and INTERNAL messages.
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+STATUS_OF_ERROR: dict[type[errors.InterscopeError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and message a caller gets for an exception raised while serving it."""
+    if isinstance(exc, errors.InterscopeError):
+        for kind in type(exc).__mro__:
+            if kind in STATUS_OF_ERROR:
+                return STATUS_OF_ERROR[kind], str(exc)
+    if isinstance(exc, TensorError):
+        text = str(exc)
+        if text.startswith("too large"):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, text
+        return grpc.StatusCode.INVALID_ARGUMENT, text
+    if isinstance(exc, ValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors()
+        )
+        return grpc.StatusCode.INVALID_ARGUMENT, problems
+    rid = request_id.get()
+    log.exception("bug while serving request %s", rid)
+    return grpc.StatusCode.INTERNAL, f"internal error (request id {rid}); this is a bug"
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def unary_errors(
+    method: Callable[[Any, T, grpc.aio.ServicerContext], Awaitable[R]],
+) -> Callable[[Any, T, grpc.aio.ServicerContext], Awaitable[R]]:
+    """Wrap a unary servicer method so every exception leaves as a mapped status."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: T, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the point is to map everything
+            code, message = status_of(exc)
+            await context.abort(code, message)
+            raise AssertionError("context.abort returned") from None
+
+    return wrapper
+
+
+def stream_errors(
+    method: Callable[[Any, T, grpc.aio.ServicerContext], AsyncIterator[R]],
+) -> Callable[[Any, T, grpc.aio.ServicerContext], AsyncIterator[R]]:
+    """Wrap a streaming servicer method (an async generator) likewise."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: T, context: grpc.aio.ServicerContext) -> AsyncIterator[R]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            code, message = status_of(exc)
+            await context.abort(code, message)
+
+    return wrapper
