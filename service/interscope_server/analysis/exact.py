@@ -1,0 +1,137 @@
+"""Exact multi-order interactions from the values of all 2^n coalitions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import comb
+
+from interscope_server.analysis.game import Game, coalitions_from_bitmasks
+from interscope_server.cancel import CancelToken
+from interscope_server.errors import InvalidArgument
+
+
+def popcounts(bits: int) -> np.ndarray:
+    """popcount of 0 .. 2^bits - 1 as int64."""
+    idx = np.arange(2**bits, dtype=np.int64)
+    pc = np.zeros(idx.size, dtype=np.int64)
+    for b in range(bits):
+        pc += (idx >> b) & 1
+    return pc
+
+
+def tabulate(
+    game: Game, out: np.ndarray, chunk_size: int, cancel: CancelToken | None = None
+) -> Iterator[int]:
+    """Fill out[mask] = v(mask) for every bitmask (player k = bit k); yield forwards done."""
+    n = game.n_players
+    total = 2**n
+    if out.shape != (total,):
+        raise InvalidArgument(f"the value table must have 2^{n} = {total} entries")
+    for start in range(0, total, chunk_size):
+        if cancel is not None:
+            cancel.check()
+        stop = min(start + chunk_size, total)
+        out[start:stop] = game(coalitions_from_bitmasks(np.arange(start, stop), n))
+        yield stop
+
+
+@dataclass(frozen=True)
+class ExactInteractions:
+    """Everything the exact estimator derives from one value table.
+
+    interactions[m, i, j] = I^(m)(i,j) (symmetric in i, j; zero diagonal), m = 0..n-2;
+    mean_abs_dv[m, i, j] = mean over |S| = m of |Delta v(i,j,S)| (for disentanglement);
+    order_shapley[m, i] = phi^(m)(i), m = 0..n-1.
+    """
+
+    n: int
+    values: np.ndarray
+    interactions: np.ndarray
+    mean_abs_dv: np.ndarray
+    order_shapley: np.ndarray
+
+    @property
+    def value_full(self) -> float:
+        return float(self.values[-1])
+
+    @property
+    def value_empty(self) -> float:
+        return float(self.values[0])
+
+    @property
+    def singletons(self) -> np.ndarray:
+        """mu_i = v({i}) - v(empty)."""
+        return np.asarray(self.values[1 << np.arange(self.n)] - self.values[0], dtype=np.float64)
+
+    @property
+    def shapley_values(self) -> np.ndarray:
+        return np.asarray(self.order_shapley.mean(axis=0), dtype=np.float64)
+
+    @property
+    def shapley_interaction(self) -> np.ndarray:
+        """I_Sh(i,j) = (1/(n-1)) sum_m I^(m)(i,j): the Shapley interaction index (SII)."""
+        return np.asarray(self.interactions.sum(axis=0) / (self.n - 1), dtype=np.float64)
+
+    def order_weights(self) -> np.ndarray:
+        """w_m = (n-1-m) / (n(n-1)) for m = 0..n-2: the weight of an ordered pair's I^(m)."""
+        m = np.arange(self.n - 1)
+        return np.asarray((self.n - 1 - m) / (self.n * (self.n - 1)), dtype=np.float64)
+
+    def efficiency_residual(self) -> float:
+        """Identity 2: v(N) - v(0) - sum_i mu_i - sum_{i != j} sum_m w_m I^(m)(i,j)."""
+        pair_term = float(np.einsum("m,mij->", self.order_weights(), self.interactions))
+        return self.value_full - self.value_empty - float(self.singletons.sum()) - pair_term
+
+
+def exact_interactions(values: np.ndarray, n: int) -> ExactInteractions:
+    """All I^(m)(i,j), mean |Delta v| and phi^(m)(i) from the 2^n values (player k = bit k).
+
+    Works on v as a (2,)*n array: a player's difference is a difference along its axis, and the
+    flat index of what is left encodes S, so |S| is a popcount shared by every pair. Pairs are
+    processed one row i at a time (memory O(n 2^n)), the sums by |S| as one matrix product.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.shape != (2**n,):
+        raise InvalidArgument(f"exact interactions need 2^{n} values; got {v.shape}")
+    if n < 2:
+        raise InvalidArgument(f"pair interactions need n >= 2 players; got {n}")
+    table = v.reshape((2,) * n)  # C order: player k is axis n-1-k
+    onehot_pairs = np.zeros((2 ** (n - 2), n - 1))
+    onehot_pairs[np.arange(2 ** (n - 2)), popcounts(n - 2)] = 1.0
+    pc_single = popcounts(n - 1)
+    counts_pairs = comb(n - 2, np.arange(n - 1))
+    counts_single = comb(n - 1, np.arange(n))
+
+    interactions = np.zeros((n - 1, n, n))
+    mean_abs = np.zeros((n - 1, n, n))
+    order_shapley = np.zeros((n, n))
+    for i in range(n):
+        ai = n - 1 - i
+        di = table.take(1, axis=ai) - table.take(0, axis=ai)
+        order_shapley[:, i] = np.bincount(pc_single, weights=di.reshape(-1), minlength=n)
+        order_shapley[:, i] /= counts_single
+        js = np.arange(i + 1, n)
+        if js.size == 0:
+            continue
+        block = np.empty((js.size, 2 ** (n - 2)))
+        for row, j in enumerate(js):
+            aj = n - 1 - j  # j > i so aj < ai: its axis index is unchanged in di
+            np.subtract(
+                di.take(1, axis=aj).reshape(-1), di.take(0, axis=aj).reshape(-1), out=block[row]
+            )
+        sums = (block @ onehot_pairs) / counts_pairs
+        np.abs(block, out=block)
+        abs_sums = (block @ onehot_pairs) / counts_pairs
+        interactions[:, i, js] = sums.T
+        interactions[:, js, i] = sums.T
+        mean_abs[:, i, js] = abs_sums.T
+        mean_abs[:, js, i] = abs_sums.T
+    return ExactInteractions(n, v, interactions, mean_abs, order_shapley)
+
+
+def all_pairs(n: int) -> np.ndarray:
+    i, j = np.triu_indices(n, k=1)
+    return np.stack([i, j], axis=1).astype(np.int64)

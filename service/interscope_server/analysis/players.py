@@ -1,0 +1,157 @@
+"""Players: how an input is split into the n players of the game (grid, features, mask)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from interscope_server.errors import InvalidArgument
+
+# A per-element player-id map: same shape as one input, int64, -1 for elements that belong to no
+# player (always kept from x).
+PlayerMap = np.ndarray
+
+
+def _check_shape(input_shape: tuple[int, ...]) -> None:
+    if len(input_shape) == 0 or any(int(d) <= 0 for d in input_shape):
+        raise InvalidArgument(
+            f"input shape {tuple(input_shape)} is not allowed: it needs at least one dimension "
+            "and every dimension must be positive"
+        )
+
+
+@dataclass(frozen=True)
+class GridPlayers:
+    """An R x C grid over an image (C,H,W) or (H,W); cell (r, c) is player r*C + c.
+
+    Cell (r, c) covers rows floor(r*H/R) .. floor((r+1)*H/R)-1 and likewise columns, so every
+    pixel belongs to exactly one cell even when R does not divide H.
+    """
+
+    rows: int
+    cols: int
+
+    @property
+    def n_players(self) -> int:
+        return self.rows * self.cols
+
+    def player_map(self, input_shape: tuple[int, ...]) -> PlayerMap:
+        input_shape = tuple(int(d) for d in input_shape)
+        _check_shape(input_shape)
+        if len(input_shape) not in (2, 3):
+            raise InvalidArgument(
+                f"grid players need an image input of shape (C, H, W) or (H, W); got {input_shape}"
+            )
+        height, width = input_shape[-2:]
+        if self.rows < 1 or self.cols < 1:
+            raise InvalidArgument(
+                f"grid {self.rows}x{self.cols} is not allowed: rows and cols must be >= 1"
+            )
+        if self.rows > height or self.cols > width:
+            raise InvalidArgument(
+                f"grid {self.rows}x{self.cols} is larger than the image ({height}x{width}); "
+                f"rows must be <= {height} and cols <= {width}"
+            )
+        row_of = (np.arange(height) * self.rows) // height
+        col_of = (np.arange(width) * self.cols) // width
+        cell = row_of[:, None] * self.cols + col_of[None, :]
+        return np.broadcast_to(cell, input_shape).astype(np.int64)
+
+    def neighbour_pairs(self, radius: int = 1) -> np.ndarray:
+        """Pairs (i, j), i < j, of cells at Chebyshev distance 1..radius (1: 8 neighbours)."""
+        if radius < 1:
+            raise InvalidArgument(f"neighbour radius {radius} is not allowed: it must be >= 1")
+        r, c = np.divmod(np.arange(self.n_players), self.cols)
+        dist = np.maximum(np.abs(r[:, None] - r[None, :]), np.abs(c[:, None] - c[None, :]))
+        i, j = np.nonzero(np.triu((dist >= 1) & (dist <= radius), k=1))
+        return np.stack([i, j], axis=1).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class FeaturePlayers:
+    """Players over a vector input: one per feature (groups None) or one per group of features.
+
+    Features in no group are not players and are always kept.
+    """
+
+    groups: tuple[tuple[int, ...], ...] | None = None
+
+    @staticmethod
+    def from_groups(groups: list[list[int]] | None) -> FeaturePlayers:
+        return FeaturePlayers(None if groups is None else tuple(tuple(g) for g in groups))
+
+    def player_map(self, input_shape: tuple[int, ...]) -> PlayerMap:
+        input_shape = tuple(int(d) for d in input_shape)
+        _check_shape(input_shape)
+        if len(input_shape) != 1:
+            raise InvalidArgument(
+                f"feature players need a vector input of shape (F,); got {input_shape}"
+            )
+        n_features = input_shape[0]
+        if self.groups is None:
+            return np.arange(n_features, dtype=np.int64)
+        if len(self.groups) == 0:
+            raise InvalidArgument("feature groups are empty: give at least one group")
+        pmap = np.full(n_features, -1, dtype=np.int64)
+        for g, members in enumerate(self.groups):
+            if len(members) == 0:
+                raise InvalidArgument(f"feature group {g} is empty: every group needs a feature")
+            idx = np.asarray(members, dtype=np.int64)
+            if idx.min() < 0 or idx.max() >= n_features:
+                raise InvalidArgument(
+                    f"feature group {g} names a feature outside 0..{n_features - 1}"
+                )
+            if np.any(pmap[idx] >= 0) or len(np.unique(idx)) != len(idx):
+                raise InvalidArgument(
+                    f"feature group {g} overlaps another group or repeats a feature; "
+                    "groups must be disjoint"
+                )
+            pmap[idx] = g
+        return pmap
+
+
+@dataclass(frozen=True, eq=False)
+class MaskPlayers:
+    """An integer tensor of player ids (0..n-1) in the input's shape; -1 = always kept."""
+
+    mask: np.ndarray
+
+    def player_map(self, input_shape: tuple[int, ...]) -> PlayerMap:
+        input_shape = tuple(int(d) for d in input_shape)
+        _check_shape(input_shape)
+        mask = np.asarray(self.mask)
+        if not np.issubdtype(mask.dtype, np.integer):
+            raise InvalidArgument(
+                f"player mask must hold integers (player ids, -1 = not a player); got {mask.dtype}"
+            )
+        if mask.shape != input_shape:
+            raise InvalidArgument(
+                f"player mask shape {mask.shape} does not match the input shape {input_shape}"
+            )
+        if mask.size and mask.min() < -1:
+            raise InvalidArgument(
+                f"player mask holds id {int(mask.min())}; ids must be -1 (not a player) or 0..n-1"
+            )
+        ids = np.unique(mask[mask >= 0])
+        if len(ids) == 0:
+            raise InvalidArgument("player mask names no player: give ids 0..n-1 (n >= 1)")
+        if ids[-1] != len(ids) - 1:
+            missing = sorted(set(range(int(ids[-1]) + 1)) - set(ids.tolist()))
+            raise InvalidArgument(
+                f"player ids in the mask must be exactly 0..n-1 with every id used; "
+                f"missing {missing[:10]}"
+            )
+        return mask.astype(np.int64)
+
+
+Players = GridPlayers | FeaturePlayers | MaskPlayers
+
+
+def resolve_players(players: Players, input_shape: tuple[int, ...]) -> tuple[PlayerMap, int]:
+    """The per-element player-id map for this input shape and the number of players n."""
+    pmap = players.player_map(input_shape)
+    n = int(pmap.max()) + 1 if pmap.size else 0
+    if n < 2:
+        raise InvalidArgument(f"the game needs at least 2 players for pair interactions; got {n}")
+    return pmap, n
