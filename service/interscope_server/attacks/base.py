@@ -1,0 +1,517 @@
+"""The attack spec, result types, epsilon-ball geometry and the base classes every attack shares."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, Literal, NamedTuple, TypeAlias, get_args
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from interscope_server.cancel import CancelToken
+from interscope_server.errors import InvalidArgument
+
+#: The registry's batched forward pass: float32 (B, *input_shape) -> float32 logits (B, K).
+Evaluator: TypeAlias = Callable[[np.ndarray], np.ndarray]
+
+Norm = Literal["linf", "l2"]
+AttackName = Literal["apgd", "fgsm", "margin_pgd", "pgd", "square"]
+
+NORMS: tuple[str, ...] = get_args(Norm)
+ATTACK_NAMES: tuple[str, ...] = get_args(AttackName)
+#: Attacks that need the model's gradients (a torch module).
+WHITE_BOX_ATTACKS: tuple[str, ...] = ("apgd", "fgsm", "margin_pgd", "pgd")
+#: Attacks that only call the evaluator (forward passes), so they work on every backend.
+BLACK_BOX_ATTACKS: tuple[str, ...] = ("square",)
+
+# Limits keep one request from occupying a worker for hours; the API layer may tighten them.
+MAX_STEPS = 10_000
+MAX_RESTARTS = 100
+MAX_QUERIES = 100_000
+MAX_SEED = 2**63 - 1
+
+#: Per-attack defaults applied where the spec leaves `steps`, `step_size` or `random_start` unset.
+#: step_size is a fraction of eps; None there means the attack sets its own schedule.
+_DEFAULT_STEPS = {"fgsm": 1, "pgd": 10, "margin_pgd": 100, "apgd": 100, "square": 0}
+_DEFAULT_RANDOM_START = {"fgsm": False, "pgd": True, "margin_pgd": False, "apgd": True}
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """What to run: one attack with its budget, validated on construction.
+
+    Conventions: inputs live in `value_range` (raw range, the model normalises inside itself);
+    eps is measured in that range under `norm`. Fields left as None take the attack's default
+    (see `resolved_steps`, `resolved_step_size`, `resolved_random_start`).
+
+    Fields:
+        name: one of ATTACK_NAMES.
+        norm: "linf" or "l2".
+        eps: radius of the perturbation ball, > 0.
+        steps: gradient steps per restart (white-box); fgsm allows only 1. Square ignores it.
+        step_size: absolute step size; default pgd 2.5*eps/steps (Madry et al.), fgsm eps,
+            margin_pgd eps/16 (the paper's 2/255 at eps 32/255). apgd sets its own (2*eps, halved
+            at checkpoints) and rejects an explicit one.
+        random_start: start from a random point in the ball (default: pgd, apgd yes; fgsm,
+            margin_pgd no).
+        restarts: independent runs; each later run attacks only the examples not yet done, and
+            the best run per example is kept.
+        targeted: aim at `target_classes` instead of away from the label.
+        target_classes: one class for every example, or one per example (in input order);
+            required when targeted, forbidden otherwise.
+        margin_threshold: margin_pgd stops an example once max_{c!=y} z_c - z_y >= this.
+        margin_tolerance: margin_pgd rejects (and halves the step of) any step that overshoots
+            the threshold by more than this, so kept examples end in [threshold, threshold+tol].
+        max_queries: square's per-example forward-pass budget, including its first query.
+        p_init: square's initial fraction of the input changed by one square.
+        seed: makes every random choice reproducible.
+        value_range: (low, high) valid input range; every result lies inside it.
+    """
+
+    name: AttackName
+    norm: Norm = "linf"
+    eps: float = 8 / 255
+    steps: int | None = None
+    step_size: float | None = None
+    random_start: bool | None = None
+    restarts: int = 1
+    targeted: bool = False
+    target_classes: tuple[int, ...] = ()
+    margin_threshold: float = 8.0
+    margin_tolerance: float = 0.5
+    max_queries: int = 1000
+    p_init: float = 0.8
+    seed: int = 0
+    value_range: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.name not in ATTACK_NAMES:
+            raise InvalidArgument(
+                f"unknown attack {self.name!r}; allowed: {', '.join(ATTACK_NAMES)}"
+            )
+        if self.norm not in NORMS:
+            raise InvalidArgument(f"unknown norm {self.norm!r}; allowed: {', '.join(NORMS)}")
+        if len(self.value_range) != 2 or not all(_finite(v) for v in self.value_range):
+            raise InvalidArgument(
+                f"value_range must be two finite numbers (low, high), got {self.value_range!r}"
+            )
+        low, high = self.value_range
+        if not low < high:
+            raise InvalidArgument(f"value_range needs low < high, got ({low}, {high})")
+        if not _finite(self.eps) or self.eps <= 0:
+            raise InvalidArgument(f"eps must be a finite number > 0, got {self.eps!r}")
+        if self.norm == "linf" and self.eps > high - low:
+            raise InvalidArgument(
+                f"linf eps {self.eps} exceeds the width of value_range ({high - low}); "
+                "allowed: 0 < eps <= high - low"
+            )
+        if self.steps is not None:
+            if isinstance(self.steps, bool) or not isinstance(self.steps, int):
+                raise InvalidArgument(f"steps must be an integer, got {self.steps!r}")
+            if not 1 <= self.steps <= MAX_STEPS:
+                raise InvalidArgument(f"steps must be in 1..{MAX_STEPS}, got {self.steps}")
+            if self.name == "fgsm" and self.steps != 1:
+                raise InvalidArgument(
+                    f"fgsm takes exactly one step, got steps={self.steps}; use pgd for more"
+                )
+        if self.step_size is not None:
+            if not _finite(self.step_size) or self.step_size <= 0:
+                raise InvalidArgument(
+                    f"step_size must be a finite number > 0, got {self.step_size!r}"
+                )
+            if self.name in ("apgd", "square"):
+                raise InvalidArgument(
+                    f"{self.name} sets its own step size; leave step_size unset "
+                    "(allowed with fgsm, pgd, margin_pgd)"
+                )
+        if isinstance(self.restarts, bool) or not isinstance(self.restarts, int):
+            raise InvalidArgument(f"restarts must be an integer, got {self.restarts!r}")
+        if not 1 <= self.restarts <= MAX_RESTARTS:
+            raise InvalidArgument(f"restarts must be in 1..{MAX_RESTARTS}, got {self.restarts}")
+        if self.targeted:
+            if not self.target_classes:
+                raise InvalidArgument(
+                    "a targeted attack needs target_classes: one class for all examples "
+                    "or one per example"
+                )
+            if self.name == "margin_pgd":
+                raise InvalidArgument(
+                    "margin_pgd is untargeted (as in the paper); use pgd or apgd for targeted"
+                )
+        elif self.target_classes:
+            raise InvalidArgument("target_classes given but targeted is false; set targeted")
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.target_classes):
+            raise InvalidArgument(
+                f"target_classes must be non-negative integers, got {self.target_classes!r}"
+            )
+        if not _finite(self.margin_threshold) or self.margin_threshold <= 0:
+            raise InvalidArgument(
+                f"margin_threshold must be a finite number > 0, got {self.margin_threshold!r}"
+            )
+        if not _finite(self.margin_tolerance) or self.margin_tolerance <= 0:
+            raise InvalidArgument(
+                f"margin_tolerance must be a finite number > 0, got {self.margin_tolerance!r}"
+            )
+        if isinstance(self.max_queries, bool) or not isinstance(self.max_queries, int):
+            raise InvalidArgument(f"max_queries must be an integer, got {self.max_queries!r}")
+        if not 1 <= self.max_queries <= MAX_QUERIES:
+            raise InvalidArgument(
+                f"max_queries must be in 1..{MAX_QUERIES}, got {self.max_queries}"
+            )
+        if not _finite(self.p_init) or not 0 < self.p_init <= 1:
+            raise InvalidArgument(f"p_init must be in (0, 1], got {self.p_init!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise InvalidArgument(f"seed must be an integer, got {self.seed!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise InvalidArgument(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
+
+    @property
+    def white_box(self) -> bool:
+        """Whether the attack needs gradients (a torch module) rather than forward passes."""
+        return self.name in WHITE_BOX_ATTACKS
+
+    @property
+    def resolved_steps(self) -> int:
+        return self.steps if self.steps is not None else _DEFAULT_STEPS[self.name]
+
+    @property
+    def resolved_step_size(self) -> float:
+        if self.step_size is not None:
+            return self.step_size
+        if self.name == "pgd":
+            return 2.5 * self.eps / self.resolved_steps
+        if self.name == "margin_pgd":
+            return self.eps / 16
+        return self.eps if self.name == "fgsm" else 2 * self.eps
+
+    @property
+    def resolved_random_start(self) -> bool:
+        if self.random_start is not None:
+            return self.random_start
+        return _DEFAULT_RANDOM_START.get(self.name, False)
+
+
+@dataclass(frozen=True)
+class ExampleResult:
+    """The outcome for one input.
+
+    Conventions: margins are classification margins of the label, z_y - max_{c!=y} z_c
+    (positive: classified correctly), for both clean and adversarial inputs, targeted or not.
+    Success: untargeted, adv_pred != label; targeted, adv_pred == target. Examples the attack had
+    nothing to do for (untargeted and already misclassified, or targeted and already at the
+    target) are returned unchanged with attacked=False, steps=0 (margin_pgd attacks them all).
+    Norms are of x_adv - x, computed in float64. steps: gradient steps (white-box) or iterations
+    (square); queries: model forward passes the attack spent on this example (white-box: one
+    forward-backward per step plus any final evaluation; square: every evaluator call row).
+    """
+
+    index: int
+    x_adv: np.ndarray
+    label: int
+    target: int | None
+    success: bool
+    attacked: bool
+    clean_pred: int
+    adv_pred: int
+    clean_margin: float
+    adv_margin: float
+    linf: float
+    l2: float
+    l0: int
+    steps: int
+    queries: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Emitted after each batch finishes."""
+
+    examples_done: int
+    examples_total: int
+    batches_done: int
+    batches_total: int
+
+
+@dataclass(frozen=True)
+class AttackSummary:
+    """Aggregates over all examples, emitted last.
+
+    robust_accuracy counts an example as robust only if its adversarial input is still
+    classified as its label, so clean-misclassified examples are never robust (AutoAttack's
+    convention). success_rate = successes / attacked examples (0.0 when none were attacked).
+    Mean norms are over attacked examples (0.0 when none).
+    """
+
+    n_examples: int
+    n_clean_correct: int
+    n_robust: int
+    n_attacked: int
+    n_success: int
+    clean_accuracy: float
+    robust_accuracy: float
+    success_rate: float
+    mean_linf: float
+    mean_l2: float
+    mean_l0: float
+    total_steps: int
+    total_queries: int
+
+
+AttackEvent: TypeAlias = Progress | ExampleResult | AttackSummary
+
+
+def label_margin(logits: Tensor, labels: Tensor) -> Tensor:
+    """z_y - max_{c != y} z_c per row (B,), the label's classification margin."""
+    own = logits.gather(1, labels[:, None])[:, 0]
+    others = logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
+    return own - others
+
+
+@dataclass(frozen=True)
+class Goal:
+    """What counts as success for a batch: labels (B,) and, when targeted, targets (B,)."""
+
+    labels: Tensor
+    targets: Tensor | None
+
+    def subset(self, index: Tensor) -> Goal:
+        targets = None if self.targets is None else self.targets[index]
+        return Goal(self.labels[index], targets)
+
+    def success(self, logits: Tensor) -> Tensor:
+        """(B,) bool: untargeted, argmax != label; targeted, argmax == target."""
+        pred = logits.argmax(dim=1)
+        if self.targets is None:
+            return pred != self.labels
+        return pred == self.targets
+
+    def ce_objective(self, logits: Tensor) -> Tensor:
+        """(B,) loss to ascend: CE of the label (untargeted) or minus CE of the target."""
+        if self.targets is None:
+            return F.cross_entropy(logits, self.labels, reduction="none")
+        return -F.cross_entropy(logits, self.targets, reduction="none")
+
+    def margin_objective(self, logits: Tensor) -> Tensor:
+        """(B,) margin to descend: z_y - max_other, or max_{c!=t} z_c - z_t when targeted."""
+        if self.targets is None:
+            return label_margin(logits, self.labels)
+        return -label_margin(logits, self.targets)
+
+
+def _round_inward(value: float, up: bool) -> float:
+    """The float32 nearest `value` on its inner side, so a float32 clamp never leaves the range."""
+    v32 = np.float32(value)
+    if up and float(v32) < value:
+        v32 = np.nextafter(v32, np.float32(np.inf))
+    if not up and float(v32) > value:
+        v32 = np.nextafter(v32, np.float32(-np.inf))
+    return float(v32)
+
+
+class Ball:
+    """The feasible set {x': ||x' - x|| <= eps, low <= x' <= high} around a float32 batch x.
+
+    Projections hold in exact arithmetic: checking the result in float64 (where differences of
+    float32 numbers are exact) finds no entry outside the range and no norm above eps. Rounding
+    in float32 would otherwise leave x' - x a few ulps past eps, hence the directed rounding.
+    """
+
+    def __init__(self, x: Tensor, norm: Norm, eps: float, value_range: tuple[float, float]) -> None:
+        self.x = x
+        self.norm = norm
+        self.eps = eps
+        self.low = _round_inward(value_range[0], up=True)
+        self.high = _round_inward(value_range[1], up=False)
+        if norm == "linf":
+            x64 = x.double()
+            lo = (x64 - eps).float()
+            lo = torch.where(lo.double() - x64 < -eps, torch.nextafter(lo, lo + 1), lo)
+            hi = (x64 + eps).float()
+            hi = torch.where(hi.double() - x64 > eps, torch.nextafter(hi, hi - 1), hi)
+            self.lo = lo.clamp_min(self.low)
+            self.hi = hi.clamp_max(self.high)
+
+    def subset(self, index: Tensor) -> Ball:
+        """The same ball restricted to rows `index` (bounds are sliced, not recomputed)."""
+        sub = Ball.__new__(Ball)
+        sub.x, sub.norm, sub.eps, sub.low, sub.high = (
+            self.x[index],
+            self.norm,
+            self.eps,
+            self.low,
+            self.high,
+        )
+        if self.norm == "linf":
+            sub.lo, sub.hi = self.lo[index], self.hi[index]
+        return sub
+
+    def project(self, x_adv: Tensor, index: Tensor | None = None) -> Tensor:
+        """Nearest-ish feasible point to x_adv (rows of self.x picked by index, default all)."""
+        x = self.x if index is None else self.x[index]
+        if self.norm == "linf":
+            lo = self.lo if index is None else self.lo[index]
+            hi = self.hi if index is None else self.hi[index]
+            return torch.maximum(torch.minimum(x_adv, hi), lo)
+        delta = x_adv - x
+        norms = delta.flatten(1).double().norm(dim=1)
+        scale = torch.where(norms > self.eps, self.eps / norms.clamp_min(1e-30), 1.0)
+        return self._fit_l2(x, delta, scale)
+
+    def _fit_l2(self, x: Tensor, delta: Tensor, scale: Tensor) -> Tensor:
+        # Clamping to the range moves every entry towards x (x is in range), so it only shrinks
+        # the norm; float32 rounding can still add ~1e-7 relative, so shrink until it verifies.
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        out = x
+        for attempt in range(8):
+            out = (x + delta * scale.float().view(shape)).clamp(self.low, self.high)
+            over = (out.double() - x.double()).flatten(1).norm(dim=1) > self.eps
+            if not bool(over.any()):
+                return out
+            scale = torch.where(over, scale * (1 - 1e-6 * 4**attempt), scale)
+        # Unreachable in practice; the clean input is always feasible.
+        return torch.where(over.view(shape), x, out)
+
+    def random_start(self, generator: torch.Generator) -> Tensor:
+        """A random feasible point: uniform in the linf cube, or random direction and radius."""
+        shape = self.x.shape
+        if self.norm == "linf":
+            noise = torch.rand(shape, generator=generator).mul_(2).sub_(1).mul_(self.eps)
+            return self.project(self.x + noise.to(self.x.device))
+        direction = torch.randn(shape, generator=generator)
+        norms = direction.flatten(1).norm(dim=1).clamp_min(1e-12)
+        radius = torch.rand(shape[0], generator=generator) * self.eps
+        noise = direction * (radius / norms).view((-1,) + (1,) * (len(shape) - 1))
+        return self.project(self.x + noise.to(self.x.device))
+
+    def step(self, x_adv: Tensor, grad: Tensor, size: Tensor | float, index: Tensor) -> Tensor:
+        """Ascent step of `size` (scalar or per row): sign(grad) (linf), grad/||grad|| (l2)."""
+        shape = (-1,) + (1,) * (x_adv.dim() - 1)
+        size_t = size.view(shape) if isinstance(size, Tensor) else size
+        if self.norm == "linf":
+            direction = grad.sign()
+        else:
+            direction = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
+        return self.project(x_adv + size_t * direction, index)
+
+
+class WhiteBoxOutcome(NamedTuple):
+    """One batch's result: adversarial inputs (B, *shape), their logits (B, K), steps and
+    forward passes per example (B,), done flags (B,) and a score where higher is a better attack
+    (used to keep the best restart among examples not done)."""
+
+    x_adv: Tensor
+    logits: Tensor
+    steps: Tensor
+    queries: Tensor
+    done: Tensor
+    score: Tensor
+
+
+class Attack(ABC):
+    """Common base: holds the validated spec. Subclasses are WhiteBoxAttack or BlackBoxAttack."""
+
+    white_box: ClassVar[bool]
+    #: Whether examples that already meet the goal are attacked too (margin_pgd's stop is a
+    #: margin, not success); otherwise the runner passes on only examples still to fool.
+    attacks_all: ClassVar[bool] = False
+
+    def __init__(self, spec: AttackSpec) -> None:
+        self.spec = spec
+
+    def prepare(self, input_shape: tuple[int, ...]) -> None:  # noqa: B027 - optional hook
+        """Check the input shape suits the attack; raise InvalidArgument if not."""
+
+
+class WhiteBoxAttack(Attack):
+    """An attack that follows gradients of a torch module; restarts are handled here."""
+
+    white_box = True
+
+    @abstractmethod
+    def single_run(
+        self,
+        model: torch.nn.Module,
+        ball: Ball,
+        goal: Goal,
+        cancel: CancelToken,
+        generator: torch.Generator,
+    ) -> WhiteBoxOutcome:
+        """One run over the batch in `ball`; `done` marks examples the attack is finished with."""
+
+    def perturb(
+        self,
+        model: torch.nn.Module,
+        ball: Ball,
+        goal: Goal,
+        cancel: CancelToken,
+        generator: torch.Generator,
+    ) -> WhiteBoxOutcome:
+        """Run `restarts` times; later runs see only examples not done; keep the best per row."""
+        best = self.single_run(model, ball, goal, cancel, generator)
+        for _ in range(1, self.spec.restarts):
+            todo = (~best.done).nonzero()[:, 0]
+            if todo.numel() == 0:
+                break
+            sub_ball = ball.subset(todo)
+            run = self.single_run(model, sub_ball, goal.subset(todo), cancel, generator)
+            better = run.done | (run.score > best.score[todo])
+            rows = todo[better]
+            x_adv, logits = best.x_adv.clone(), best.logits.clone()
+            done, score = best.done.clone(), best.score.clone()
+            x_adv[rows] = run.x_adv[better]
+            logits[rows] = run.logits[better]
+            done[rows] = run.done[better]
+            score[rows] = run.score[better]
+            steps, queries = best.steps.clone(), best.queries.clone()
+            steps[todo] += run.steps
+            queries[todo] += run.queries
+            best = WhiteBoxOutcome(x_adv, logits, steps, queries, done, score)
+        return best
+
+
+class BlackBoxAttack(Attack):
+    """An attack that only calls the evaluator (forward passes), so any backend will do."""
+
+    white_box = False
+
+    @abstractmethod
+    def perturb(
+        self,
+        evaluate: Evaluator,
+        ball: Ball,
+        goal: Goal,
+        cancel: CancelToken,
+        generator: torch.Generator,
+    ) -> WhiteBoxOutcome:
+        """Attack the batch in `ball` (a CPU tensor) with forward passes only."""
+
+
+def forward_backward(
+    model: torch.nn.Module, x_adv: Tensor, goal: Goal
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits (B, K), per-example CE objective (B,) and its gradient wrt x_adv, in one pass.
+
+    The objective is summed, not averaged, so each row's gradient does not depend on how many
+    rows share the batch.
+    """
+    with torch.enable_grad():
+        x_var = x_adv.detach().requires_grad_(True)
+        logits = model(x_var)
+        objective = goal.ce_objective(logits)
+        (grad,) = torch.autograd.grad(objective.sum(), x_var)
+    return logits.detach(), objective.detach(), grad.detach()
+
+
+def forward(model: torch.nn.Module, x: Tensor) -> Tensor:
+    """Logits without building a graph."""
+    with torch.no_grad():
+        return model(x).detach()

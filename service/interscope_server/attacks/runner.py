@@ -1,0 +1,320 @@
+"""Runs one attack over many inputs in batches, streaming progress, results and a summary."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from interscope_server.attacks.apgd import APGD
+from interscope_server.attacks.base import (
+    BLACK_BOX_ATTACKS,
+    Attack,
+    AttackEvent,
+    AttackSpec,
+    AttackSummary,
+    Ball,
+    BlackBoxAttack,
+    Evaluator,
+    ExampleResult,
+    Goal,
+    Progress,
+    WhiteBoxAttack,
+    forward,
+    label_margin,
+)
+from interscope_server.attacks.fgsm import FGSM
+from interscope_server.attacks.margin_pgd import MarginPGD
+from interscope_server.attacks.pgd import PGD
+from interscope_server.attacks.square import Square, evaluate_tensor
+from interscope_server.cancel import CancelToken
+from interscope_server.errors import FailedPrecondition, InvalidArgument
+
+MAX_BATCH_SIZE = 4096
+
+
+def build_attack(spec: AttackSpec) -> Attack:
+    """The attack object for a validated spec."""
+    if spec.name == "fgsm":
+        return FGSM(spec)
+    if spec.name == "pgd":
+        return PGD(spec)
+    if spec.name == "margin_pgd":
+        return MarginPGD(spec)
+    if spec.name == "apgd":
+        return APGD(spec)
+    return Square(spec)
+
+
+@dataclass(frozen=True)
+class AttackReport:
+    """Everything `run_attack` produced: per-example results in input order and the summary."""
+
+    results: tuple[ExampleResult, ...]
+    summary: AttackSummary
+
+    @property
+    def x_adv(self) -> np.ndarray:
+        """Adversarial inputs stacked, (B, *input_shape) float32."""
+        return np.stack([r.x_adv for r in self.results])
+
+
+def run_attack(
+    spec: AttackSpec,
+    x: np.ndarray,
+    y: np.ndarray,
+    model: torch.nn.Module | None,
+    evaluate: Evaluator | None,
+    cancel: CancelToken | None = None,
+    batch_size: int = 64,
+) -> AttackReport:
+    """One-shot form of `attack_events`: run to the end and collect the results."""
+    results: list[ExampleResult] = []
+    summary: AttackSummary | None = None
+    for event in attack_events(spec, x, y, model, evaluate, cancel, batch_size):
+        if isinstance(event, ExampleResult):
+            results.append(event)
+        elif isinstance(event, AttackSummary):
+            summary = event
+    assert summary is not None
+    return AttackReport(tuple(results), summary)
+
+
+def attack_events(
+    spec: AttackSpec,
+    x: np.ndarray,
+    y: np.ndarray,
+    model: torch.nn.Module | None,
+    evaluate: Evaluator | None,
+    cancel: CancelToken | None = None,
+    batch_size: int = 64,
+) -> Iterator[AttackEvent]:
+    """Attack x (B, *input_shape) with labels y (B,), batch by batch.
+
+    Yields, per batch, one ExampleResult per input (in input order) and then a Progress; the
+    AttackSummary comes last. White-box attacks use `model` (a torch module in eval mode mapping
+    raw-range inputs to logits; None when the backend has no gradients); black-box attacks use
+    only `evaluate`. Clean predictions come from the same model the attack uses; that clean
+    pass is not counted in `queries`. Meant to run on a worker thread: it blocks on the model,
+    and `cancel.check()` runs before every forward pass, so a cancelled request stops at the
+    next step. Deterministic given spec.seed and batch_size.
+    """
+    token = cancel if cancel is not None else CancelToken()
+    x32, labels, targets = _validate(spec, x, y, batch_size)
+    attack = build_attack(spec)
+    if isinstance(attack, WhiteBoxAttack) and model is None:
+        raise FailedPrecondition(
+            f"attack {spec.name!r} needs gradients, but this model's backend provides none; "
+            f"attacks that need only forward passes work: {', '.join(BLACK_BOX_ATTACKS)}"
+        )
+    if isinstance(attack, BlackBoxAttack) and evaluate is None:
+        raise FailedPrecondition(f"attack {spec.name!r} needs the model's evaluator")
+    attack.prepare(tuple(x32.shape[1:]))
+    device = _device(model) if isinstance(attack, WhiteBoxAttack) else torch.device("cpu")
+
+    n = x32.shape[0]
+    batches = (n + batch_size - 1) // batch_size
+    totals = _Totals()
+    for b in range(batches):
+        token.check()
+        lo, hi = b * batch_size, min((b + 1) * batch_size, n)
+        xb = torch.from_numpy(x32[lo:hi]).to(device)
+        goal = Goal(
+            torch.from_numpy(labels[lo:hi]).to(device),
+            None if targets is None else torch.from_numpy(targets[lo:hi]).to(device),
+        )
+        if isinstance(attack, WhiteBoxAttack):
+            assert model is not None
+            clean = forward(model, xb)
+        else:
+            assert evaluate is not None
+            clean = evaluate_tensor(evaluate, xb, tuple(xb.shape[1:]))
+        if b == 0:
+            _check_classes(clean.shape[1], labels, targets)
+        todo = (
+            torch.arange(hi - lo, device=device)
+            if attack.attacks_all
+            else (~goal.success(clean)).nonzero()[:, 0]
+        )
+        x_adv, adv = xb.clone(), clean.clone()
+        steps = torch.zeros(hi - lo, dtype=torch.long)
+        queries = torch.zeros(hi - lo, dtype=torch.long)
+        if todo.numel() > 0:
+            ball = Ball(xb[todo], spec.norm, spec.eps, spec.value_range)
+            generator = torch.Generator().manual_seed(_batch_seed(spec.seed, b))
+            if isinstance(attack, WhiteBoxAttack):
+                assert model is not None
+                out = attack.perturb(model, ball, goal.subset(todo), token, generator)
+            else:
+                assert isinstance(attack, BlackBoxAttack) and evaluate is not None
+                out = attack.perturb(evaluate, ball, goal.subset(todo), token, generator)
+            x_adv[todo] = out.x_adv
+            adv[todo] = out.logits
+            steps[todo.cpu()] = out.steps.cpu()
+            queries[todo.cpu()] = out.queries.cpu()
+        attacked = torch.zeros(hi - lo, dtype=torch.bool)
+        attacked[todo.cpu()] = True
+        for result in _results(lo, xb, x_adv, clean, adv, goal, attacked, steps, queries):
+            totals.add(result)
+            yield result
+        yield Progress(hi, n, b + 1, batches)
+    yield totals.summary()
+
+
+def _validate(
+    spec: AttackSpec, x: np.ndarray, y: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise InvalidArgument(f"batch_size must be an integer, got {batch_size!r}")
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise InvalidArgument(f"batch_size must be in 1..{MAX_BATCH_SIZE}, got {batch_size}")
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.dtype.kind != "f" or x.ndim < 2 or x.shape[0] == 0:
+        raise InvalidArgument(
+            f"inputs must be a non-empty float array (B, *input_shape), got {x.dtype} {x.shape}"
+        )
+    if y.dtype.kind not in "iu" or y.shape != (x.shape[0],):
+        raise InvalidArgument(
+            f"labels must be integers of shape ({x.shape[0]},), got {y.dtype} {y.shape}"
+        )
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x32).all():
+        raise InvalidArgument("inputs contain NaN or infinity; allowed: finite values")
+    low, high = spec.value_range
+    x_min, x_max = float(x32.min()), float(x32.max())
+    if x_min < low or x_max > high:
+        raise InvalidArgument(
+            f"inputs span [{x_min}, {x_max}] (as float32), outside value_range [{low}, {high}]"
+        )
+    labels = y.astype(np.int64)
+    if (labels < 0).any():
+        raise InvalidArgument("labels must be non-negative class indices")
+    targets: np.ndarray | None = None
+    if spec.targeted:
+        if len(spec.target_classes) == 1:
+            targets = np.full(x.shape[0], spec.target_classes[0], dtype=np.int64)
+        elif len(spec.target_classes) == x.shape[0]:
+            targets = np.asarray(spec.target_classes, dtype=np.int64)
+        else:
+            raise InvalidArgument(
+                f"target_classes has {len(spec.target_classes)} entries for {x.shape[0]} "
+                "inputs; allowed: 1 (same target for all) or one per input"
+            )
+        same = np.flatnonzero(targets == labels)
+        if same.size:
+            raise InvalidArgument(
+                f"target class equals the label for input(s) {same[:10].tolist()}; "
+                "a target must differ from the label"
+            )
+    return x32, labels, targets
+
+
+def _check_classes(k: int, labels: np.ndarray, targets: np.ndarray | None) -> None:
+    if int(labels.max()) >= k:
+        raise InvalidArgument(f"labels must be in 0..{k - 1} (the model has {k} classes)")
+    if targets is not None and int(targets.max()) >= k:
+        raise InvalidArgument(f"target_classes must be in 0..{k - 1} (the model has {k} classes)")
+
+
+def _device(model: torch.nn.Module | None) -> torch.device:
+    if model is None:
+        return torch.device("cpu")
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _batch_seed(seed: int, batch: int) -> int:
+    # Independent, reproducible streams per batch, whatever order batches were to run in.
+    state = np.random.SeedSequence([seed, batch]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) | (int(state[1]) >> 1)
+
+
+def _results(
+    offset: int,
+    x: Tensor,
+    x_adv: Tensor,
+    clean: Tensor,
+    adv: Tensor,
+    goal: Goal,
+    attacked: Tensor,
+    steps: Tensor,
+    queries: Tensor,
+) -> Iterator[ExampleResult]:
+    success = goal.success(adv).cpu().numpy()
+    clean_pred = clean.argmax(dim=1).cpu().numpy()
+    adv_pred = adv.argmax(dim=1).cpu().numpy()
+    clean_margin = label_margin(clean, goal.labels).double().cpu().numpy()
+    adv_margin = label_margin(adv, goal.labels).double().cpu().numpy()
+    x_adv_np = x_adv.cpu().numpy()
+    # float64 differences of float32 numbers are exact, so these norms are what a checker sees.
+    delta = (x_adv_np.astype(np.float64) - x.cpu().numpy().astype(np.float64)).reshape(
+        x_adv_np.shape[0], -1
+    )
+    linf = np.abs(delta).max(axis=1)
+    l2 = np.sqrt((delta**2).sum(axis=1))
+    l0 = (delta != 0).sum(axis=1)
+    labels = goal.labels.cpu().numpy()
+    targets = None if goal.targets is None else goal.targets.cpu().numpy()
+    for i in range(x_adv_np.shape[0]):
+        yield ExampleResult(
+            index=offset + i,
+            x_adv=x_adv_np[i].copy(),
+            label=int(labels[i]),
+            target=None if targets is None else int(targets[i]),
+            success=bool(success[i]),
+            attacked=bool(attacked[i]),
+            clean_pred=int(clean_pred[i]),
+            adv_pred=int(adv_pred[i]),
+            clean_margin=float(clean_margin[i]),
+            adv_margin=float(adv_margin[i]),
+            linf=float(linf[i]),
+            l2=float(l2[i]),
+            l0=int(l0[i]),
+            steps=int(steps[i]),
+            queries=int(queries[i]),
+        )
+
+
+class _Totals:
+    """Running sums for the summary (per request, never shared)."""
+
+    def __init__(self) -> None:
+        self.n = self.clean_correct = self.robust = self.attacked = self.success = 0
+        self.linf = self.l2 = self.l0 = 0.0
+        self.steps = self.queries = 0
+
+    def add(self, r: ExampleResult) -> None:
+        self.n += 1
+        self.clean_correct += r.clean_pred == r.label
+        self.robust += r.adv_pred == r.label
+        self.steps += r.steps
+        self.queries += r.queries
+        if r.attacked:
+            self.attacked += 1
+            self.success += r.success
+            self.linf += r.linf
+            self.l2 += r.l2
+            self.l0 += r.l0
+
+    def summary(self) -> AttackSummary:
+        per_attacked = 1.0 / self.attacked if self.attacked else 0.0
+        return AttackSummary(
+            n_examples=self.n,
+            n_clean_correct=self.clean_correct,
+            n_robust=self.robust,
+            n_attacked=self.attacked,
+            n_success=self.success,
+            clean_accuracy=self.clean_correct / self.n,
+            robust_accuracy=self.robust / self.n,
+            success_rate=self.success * per_attacked,
+            mean_linf=self.linf * per_attacked,
+            mean_l2=self.l2 * per_attacked,
+            mean_l0=self.l0 * per_attacked,
+            total_steps=self.steps,
+            total_queries=self.queries,
+        )

@@ -1,0 +1,223 @@
+"""The Square attack (Andriushchenko et al.): random-search, score-based, forward passes only."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from interscope_server.attacks.base import (
+    Ball,
+    BlackBoxAttack,
+    Evaluator,
+    Goal,
+    WhiteBoxOutcome,
+)
+from interscope_server.cancel import CancelToken
+from interscope_server.errors import InvalidArgument
+
+
+def evaluate_tensor(evaluate: Evaluator, x: Tensor, input_shape: tuple[int, ...]) -> Tensor:
+    """Run the evaluator on a CPU batch and check it answered one row of logits per input."""
+    batch = np.ascontiguousarray(x.reshape((-1, *input_shape)).numpy(), dtype=np.float32)
+    logits = np.asarray(evaluate(batch))
+    if logits.ndim != 2 or logits.shape[0] != batch.shape[0]:
+        raise RuntimeError(
+            f"evaluator returned shape {logits.shape} for {batch.shape[0]} inputs; "
+            "expected (B, K) logits"
+        )
+    return torch.from_numpy(logits.astype(np.float32, copy=False))
+
+
+class Square(BlackBoxAttack):
+    """Square attack from "Square Attack: a query-efficient black-box adversarial attack via
+    random search" (Andriushchenko, Croce, Flammarion and Hein, ECCV 2020, arXiv 1912.00049).
+
+    Norm: L-inf (each iteration sets one random square window per example to +-eps per
+    channel) or L2 (moves mass between two windows of one shared position per iteration,
+    keeping the perturbation on the eps sphere). The window side shrinks on the paper's
+    schedule of p (the fraction of pixels changed), rescaled to the query budget.
+    Loss: the logit margin z_y - max_{c!=y} z_c (targeted: max_{c!=t} z_c - z_t), minimised;
+    a candidate is kept when it lowers the loss or succeeds.
+    Defaults (AttackSpec): eps 8/255, max_queries 1000 per example (the first query, at the
+    initial stripes or tiles, included), p_init 0.8, restarts 1. steps and step_size do not
+    apply. Every forward pass goes through the evaluator, one row per example per query, so it
+    works on any backend; an example stops querying once it is fooled.
+    Shapes: inputs (B, C, H, W) or (B, H, W) float32 in value_range (L2 needs H, W >= 5);
+    the evaluator returns logits (B, K).
+    """
+
+    def prepare(self, input_shape: tuple[int, ...]) -> None:
+        if len(input_shape) not in (2, 3):
+            raise InvalidArgument(
+                f"square needs image-shaped inputs (C, H, W) or (H, W), got {input_shape}"
+            )
+        if self.spec.norm == "l2" and min(input_shape[-2:]) < 5:
+            raise InvalidArgument(
+                f"square l2 needs height and width >= 5, got {input_shape}; use linf"
+            )
+
+    def perturb(
+        self,
+        evaluate: Evaluator,
+        ball: Ball,
+        goal: Goal,
+        cancel: CancelToken,
+        generator: torch.Generator,
+    ) -> WhiteBoxOutcome:
+        input_shape = tuple(ball.x.shape[1:])
+        image_shape = input_shape if len(input_shape) == 3 else (1, *input_shape)
+        best = _start(self, evaluate, ball, goal, generator, input_shape, image_shape)
+        for i_iter in range(self.spec.max_queries - 1):
+            active = (~best.done).nonzero()[:, 0]
+            if active.numel() == 0:
+                break
+            cancel.check()
+            x = ball.x[active].reshape((-1, *image_shape))
+            x_best = best.x_adv[active].reshape((-1, *image_shape))
+            p = self._p(i_iter)
+            if self.spec.norm == "linf":
+                candidate = self._linf_candidate(x_best, p, generator)
+            else:
+                candidate = x + self._l2_delta(x, x_best, p, generator)
+            x_new = ball.project(candidate.reshape((-1, *input_shape)), active)
+            logits = evaluate_tensor(evaluate, x_new, input_shape)
+            best.queries[active] += 1
+            best.steps[active] += 1
+            sub_goal = goal.subset(active)
+            loss = sub_goal.margin_objective(logits)
+            fooled = sub_goal.success(logits)
+            improved = (loss < best.score[active]) | fooled
+            rows = active[improved]
+            best.x_adv[rows] = x_new[improved]
+            best.logits[rows] = logits[improved]
+            best.score[rows] = loss[improved]
+            best.done[active[fooled]] = True
+        # Higher score means a better attack elsewhere; here the margin was minimised.
+        return best._replace(score=-best.score)
+
+    def _p(self, i_iter: int) -> float:
+        """The paper's schedule for p, with iterations rescaled to a 10,000-query budget."""
+        it = int(i_iter / self.spec.max_queries * 10_000)
+        for bound, divisor in (
+            (10, 1), (50, 2), (200, 4), (500, 8), (1000, 16),
+            (2000, 32), (4000, 64), (6000, 128), (8000, 256),
+        ):  # fmt: skip
+            if it <= bound:
+                return self.spec.p_init / divisor
+        return self.spec.p_init / 512
+
+    def _linf_candidate(self, x_best: Tensor, p: float, generator: torch.Generator) -> Tensor:
+        n, c, h, w = x_best.shape
+        side = min(max(round(math.sqrt(p * h * w)), 1), h, w)
+        top = torch.randint(0, h - side + 1, (n,), generator=generator)
+        left = torch.randint(0, w - side + 1, (n,), generator=generator)
+        rows, cols = torch.arange(h), torch.arange(w)
+        in_rows = (rows >= top[:, None]) & (rows < (top + side)[:, None])
+        in_cols = (cols >= left[:, None]) & (cols < (left + side)[:, None])
+        window = in_rows[:, None, :, None] & in_cols[:, None, None, :]
+        signs = _random_signs((n, c, 1, 1), generator)
+        # +-2 eps from the current best; the projection lands the window on x +- eps.
+        return x_best + window * (2 * self.spec.eps) * signs
+
+    def _l2_delta(self, x: Tensor, x_best: Tensor, p: float, generator: torch.Generator) -> Tensor:
+        eps = self.spec.eps
+        n, c, h, w = x.shape
+        delta = x_best - x
+        side = max(round(math.sqrt(p * h * w)), 3)
+        side = min(side + (side % 2 == 0), min(h, w))
+        side -= side % 2 == 0
+        vh, vw, vh2, vw2 = (
+            int(torch.randint(0, size - side + 1, (1,), generator=generator))
+            for size in (h, w, h, w)
+        )
+        win1 = (slice(None), slice(None), slice(vh, vh + side), slice(vw, vw + side))
+        win2 = (slice(None), slice(None), slice(vh2, vh2 + side), slice(vw2, vw2 + side))
+        mask = torch.zeros_like(x)
+        mask[win1] = 1.0
+        mask[win2] = 1.0
+        norm_window1 = _norm(delta[win1], dims=(-2, -1))
+        norm_image = _norm(delta, dims=(1, 2, 3))
+        norm_windows = _norm(delta * mask, dims=(1, 2, 3))
+        new = _eta(side, generator).view(1, 1, side, side) * _random_signs((n, c, 1, 1), generator)
+        new = new + delta[win1] / (1e-12 + norm_window1)
+        budget = (torch.clamp(eps**2 - norm_image**2, min=0.0) / c + norm_windows**2).sqrt()
+        new = new / (1e-12 + _norm(new, dims=(-2, -1))) * budget
+        delta[win2] = 0.0
+        delta[win1] = new
+        return delta / (1e-12 + _norm(delta, dims=(1, 2, 3))) * eps
+
+
+def _start(
+    attack: Square,
+    evaluate: Evaluator,
+    ball: Ball,
+    goal: Goal,
+    generator: torch.Generator,
+    input_shape: tuple[int, ...],
+    image_shape: tuple[int, ...],
+) -> WhiteBoxOutcome:
+    """The first query: vertical stripes of +-eps (L-inf) or a grid of tiles (L2)."""
+    eps = attack.spec.eps
+    n = ball.x.shape[0]
+    c, h, w = image_shape
+    if attack.spec.norm == "linf":
+        delta = eps * _random_signs((n, c, 1, w), generator).expand(n, c, h, w)
+    else:
+        tiles = torch.zeros((n, c, h, w))
+        side = min(h, w) // 5
+        for top in _tile_starts(h, side):
+            for left in _tile_starts(w, side):
+                tiles[:, :, top : top + side, left : left + side] += _eta(side, generator).view(
+                    1, 1, side, side
+                ) * _random_signs((n, c, 1, 1), generator)
+        delta = tiles / (1e-12 + _norm(tiles, dims=(1, 2, 3))) * eps
+    x_adv = ball.project(ball.x + delta.reshape((n, *input_shape)))
+    logits = evaluate_tensor(evaluate, x_adv, input_shape)
+    return WhiteBoxOutcome(
+        x_adv=x_adv,
+        logits=logits,
+        steps=torch.zeros(n, dtype=torch.long),
+        queries=torch.ones(n, dtype=torch.long),
+        done=goal.success(logits),
+        score=goal.margin_objective(logits),
+    )
+
+
+def _tile_starts(size: int, side: int) -> range:
+    count = size // side
+    offset = (size - side * count) // 2
+    return range(offset, offset + side * count, side)
+
+
+def _random_signs(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    return torch.randint(0, 2, shape, generator=generator).mul(2).sub(1).float()
+
+
+def _norm(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    return (t**2).sum(dim=dims, keepdim=True).sqrt()
+
+
+def _eta_half(rows: int, cols: int) -> Tensor:
+    """Nested rectangles with weights 1/(k+1)^2 around the centre, unit L2 norm."""
+    delta = torch.zeros((rows, cols))
+    cr, cc = rows // 2, cols // 2
+    for k in range(max(rows // 2 + 1, cols // 2 + 1)):
+        r0, c0 = max(cr - k, 0), max(cc - k, 0)
+        delta[r0 : min(cr - k + 2 * k + 1, rows), c0 : min(cc - k + 2 * k + 1, cols)] += (
+            1.0 / (k + 1) ** 2
+        )
+    return delta / delta.norm()
+
+
+def _eta(side: int, generator: torch.Generator) -> Tensor:
+    """The L2 Square attack's window pattern: two halves of opposite sign, unit L2 norm."""
+    delta = torch.zeros((side, side))
+    delta[: side // 2] = _eta_half(side // 2, side)
+    delta[side // 2 :] = -_eta_half(side - side // 2, side)
+    delta = delta / delta.norm()
+    if bool(torch.rand(1, generator=generator) < 0.5):
+        delta = delta.t()
+    return delta
