@@ -1,0 +1,251 @@
+"""Dynamic batching per model: merge concurrent callers' rows into batches, fairly, with limits.
+
+Callers are synchronous threads (the engine and attacks run in worker threads). Each call's rows
+are cut into chunks; the worker takes chunks round-robin across callers until a batch is full or
+the oldest waiting row has waited `max_delay_s`, runs one forward pass off the callers' threads,
+and copies each output row back into the array of the call that asked for it. Round-robin by
+call means a 65,536-row exact profile and an 8-row request share every batch rather than the
+small one waiting behind the whole profile.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from interscope_server.cancel import CancelToken
+from interscope_server.errors import InterscopeError, ResourceExhausted, Unavailable
+
+#: How often a waiting caller re-checks its CancelToken (which has no wake-up hook of its own).
+_CANCEL_POLL_S = 0.01
+
+
+class ModelObserver:
+    """Hooks for metrics; the server subclasses it to feed Prometheus. No-ops by default.
+
+    Suggested series: interscope_model_forward_passes_total{model} (sum of `rows`),
+    interscope_model_batch_size{model} (histogram of `rows`), interscope_model_queue_depth{model}
+    (gauge), interscope_model_loads_total{model,outcome}. Called from the batcher's worker and the
+    registry's loading threads: implementations must be thread-safe and quick.
+    """
+
+    def on_batch(self, model: str, rows: int, seconds: float) -> None:
+        """One forward pass of `rows` rows took `seconds`."""
+
+    def on_queue_depth(self, model: str, rows: int) -> None:
+        """Rows waiting (not yet in a forward pass) for `model` changed to `rows`."""
+
+    def on_load(self, model: str, outcome: str) -> None:
+        """A load of `model` ended: outcome "success" or "failure"."""
+
+
+@dataclass(frozen=True)
+class BatcherOptions:
+    """Batching knobs shared by every model; max batch size comes from each model's config."""
+
+    #: Longest time the oldest waiting row waits for a batch to fill.
+    max_delay_s: float = 0.002
+    #: Rows waiting per model beyond which new calls get RESOURCE_EXHAUSTED.
+    max_queue_rows: int = 1_000_000
+    #: Rows per chunk in the round-robin (0: a quarter of the max batch size).
+    chunk_rows: int = 0
+
+
+class _Call:
+    """One caller's submission: its rows, where its outputs go, and how far it has got."""
+
+    __slots__ = ("done", "error", "finished", "next_row", "out", "x")
+
+    def __init__(self, x: np.ndarray, num_outputs: int) -> None:
+        self.x = x
+        self.out = np.empty((x.shape[0], num_outputs), dtype=np.float32)
+        self.next_row = 0  # first row not yet handed to a batch
+        self.finished = 0  # rows whose outputs are in `out`
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+
+class DynamicBatcher:
+    """Merges rows of concurrent `submit` calls into forward passes of at most `max_batch_size`."""
+
+    def __init__(
+        self,
+        name: str,
+        forward: Callable[[np.ndarray], np.ndarray],
+        *,
+        num_outputs: int,
+        max_batch_size: int,
+        options: BatcherOptions | None = None,
+        observer: ModelObserver | None = None,
+    ) -> None:
+        options = options or BatcherOptions()
+        self.name = name
+        self._forward = forward
+        self._num_outputs = num_outputs
+        self.max_batch_size = max_batch_size
+        self._max_delay_s = options.max_delay_s
+        self._max_queue_rows = options.max_queue_rows
+        self._chunk = options.chunk_rows or max(1, max_batch_size // 4)
+        self._observer = observer or ModelObserver()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._calls: collections.deque[_Call] = collections.deque()  # calls with unsent rows
+        self._queued_rows = 0
+        self._oldest: float | None = None  # when the oldest unsent row arrived
+        self._closed = False
+        self._drain = False
+        self._worker = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+        self._worker.start()
+
+    @property
+    def queue_depth(self) -> int:
+        """Rows submitted but not yet in a forward pass."""
+        with self._lock:
+            return self._queued_rows
+
+    def submit(self, x: np.ndarray, cancel: CancelToken | None = None) -> np.ndarray:
+        """Logits for every row of `x` (float32, (B, ...)), in order. Blocks until done.
+
+        Raises ResourceExhausted when the queue is full, Unavailable when the batcher is closed,
+        Cancelled / DeadlineExceeded from `cancel` (the call's unsent rows are dropped).
+        """
+        if cancel is not None:
+            cancel.check()
+        call = _Call(x, self._num_outputs)
+        rows = x.shape[0]
+        if rows == 0:
+            return call.out
+        with self._lock:
+            if self._closed:
+                raise Unavailable(f"model {self.name!r} is unloading or the server is stopping")
+            if self._queued_rows + rows > self._max_queue_rows:
+                raise ResourceExhausted(
+                    f"model {self.name!r} has {self._queued_rows} rows queued; {rows} more would "
+                    f"exceed the queue limit of {self._max_queue_rows} rows; retry later"
+                    + (" or send fewer rows per call" if rows > self._max_queue_rows else "")
+                )
+            self._calls.append(call)
+            self._queued_rows += rows
+            if self._oldest is None:
+                self._oldest = time.monotonic()
+            depth = self._queued_rows
+            self._wake.notify()
+        self._observer.on_queue_depth(self.name, depth)
+        self._wait(call, cancel)
+        if call.error is not None:
+            if isinstance(call.error, InterscopeError):
+                raise type(call.error)(str(call.error))
+            raise RuntimeError(f"model {self.name!r} forward pass failed: {call.error}") from (
+                call.error
+            )
+        return call.out
+
+    def _wait(self, call: _Call, cancel: CancelToken | None) -> None:
+        if cancel is None:
+            call.done.wait()
+            return
+        while not call.done.wait(_CANCEL_POLL_S):
+            try:
+                cancel.check()
+            except InterscopeError:
+                self._withdraw(call)
+                raise
+
+    def _withdraw(self, call: _Call) -> None:
+        """Drop a cancelled call's unsent rows; rows already in a batch are computed and ignored."""
+        with self._lock:
+            if call in self._calls:
+                self._calls.remove(call)
+                self._queued_rows -= call.x.shape[0] - call.next_row
+                call.next_row = call.x.shape[0]
+                if not self._calls:
+                    self._oldest = None
+            depth = self._queued_rows
+        self._observer.on_queue_depth(self.name, depth)
+
+    def close(self, *, drain: bool = False) -> None:
+        """Stop the worker. Waiting calls get Unavailable, or are served first with `drain`."""
+        with self._lock:
+            self._closed = True
+            self._drain = drain
+            self._wake.notify_all()
+        if threading.current_thread() is not self._worker:
+            self._worker.join()
+
+    def _take_batch(self) -> list[tuple[_Call, int, int]] | None:
+        """Under the lock: wait for work, then take up to max_batch_size rows round-robin."""
+        while True:
+            if self._closed and not (self._drain and self._calls):
+                return None
+            if not self._calls:
+                self._wake.wait()
+                continue
+            assert self._oldest is not None
+            wait = self._oldest + self._max_delay_s - time.monotonic()
+            if self._queued_rows < self.max_batch_size and wait > 0 and not self._closed:
+                self._wake.wait(wait)
+                continue
+            break
+        pieces: list[tuple[_Call, int, int]] = []
+        room = self.max_batch_size
+        while room and self._calls:
+            call = self._calls.popleft()
+            take = min(self._chunk, room, call.x.shape[0] - call.next_row)
+            pieces.append((call, call.next_row, call.next_row + take))
+            call.next_row += take
+            room -= take
+            if call.next_row < call.x.shape[0]:
+                self._calls.append(call)
+        self._queued_rows -= self.max_batch_size - room
+        self._oldest = time.monotonic() if self._calls else None
+        return pieces
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                pieces = self._take_batch()
+                depth = self._queued_rows
+                if pieces is None:
+                    abandoned = list(self._calls)
+                    self._calls.clear()
+                    self._queued_rows = 0
+            if pieces is None:
+                for call in abandoned:
+                    call.error = Unavailable(
+                        f"model {self.name!r} was unloaded or the server is stopping before "
+                        "this request finished; retry"
+                    )
+                    call.done.set()
+                self._observer.on_queue_depth(self.name, 0)
+                return
+            self._observer.on_queue_depth(self.name, depth)
+            self._execute(pieces)
+
+    def _execute(self, pieces: list[tuple[_Call, int, int]]) -> None:
+        if len(pieces) == 1:
+            call, lo, hi = pieces[0]
+            batch = call.x[lo:hi]
+        else:
+            batch = np.concatenate([call.x[lo:hi] for call, lo, hi in pieces])
+        started = time.perf_counter()
+        try:
+            out = self._forward(batch)
+        except BaseException as exc:  # every caller in the batch must hear of it
+            for call, _, _ in pieces:
+                call.error = exc
+                self._withdraw(call)
+                call.done.set()
+            return
+        self._observer.on_batch(self.name, batch.shape[0], time.perf_counter() - started)
+        offset = 0
+        for call, lo, hi in pieces:
+            call.out[lo:hi] = out[offset : offset + hi - lo]
+            offset += hi - lo
+            call.finished += hi - lo
+            if call.finished == call.x.shape[0]:
+                call.done.set()

@@ -1,0 +1,276 @@
+"""The model registry: loads models from the repository, tracks their state, hands them out."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from interscope_server.cancel import CancelToken
+from interscope_server.errors import (
+    FailedPrecondition,
+    InterscopeError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from interscope_server.models.backend import Backend, BackendOptions, check_batch
+from interscope_server.models.batcher import BatcherOptions, DynamicBatcher, ModelObserver
+from interscope_server.models.config import ModelConfig
+from interscope_server.models.onnx_backend import OnnxBackend
+from interscope_server.models.repository import ModelRepository, validate_model_name
+from interscope_server.models.torchscript_backend import TorchScriptBackend
+
+logger = logging.getLogger(__name__)
+
+
+class ModelState(enum.Enum):
+    """Life cycle of one model in the registry."""
+
+    LOADING = "LOADING"
+    READY = "READY"
+    FAILED = "FAILED"
+    UNLOADED = "UNLOADED"
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A model's state; `message` explains FAILED (or a failed reload of a READY model)."""
+
+    name: str
+    state: ModelState
+    message: str = ""
+
+
+#: Called with every state change (name, state, message); the server feeds health status from it.
+StateListener = Callable[[ModelStatus], None]
+
+
+def open_backend(config: ModelConfig, path: Path, options: BackendOptions) -> Backend:
+    """The backend for `config.format`, loaded from `path`."""
+    if config.format == "onnx":
+        return OnnxBackend(config, path, options)
+    return TorchScriptBackend(config, path, options)
+
+
+class LoadedModel:
+    """A READY model: its config, backend and batcher. `evaluate` is what the engine calls."""
+
+    def __init__(self, backend: Backend, batcher: DynamicBatcher) -> None:
+        self.backend = backend
+        self.batcher = batcher
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.backend.config
+
+    def evaluate(self, x: np.ndarray, cancel: CancelToken | None = None) -> np.ndarray:
+        """float32 logits (B, num_classes) for raw inputs (B, *input_shape), via the batcher."""
+        return self.batcher.submit(check_batch(x, self.config), cancel)
+
+    def close(self, *, drain: bool = True) -> None:
+        self.batcher.close(drain=drain)
+        self.backend.close()
+
+
+class ModelRegistry:
+    """Thread-safe map of model name -> state and, when READY, its LoadedModel.
+
+    Loads run in the calling thread (the server calls from a worker thread, never the event
+    loop); one model failing to load marks only that model FAILED, with its message.
+    """
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        *,
+        backend_options: BackendOptions | None = None,
+        batcher_options: BatcherOptions | None = None,
+        observer: ModelObserver | None = None,
+        listener: StateListener | None = None,
+    ) -> None:
+        self.repository = repository
+        self._backend_options = backend_options or BackendOptions()
+        self._batcher_options = batcher_options or BatcherOptions()
+        self._observer = observer or ModelObserver()
+        self._listener = listener
+        self._lock = threading.Lock()
+        self._status: dict[str, ModelStatus] = {}
+        self._models: dict[str, LoadedModel] = {}
+        self._closed = False
+
+    def _set(self, status: ModelStatus) -> None:
+        """Record a state change (caller holds the lock) and tell the listener."""
+        self._status[status.name] = status
+        if self._listener is not None:
+            try:
+                self._listener(status)
+            except Exception:  # a broken listener must not break loading
+                logger.exception("model state listener failed for %s", status.name)
+
+    def load_all(self, names: Sequence[str] | None = None) -> list[ModelStatus]:
+        """Load the listed models (default: every model in the repository); never raises for one.
+
+        Returns the final status of each; FAILED ones carry the reason.
+        """
+        results = []
+        for name in self.repository.names() if names is None else names:
+            try:
+                self.load(name)
+            except InterscopeError as exc:
+                logger.error("model %s failed to load: %s", name, exc)
+            results.append(self.status(name))
+        return results
+
+    def load(self, name: str) -> LoadedModel:
+        """Load (or reload) `name` from the repository; raises the reason if it fails."""
+        validate_model_name(name)
+        with self._lock:
+            if self._closed:
+                raise Unavailable("the server is stopping; models cannot be loaded now")
+            current = self._status.get(name)
+            if current is not None and current.state is ModelState.LOADING:
+                raise Unavailable(f"model {name!r} is already loading; retry shortly")
+            self._set(ModelStatus(name, ModelState.LOADING))
+        try:
+            config = self.repository.read_config(name)
+            backend = open_backend(
+                config, self.repository.model_file(config), self._backend_options
+            )
+            self._probe(backend)
+        except Exception as exc:
+            message = (
+                str(exc) if isinstance(exc, InterscopeError) else f"{type(exc).__name__}: {exc}"
+            )
+            with self._lock:
+                if isinstance(exc, NotFound) and current is None:
+                    # Nothing by that name exists: do not invent a FAILED entry for it.
+                    del self._status[name]
+                elif name in self._models:
+                    # A failed reload leaves the previous version serving.
+                    self._set(ModelStatus(name, ModelState.READY, f"reload failed: {message}"))
+                else:
+                    self._set(ModelStatus(name, ModelState.FAILED, message))
+            self._observer.on_load(name, "failure")
+            if isinstance(exc, InterscopeError):
+                raise
+            raise InvalidArgument(f"model {name!r} failed to load: {message}") from exc
+        batcher = DynamicBatcher(
+            name,
+            backend.forward,
+            num_outputs=backend.num_classes,
+            max_batch_size=config.max_batch_size,
+            options=self._batcher_options,
+            observer=self._observer,
+        )
+        model = LoadedModel(backend, batcher)
+        with self._lock:
+            previous = self._models.pop(name, None)
+            if self._closed:
+                model.close(drain=False)
+                raise Unavailable("the server is stopping; models cannot be loaded now")
+            self._models[name] = model
+            self._set(ModelStatus(name, ModelState.READY))
+        if previous is not None:
+            previous.close(drain=True)  # requests already queued on the old version finish
+        self._observer.on_load(name, "success")
+        logger.info(
+            "model %s ready: %s on %s, gradients %s, sha256 %s",
+            name,
+            backend.format,
+            backend.device,
+            "yes" if backend.gradients_available else f"no ({backend.gradient_note})",
+            backend.content_hash[:12],
+        )
+        return model
+
+    @staticmethod
+    def _probe(backend: Backend) -> None:
+        """One forward on a blank input, so a model that cannot run fails at load, not later."""
+        low = backend.config.value_range[0]
+        backend.forward(np.full((1, *backend.config.input.shape), low, dtype=np.float32))
+
+    def upload(
+        self, name: str, model_bytes: bytes, config: ModelConfig, *, replace: bool = False
+    ) -> LoadedModel:
+        """Save an uploaded model into the repository (size-limited, atomic) and load it."""
+        with self._lock:
+            state = self._status.get(name)
+            if replace and state is not None and state.state is ModelState.LOADING:
+                raise Unavailable(f"model {name!r} is loading; retry the upload shortly")
+        self.repository.save_upload(name, model_bytes, config, replace=replace)
+        return self.load(name)
+
+    def unload(self, name: str) -> None:
+        """Stop serving `name`; calls already queued finish first. NotFound if not loaded."""
+        validate_model_name(name)
+        with self._lock:
+            model = self._models.pop(name, None)
+            status = self._status.get(name)
+            if model is None and (status is None or status.state is not ModelState.FAILED):
+                raise NotFound(f"model {name!r} is not loaded; loaded: {self._ready_names()}")
+            self._set(ModelStatus(name, ModelState.UNLOADED))
+        if model is not None:
+            model.close(drain=True)
+
+    def _ready_names(self) -> str:
+        return ", ".join(sorted(self._models)) or "none"
+
+    def get(self, name: str) -> LoadedModel:
+        """The READY model; NotFound, Unavailable (loading) or FailedPrecondition (failed)."""
+        with self._lock:
+            model = self._models.get(name)
+            if model is not None:
+                return model
+            status = self._status.get(name)
+            ready = self._ready_names()
+        if status is not None and status.state is ModelState.LOADING:
+            raise Unavailable(f"model {name!r} is still loading; retry shortly")
+        if status is not None and status.state is ModelState.FAILED:
+            raise FailedPrecondition(
+                f"model {name!r} failed to load: {status.message}; fix it and load it again"
+            )
+        raise NotFound(f"model {name!r} is not loaded; loaded models: {ready}")
+
+    def status(self, name: str) -> ModelStatus:
+        """The model's status; UNLOADED for a repository model never loaded; NotFound otherwise."""
+        with self._lock:
+            status = self._status.get(name)
+        if status is not None:
+            return status
+        if name in self.repository.names():
+            return ModelStatus(name, ModelState.UNLOADED)
+        raise NotFound(f"model {name!r} is neither loaded nor in the repository")
+
+    def statuses(self) -> list[ModelStatus]:
+        """Every model known: in the repository or seen by the registry, sorted by name."""
+        with self._lock:
+            known = dict(self._status)
+        for name in self.repository.names():
+            known.setdefault(name, ModelStatus(name, ModelState.UNLOADED))
+        return [known[name] for name in sorted(known)]
+
+    def ready(self) -> list[LoadedModel]:
+        """The READY models, sorted by name."""
+        with self._lock:
+            return [self._models[name] for name in sorted(self._models)]
+
+    def close(self) -> None:
+        """Unload everything: queued calls get Unavailable; later loads are refused."""
+        with self._lock:
+            self._closed = True
+            models = list(self._models.items())
+            self._models.clear()
+            for name, _ in models:
+                self._set(ModelStatus(name, ModelState.UNLOADED))
+        for _, model in models:
+            model.close(drain=False)

@@ -1,0 +1,164 @@
+"""The model repository on disk: one folder per model, names and paths confined to the root."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from interscope_server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from interscope_server.models.config import CONFIG_FILE, MODEL_NAME_PATTERN, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD_BYTES = 256 * 1024 * 1024
+_NAME = re.compile(MODEL_NAME_PATTERN)
+
+
+def validate_model_name(name: str) -> str:
+    """`name` if it is a valid model (folder) name, else InvalidArgument saying what is allowed."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidArgument(
+            f"invalid model name {name!r}: use 1-128 characters from letters, digits, '_', '.', "
+            "'-', starting with a letter or digit"
+        )
+    return name
+
+
+def config_error_message(name: str, exc: ValidationError) -> str:
+    """A pydantic validation error as one readable line per problem."""
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+    )
+    return f"model {name!r}: invalid {CONFIG_FILE}: {problems}"
+
+
+class ModelRepository:
+    """A directory with one folder per model, each holding config.json and the model file.
+
+    Every path it hands out is resolved and checked to lie inside the root, so neither a name,
+    a config's `file`, nor a symlink can reach outside it.
+    """
+
+    def __init__(self, root: Path, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> None:
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise InvalidArgument(f"model repository {str(root)!r} is not a directory")
+        self.max_upload_bytes = max_upload_bytes
+
+    def names(self) -> list[str]:
+        """Sorted names of the folders that hold a config file (valid names only)."""
+        found = []
+        for entry in self.root.iterdir():
+            if entry.name.startswith("."):
+                continue  # build and upload staging folders, lock and stamp files
+            if not _NAME.fullmatch(entry.name):
+                logger.warning("model repository: skipping %r (not a valid model name)", entry.name)
+                continue
+            if (entry / CONFIG_FILE).is_file():
+                found.append(entry.name)
+        return sorted(found)
+
+    def _confined(self, path: Path, what: str) -> Path:
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise InvalidArgument(f"{what} resolves outside the model repository; not allowed")
+        return resolved
+
+    def model_dir(self, name: str) -> Path:
+        """The model's folder (resolved, inside the root); NotFound if it has no config file."""
+        validate_model_name(name)
+        folder = self._confined(self.root / name, f"model {name!r}")
+        if not (folder / CONFIG_FILE).is_file():
+            raise NotFound(
+                f"model {name!r} is not in the repository; available: {', '.join(self.names())}"
+            )
+        return folder
+
+    def read_config(self, name: str) -> ModelConfig:
+        """The model's validated config; InvalidArgument says which fields are wrong and why."""
+        folder = self.model_dir(name)
+        path = self._confined(folder / CONFIG_FILE, f"model {name!r} {CONFIG_FILE}")
+        try:
+            config = ModelConfig.model_validate_json(path.read_bytes())
+        except ValidationError as exc:
+            raise InvalidArgument(config_error_message(name, exc)) from None
+        if config.name != name:
+            raise InvalidArgument(
+                f"model {name!r}: {CONFIG_FILE} names it {config.name!r}; the name must equal "
+                "the folder name"
+            )
+        return config
+
+    def model_file(self, config: ModelConfig) -> Path:
+        """The model file of `config` (resolved, inside its folder); NotFound if missing."""
+        folder = self.model_dir(config.name)
+        path = (folder / config.file).resolve()
+        if not path.is_relative_to(folder):
+            raise InvalidArgument(
+                f"model {config.name!r}: file {config.file!r} resolves outside the model folder; "
+                "it must be a file inside it"
+            )
+        if not path.is_file():
+            raise NotFound(f"model {config.name!r}: model file {config.file!r} does not exist")
+        return path
+
+    def save_upload(
+        self, name: str, model_bytes: bytes, config: ModelConfig, *, replace: bool = False
+    ) -> Path:
+        """Write an uploaded model and its config as a new folder, atomically; returns the folder.
+
+        The folder appears complete or not at all: it is written to a hidden staging folder and
+        renamed into place. An existing model is replaced only with `replace=True`.
+        """
+        validate_model_name(name)
+        if config.name != name:
+            raise InvalidArgument(f"upload named {name!r} carries a config named {config.name!r}")
+        if len(model_bytes) > self.max_upload_bytes:
+            raise ResourceExhausted(
+                f"model upload of {len(model_bytes)} bytes exceeds the limit of "
+                f"{self.max_upload_bytes} bytes"
+            )
+        target = self._confined(self.root / name, f"model {name!r}")
+        if target.exists() and not replace:
+            raise FailedPrecondition(
+                f"model {name!r} already exists in the repository; unload it and upload with "
+                "replace, or choose another name"
+            )
+        staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.root))
+        try:
+            model_path = (staging / config.file).resolve()
+            if not model_path.is_relative_to(staging.resolve()):
+                raise InvalidArgument(f"model file {config.file!r} must lie inside the folder")
+            model_path.parent.mkdir(parents=True, exist_ok=True)
+            _write_synced(model_path, model_bytes)
+            _write_synced(staging / CONFIG_FILE, (config.model_dump_json(indent=2) + "\n").encode())
+            if target.exists():
+                # Swap via a hidden name so the old folder never mixes with the new one.
+                old = Path(tempfile.mkdtemp(prefix=".replaced-", dir=self.root))
+                os.replace(target, old / name)
+                os.replace(staging, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())

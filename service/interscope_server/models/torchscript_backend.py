@@ -1,0 +1,72 @@
+"""TorchScript backend: torch.jit.load only (never pickle), eval and inference mode, CUDA, FP16."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from interscope_server.errors import InvalidArgument
+from interscope_server.models.backend import Backend, BackendOptions, NormalizedModule
+from interscope_server.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+class TorchScriptBackend(Backend):
+    """A TorchScript archive; gradients are native."""
+
+    def __init__(
+        self, config: ModelConfig, path: Path, options: BackendOptions | None = None
+    ) -> None:
+        super().__init__(config, path)
+        options = options or BackendOptions()
+        cuda = options.device != "cpu" and torch.cuda.is_available()
+        if options.device == "cuda" and not cuda:
+            logger.warning("model %s: device='cuda' but torch sees no GPU; on CPU", config.name)
+        self._device = torch.device("cuda" if cuda else "cpu")
+        dtype = torch.float16 if options.half_precision and cuda else torch.float32
+        try:
+            with warnings.catch_warnings():
+                # torch.jit.load is deprecated in favour of torch.export, but TorchScript archives
+                # are what users have; jit.load runs no pickle code, unlike torch.load.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                inner = torch.jit.load(str(path), map_location=self._device)
+        except Exception as exc:
+            raise InvalidArgument(
+                f"model {config.name!r}: {path.name} is not a loadable TorchScript archive "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from None
+        inner.eval()
+        if dtype == torch.float16:
+            inner = inner.half()
+        module = NormalizedModule(inner, config, dtype=dtype).to(self._device).eval()
+        module.requires_grad_(False)
+        self._module = module
+
+    @property
+    def format(self) -> str:
+        return "torchscript"
+
+    @property
+    def device(self) -> str:
+        return self._device.type
+
+    @property
+    def gradients_available(self) -> bool:
+        return True
+
+    @property
+    def torch_device(self) -> torch.device:
+        return self._device
+
+    def torch_module(self) -> torch.nn.Module:
+        return self._module
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = self._module(torch.from_numpy(x).to(self._device))
+        return np.ascontiguousarray(out.cpu().numpy(), dtype=np.float32)
