@@ -53,8 +53,12 @@ class GridPlayers:
                 f"grid {self.rows}x{self.cols} is larger than the image ({height}x{width}); "
                 f"rows must be <= {height} and cols <= {width}"
             )
-        row_of = (np.arange(height) * self.rows) // height
-        col_of = (np.arange(width) * self.cols) // width
+        # Cell r starts at floor(r*H/R); a pixel belongs to the last cell starting at or before it.
+        # (y*R)//H is not the same thing when R does not divide H.
+        row_starts = (np.arange(self.rows) * height) // self.rows
+        col_starts = (np.arange(self.cols) * width) // self.cols
+        row_of = np.searchsorted(row_starts, np.arange(height), side="right") - 1
+        col_of = np.searchsorted(col_starts, np.arange(width), side="right") - 1
         cell = row_of[:, None] * self.cols + col_of[None, :]
         return np.broadcast_to(cell, input_shape).astype(np.int64)
 
