@@ -1037,7 +1037,9 @@ class AttackSpec(_message.Message):
     step_size: _builtins.float
     """Step size in raw input units, > 0. Default 2.5 * eps / steps when 0."""
     random_start: _builtins.bool
-    """Start from a uniform random point in the ball (PGD)."""
+    """Start from a random point in the ball. Unset: the attack's default (PGD and APGD yes,
+    FGSM and PGD_MARGIN no).
+    """
     restarts: _builtins.int
     """Restarts, keeping the strongest example (PGD, APGD), >= 1. Default 1 when 0."""
     targeted: _builtins.bool
@@ -1056,18 +1058,20 @@ class AttackSpec(_message.Message):
         eps: _builtins.float = ...,
         steps: _builtins.int = ...,
         step_size: _builtins.float = ...,
-        random_start: _builtins.bool = ...,
+        random_start: _builtins.bool | None = ...,
         restarts: _builtins.int = ...,
         targeted: _builtins.bool = ...,
         margin_threshold: _builtins.float = ...,
         query_budget: _builtins.int = ...,
         seed: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_random_start", b"_random_start", "random_start", b"random_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eps", b"eps", "kind", b"kind", "margin_threshold", b"margin_threshold", "norm", b"norm", "query_budget", b"query_budget", "random_start", b"random_start", "restarts", b"restarts", "seed", b"seed", "step_size", b"step_size", "steps", b"steps", "targeted", b"targeted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_random_start", b"_random_start", "eps", b"eps", "kind", b"kind", "margin_threshold", b"margin_threshold", "norm", b"norm", "query_budget", b"query_budget", "random_start", b"random_start", "restarts", b"restarts", "seed", b"seed", "step_size", b"step_size", "steps", b"steps", "targeted", b"targeted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__random_start: _TypeAlias = _typing.Literal["random_start"]  # noqa: Y015
+    _WhichOneofArgType__random_start: _TypeAlias = _typing.Literal["_random_start", b"_random_start"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__random_start) -> _WhichOneofReturnType__random_start | None: ...
 
 Global___AttackSpec: _TypeAlias = AttackSpec  # noqa: Y015
 

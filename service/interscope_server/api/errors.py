@@ -67,7 +67,7 @@ def unary_errors(
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the point is to map everything
+        except Exception as exc:  # the point is to map everything
             code, message = status_of(exc)
             await context.abort(code, message)
             raise AssertionError("context.abort returned") from None
@@ -87,7 +87,7 @@ def stream_errors(
                 yield item
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             code, message = status_of(exc)
             await context.abort(code, message)
 

@@ -1,0 +1,321 @@
+"""The Audit stream: config first, then samples; each sample attacked and profiled as it arrives."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+
+from interscope.codec import to_tensor
+from interscope.v1 import analysis_pb2
+from interscope_server import attacks, errors
+from interscope_server.analysis.profile import ProfileSpec, run_perturbation
+from interscope_server.analysis.values import ClassChoice
+from interscope_server.api import convert, specs
+from interscope_server.api.errors import request_id, status_of
+from interscope_server.attacks.base import AttackSpec
+from interscope_server.cancel import CancelToken
+from interscope_server.models.registry import LoadedModel
+
+if TYPE_CHECKING:
+    from interscope_server.api.analysis_servicer import AnalysisServicer
+
+log = logging.getLogger(__name__)
+
+#: Samples of one audit worked on at once; their forward passes merge in the model's batcher.
+AUDIT_PARALLELISM = 4
+_Z95 = 1.959963984540054
+
+
+async def run_audit(
+    servicer: AnalysisServicer,
+    requests: AsyncIterator[analysis_pb2.AuditRequest],
+    context: grpc.aio.ServicerContext,
+) -> AsyncIterator[analysis_pb2.AuditEvent]:
+    """Serve one Audit stream; errors of the stream as a whole end it with their status."""
+    try:
+        async for event in _audit(servicer, requests, context):
+            yield event
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:  # mapped in one place
+        code, message = status_of(exc)
+        await context.abort(code, message)
+
+
+async def _audit(
+    servicer: AnalysisServicer,
+    requests: AsyncIterator[analysis_pb2.AuditRequest],
+    context: grpc.aio.ServicerContext,
+) -> AsyncIterator[analysis_pb2.AuditEvent]:
+    settings = servicer._settings
+    async with servicer._admit(context) as call:
+        first = await anext(aiter(requests), None)
+        if first is None:
+            raise errors.InvalidArgument("empty Audit stream: send an AuditConfig first")
+        if first.WhichOneof("message") != "config":
+            raise errors.InvalidArgument(
+                "the first message of an Audit stream must be the AuditConfig, not a sample"
+            )
+        config = first.config
+        model = servicer._registry.get(config.model)
+        if not config.HasField("attack"):
+            raise errors.InvalidArgument("config.attack is required: give at least attack.kind")
+        if not config.HasField("profile"):
+            raise errors.InvalidArgument("config.profile is required: give at least its players")
+        input_shape = tuple(model.config.input.shape)
+        n_classes = len(model.config.classes)
+        # Validate both specs up front, so a bad config fails before any sample is read.
+        attack, torch_model = servicer._attack_setup(
+            model, config.attack, [0] if config.attack.targeted else []
+        )
+        reference = np.zeros((1, *input_shape), dtype=np.float32)
+        profile, n_players = specs.profile_spec(
+            config.profile, ClassChoice.LABEL, reference, settings, n_evaluations=2
+        )
+        per_sample_baseline = (
+            config.profile.baseline.WhichOneof("kind") == "mean"
+            and not config.profile.baseline.mean.values
+        )
+        yield analysis_pb2.AuditEvent(
+            accepted=analysis_pb2.AuditAccepted(audit_id=config.audit_id, n_players=n_players)
+        )
+
+        loop = asyncio.get_running_loop()
+        outbox: asyncio.Queue[analysis_pb2.AuditEvent | BaseException | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(AUDIT_PARALLELISM)
+        results: list[analysis_pb2.SampleResult] = []
+        pending: set[asyncio.Task[None]] = set()
+
+        async def work(sample: analysis_pb2.AuditSample) -> None:
+            # The reader took a slot for this sample; it is given back when the sample is done.
+            try:
+                try:
+                    x = convert.decode_inputs(
+                        sample.input,
+                        input_shape,
+                        what=f"sample {sample.id!r} input",
+                        max_bytes=settings.max_tensor_bytes,
+                        max_inputs=1,
+                        batched=False,
+                    )
+                    label = int(convert.check_classes([sample.label], 1, n_classes, "label")[0])
+                    target = None
+                    if config.attack.targeted:
+                        target = int(
+                            convert.check_classes([sample.target], 1, n_classes, "target")[0]
+                        )
+                    sample_profile = profile
+                    if per_sample_baseline:
+                        sample_profile, _ = specs.profile_spec(
+                            config.profile, ClassChoice.LABEL, x[None], settings, n_evaluations=2
+                        )
+                    result = await loop.run_in_executor(
+                        servicer._executor,
+                        _audit_sample,
+                        model,
+                        attack,
+                        torch_model,
+                        sample_profile,
+                        sample.id,
+                        x,
+                        label,
+                        target,
+                        config,
+                        call.cancel,
+                    )
+                except (errors.Cancelled, errors.DeadlineExceeded) as exc:
+                    await outbox.put(exc)
+                    return
+                except Exception as exc:  # one bad sample must not end the audit
+                    failed = _failed(sample, *status_of(exc))
+                    results.append(failed.sample)
+                    await outbox.put(failed)
+                    return
+                results.append(result)
+                await outbox.put(analysis_pb2.AuditEvent(sample=result))
+            finally:
+                slots.release()
+
+        async def read() -> None:
+            seen: set[str] = set()
+            try:
+                async for message in requests:
+                    if message.WhichOneof("message") != "sample":
+                        raise errors.InvalidArgument(
+                            "an Audit stream takes one AuditConfig, first; then only samples"
+                        )
+                    sample = message.sample
+                    if sample.id in seen:
+                        duplicate = f"sample id {sample.id!r} was sent twice in this stream"
+                        await outbox.put(
+                            _failed(sample, grpc.StatusCode.INVALID_ARGUMENT, duplicate)
+                        )
+                        continue
+                    seen.add(sample.id)
+                    await slots.acquire()  # backpressure: read no further than we can work
+                    task = asyncio.create_task(work(sample))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                if pending:
+                    await asyncio.gather(*pending)
+                await outbox.put(None)
+            except Exception as exc:  # re-raised by the writer side
+                await outbox.put(exc)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                item = await outbox.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            call.cancel.cancel()
+            reader.cancel()
+            for task in list(pending):
+                task.cancel()
+            await asyncio.gather(reader, *pending, return_exceptions=True)
+
+        summary = summarize(results, model)
+        summary.provenance.CopyFrom(
+            servicer._provenance(
+                model,
+                convert.spec_json(config),
+                int(config.attack.seed),
+                call.started,
+                sum(r.forwards for r in results),
+            )
+        )
+        yield analysis_pb2.AuditEvent(summary=summary)
+
+
+def _failed(
+    sample: analysis_pb2.AuditSample, code: grpc.StatusCode, message: str
+) -> analysis_pb2.AuditEvent:
+    """The result event of a sample that could not be audited; the stream goes on."""
+    return analysis_pb2.AuditEvent(
+        sample=analysis_pb2.SampleResult(
+            id=sample.id,
+            label=sample.label,
+            error=analysis_pb2.SampleError(code=code.name, message=message),
+        )
+    )
+
+
+def _audit_sample(
+    model: LoadedModel,
+    attack: AttackSpec,
+    torch_model: object,
+    profile: ProfileSpec,
+    sample_id: str,
+    x: np.ndarray,
+    label: int,
+    target: int | None,
+    config: analysis_pb2.AuditConfig,
+    cancel: CancelToken,
+) -> analysis_pb2.SampleResult:
+    """Attack one sample, then profile it clean and adversarial on the same contexts (a thread)."""
+    token = request_id.get()
+    forwards = 0
+
+    def evaluate(batch: np.ndarray) -> np.ndarray:
+        nonlocal forwards
+        forwards += len(batch)
+        return model.evaluate(batch, cancel)
+
+    spec = replace(attack, target_classes=(target,)) if target is not None else attack
+    outcome = None
+    for event in attacks.attack_events(
+        spec,
+        x[None],
+        np.array([label]),
+        torch_model,
+        evaluate,
+        cancel,  # type: ignore[arg-type]
+    ):
+        if isinstance(event, attacks.ExampleResult):
+            outcome = event
+    if outcome is None:  # pragma: no cover - attack_events always yields one per input
+        raise RuntimeError(f"attack returned no result for sample {sample_id} ({token})")
+    perturbation = run_perturbation(evaluate, x, outcome.x_adv, profile, label, cancel)
+    result = analysis_pb2.SampleResult(
+        id=sample_id,
+        label=label,
+        clean_prediction=outcome.clean_pred,
+        adversarial_prediction=outcome.adv_pred,
+        clean_correct=outcome.clean_pred == label,
+        robust=outcome.adv_pred == label,
+        attack_success=outcome.success,
+        linf=outcome.linf,
+        l2=outcome.l2,
+        # Square's queries went through `evaluate`; white-box steps did not.
+        forwards=forwards + (outcome.queries if attack.white_box else 0),
+    )
+    result.perturbation.CopyFrom(
+        convert.perturbation_to_proto(
+            perturbation,
+            0,
+            (outcome.clean_pred, outcome.adv_pred),
+            return_profiles=config.return_profiles,
+            return_pairs=config.return_profiles,
+        )
+    )
+    if config.return_adversarial:
+        result.adversarial.CopyFrom(to_tensor(np.asarray(outcome.x_adv, dtype=np.float32)))
+    return result
+
+
+def _statistic(table: np.ndarray) -> analysis_pb2.OrderStatistic:
+    """Mean over samples (rows) by order (columns) with a normal 95% confidence interval."""
+    mean = table.mean(axis=0)
+    if len(table) > 1:
+        half = _Z95 * table.std(axis=0, ddof=1) / np.sqrt(len(table))
+    else:
+        half = np.zeros_like(mean)
+    return analysis_pb2.OrderStatistic(
+        mean=mean.tolist(), ci_low=(mean - half).tolist(), ci_high=(mean + half).tolist()
+    )
+
+
+def summarize(
+    results: list[analysis_pb2.SampleResult], model: LoadedModel
+) -> analysis_pb2.AuditSummary:
+    """The audit's summary over the samples that succeeded (failed ones are counted apart)."""
+    ok = [r for r in results if not r.HasField("error")]
+    summary = analysis_pb2.AuditSummary(n_samples=len(ok), n_failed=len(results) - len(ok))
+    if not ok:
+        return summary
+    summary.clean_accuracy = float(np.mean([r.clean_correct for r in ok]))
+    summary.robust_accuracy = float(np.mean([r.robust for r in ok]))
+    summary.success_rate = float(np.mean([r.attack_success for r in ok]))
+    first = ok[0].perturbation
+    summary.orders.extend(first.clean.orders)
+    summary.ratios.extend(first.clean.ratios)
+    summary.clean_mean_abs.CopyFrom(
+        _statistic(np.array([list(r.perturbation.clean.mean_abs) for r in ok]))
+    )
+    summary.adversarial_mean_abs.CopyFrom(
+        _statistic(np.array([list(r.perturbation.adversarial.mean_abs) for r in ok]))
+    )
+    summary.delta_mean.CopyFrom(_statistic(np.array([list(r.perturbation.delta_mean) for r in ok])))
+    names = model.config.classes
+    for label in sorted({r.label for r in ok}):
+        rows = [r for r in ok if r.label == label]
+        summary.per_class.append(
+            analysis_pb2.ClassBreakdown(
+                label=label,
+                name=names[label] if 0 <= label < len(names) else str(label),
+                n=len(rows),
+                clean_accuracy=float(np.mean([r.clean_correct for r in rows])),
+                robust_accuracy=float(np.mean([r.robust for r in rows])),
+            )
+        )
+    return summary

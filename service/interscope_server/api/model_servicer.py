@@ -1,0 +1,184 @@
+"""ModelService: a thin servicer over the model registry (list, describe, load, unload)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+from concurrent.futures import Executor
+
+import grpc
+
+from interscope.v1 import models_pb2, models_pb2_grpc
+from interscope_server import errors
+from interscope_server.api.errors import unary_errors
+from interscope_server.models.config import (
+    MODEL_NAME_PATTERN,
+    ModelConfig,
+    Normalization,
+    TensorSpec,
+)
+from interscope_server.models.registry import (
+    LoadedModel,
+    ModelRegistry,
+    ModelState,
+    ModelStatus,
+)
+
+_FORMAT_TO_PROTO = {
+    "onnx": models_pb2.MODEL_FORMAT_ONNX,
+    "torchscript": models_pb2.MODEL_FORMAT_TORCHSCRIPT,
+}
+_FORMAT_FROM_PROTO = {value: key for key, value in _FORMAT_TO_PROTO.items()}
+_STATE_TO_PROTO = {
+    ModelState.LOADING: models_pb2.MODEL_STATE_LOADING,
+    ModelState.READY: models_pb2.MODEL_STATE_READY,
+    ModelState.FAILED: models_pb2.MODEL_STATE_FAILED,
+    ModelState.UNLOADED: models_pb2.MODEL_STATE_UNLOADED,
+}
+
+
+def model_info(registry: ModelRegistry, status: ModelStatus) -> models_pb2.ModelInfo:
+    """Metadata of one model, whatever its state (config from the repository when not loaded)."""
+    info = models_pb2.ModelInfo(
+        name=status.name, state=_STATE_TO_PROTO[status.state], state_message=status.message
+    )
+    loaded: LoadedModel | None = None
+    config: ModelConfig | None = None
+    if status.state is ModelState.READY:
+        try:
+            loaded = registry.get(status.name)
+            config = loaded.config
+        except errors.InterscopeError:  # unloaded between the two reads
+            loaded = None
+    if config is None:
+        try:
+            config = registry.repository.read_config(status.name)
+        except errors.InterscopeError:
+            config = None  # a broken config: its FAILED state message says why
+    if config is not None:
+        info.format = _FORMAT_TO_PROTO[config.format]
+        info.input.CopyFrom(
+            models_pb2.TensorInfo(
+                name=config.input.name, datatype=config.input.datatype, shape=config.input.shape
+            )
+        )
+        info.output.CopyFrom(
+            models_pb2.TensorInfo(
+                name=config.output_name, datatype="FP32", shape=[len(config.classes)]
+            )
+        )
+        info.classes.extend(config.classes)
+        info.value_range_low, info.value_range_high = config.value_range
+        if config.normalization is not None:
+            info.normalization.CopyFrom(
+                models_pb2.Normalization(
+                    mean=config.normalization.mean, std=config.normalization.std
+                )
+            )
+        info.max_batch_size = config.max_batch_size
+        info.description = config.description
+    if loaded is not None:
+        backend = loaded.backend
+        info.content_hash = f"sha256:{backend.content_hash}"
+        info.gradients_available = backend.gradients_available
+        info.gradients_message = backend.gradient_note
+        info.device = backend.device
+    return info
+
+
+def config_from_proto(name: str, message: models_pb2.ModelConfig) -> ModelConfig:
+    """The repository config of an upload (pydantic ValidationError -> INVALID_ARGUMENT)."""
+    if message.format not in _FORMAT_FROM_PROTO:
+        raise errors.InvalidArgument("config.format must be MODEL_FORMAT_ONNX or _TORCHSCRIPT")
+    low, high = message.value_range_low, message.value_range_high
+    normalization = None
+    if message.HasField("normalization"):
+        normalization = Normalization(
+            mean=list(message.normalization.mean), std=list(message.normalization.std)
+        )
+    model_format = _FORMAT_FROM_PROTO[message.format]
+    return ModelConfig(
+        name=name,
+        format=model_format,  # type: ignore[arg-type]
+        file="model.onnx" if model_format == "onnx" else "model.pt",
+        input=TensorSpec(
+            name=message.input.name or "input",
+            shape=list(message.input.shape),
+            datatype=message.input.datatype or "FP32",  # type: ignore[arg-type]
+        ),
+        output_name=message.output_name or "logits",
+        classes=list(message.classes),
+        value_range=(low, high) if (low, high) != (0.0, 0.0) else (0.0, 1.0),
+        normalization=normalization,
+        max_batch_size=message.max_batch_size or 256,
+        description=message.description,
+    )
+
+
+class ModelServicer(models_pb2_grpc.ModelServiceServicer):
+    """Lists, describes, loads and unloads models; loading runs off the event loop."""
+
+    def __init__(self, registry: ModelRegistry, executor: Executor) -> None:
+        self._registry = registry
+        self._executor = executor
+
+    @unary_errors
+    async def ListModels(
+        self, request: models_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> models_pb2.ListModelsResponse:
+        statuses = self._registry.statuses()
+        return models_pb2.ListModelsResponse(
+            models=[model_info(self._registry, s) for s in statuses]
+        )
+
+    @unary_errors
+    async def GetModel(
+        self, request: models_pb2.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> models_pb2.ModelInfo:
+        return model_info(self._registry, self._registry.status(request.name))
+
+    @unary_errors
+    async def LoadModel(
+        self, request: models_pb2.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> models_pb2.LoadModelResponse:
+        if not re.match(MODEL_NAME_PATTERN, request.name):
+            raise errors.InvalidArgument(
+                f"model name {request.name!r} is not allowed: use 1-128 characters of "
+                "letters, digits, '_', '.', '-', starting with a letter or digit"
+            )
+        source = request.WhichOneof("source")
+        loop = asyncio.get_running_loop()
+        if source == "repository":
+            current = self._registry.status(request.name)
+            if current.state is ModelState.READY and not request.replace:
+                raise errors.AlreadyExists(
+                    f"model {request.name!r} is already loaded; set replace to reload it"
+                )
+            await loop.run_in_executor(self._executor, self._registry.load, request.name)
+        elif source == "upload":
+            config = config_from_proto(request.name, request.upload.config)
+            if not request.upload.model:
+                raise errors.InvalidArgument("upload.model is empty: send the model file's bytes")
+            await loop.run_in_executor(
+                self._executor,
+                functools.partial(
+                    self._registry.upload,
+                    request.name,
+                    request.upload.model,
+                    config,
+                    replace=request.replace,
+                ),
+            )
+        else:
+            raise errors.InvalidArgument("LoadModelRequest needs a source: repository or upload")
+        status = self._registry.status(request.name)
+        return models_pb2.LoadModelResponse(model=model_info(self._registry, status))
+
+    @unary_errors
+    async def UnloadModel(
+        self, request: models_pb2.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> models_pb2.UnloadModelResponse:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._registry.unload, request.name)
+        return models_pb2.UnloadModelResponse()

@@ -1,0 +1,218 @@
+"""Wire specs (InteractionSpec, AttackSpec) -> the engine's and the attacks' domain specs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from interscope.codec import from_tensor
+from interscope.v1 import analysis_pb2
+from interscope_server import errors
+from interscope_server.analysis.baselines import (
+    BlurBaseline,
+    ConstantBaseline,
+    MeanBaseline,
+    TensorBaseline,
+    ZeroBaseline,
+)
+from interscope_server.analysis.players import (
+    FeaturePlayers,
+    GridPlayers,
+    MaskPlayers,
+    resolve_players,
+)
+from interscope_server.analysis.profile import EstimatorChoice, PairSelection, ProfileSpec
+from interscope_server.analysis.values import ClassChoice, ValueFunction
+from interscope_server.attacks.base import AttackSpec
+from interscope_server.config import Settings
+
+VALUE_FUNCTIONS = {
+    analysis_pb2.VALUE_FUNCTION_UNSPECIFIED: ValueFunction.LOG_PROB,
+    analysis_pb2.VALUE_FUNCTION_LOG_PROB: ValueFunction.LOG_PROB,
+    analysis_pb2.VALUE_FUNCTION_LOG_ODDS: ValueFunction.LOG_ODDS,
+    analysis_pb2.VALUE_FUNCTION_LOGIT: ValueFunction.LOGIT,
+    analysis_pb2.VALUE_FUNCTION_PROB: ValueFunction.PROB,
+}
+CLASS_CHOICES = {
+    analysis_pb2.CLASS_CHOICE_UNSPECIFIED: ClassChoice.LABEL,
+    analysis_pb2.CLASS_CHOICE_LABEL: ClassChoice.LABEL,
+    analysis_pb2.CLASS_CHOICE_TARGET: ClassChoice.TARGET,
+    analysis_pb2.CLASS_CHOICE_PREDICTED: ClassChoice.PREDICTED,
+}
+ESTIMATORS = {
+    analysis_pb2.ESTIMATOR_KIND_AUTO: EstimatorChoice.AUTO,
+    analysis_pb2.ESTIMATOR_KIND_EXACT: EstimatorChoice.EXACT,
+    analysis_pb2.ESTIMATOR_KIND_SAMPLED: EstimatorChoice.SAMPLED,
+}
+PAIR_MODES = {
+    analysis_pb2.PAIR_MODE_ALL: PairSelection.ALL,
+    analysis_pb2.PAIR_MODE_RANDOM: PairSelection.RANDOM,
+    analysis_pb2.PAIR_MODE_NEIGHBORS: PairSelection.NEIGHBOURS,
+}
+ATTACK_NAMES = {
+    analysis_pb2.ATTACK_KIND_FGSM: "fgsm",
+    analysis_pb2.ATTACK_KIND_PGD: "pgd",
+    analysis_pb2.ATTACK_KIND_PGD_MARGIN: "margin_pgd",
+    analysis_pb2.ATTACK_KIND_APGD: "apgd",
+    analysis_pb2.ATTACK_KIND_SQUARE: "square",
+}
+NORMS = {
+    analysis_pb2.NORM_UNSPECIFIED: "linf",
+    analysis_pb2.NORM_LINF: "linf",
+    analysis_pb2.NORM_L2: "l2",
+}
+
+
+def _enum(table: dict[int, object], value: int, what: str, enum_type: object) -> object:
+    if value not in table:
+        names = [enum_type.Name(k) for k in table]  # type: ignore[attr-defined]
+        raise errors.InvalidArgument(f"{what} {value} is not known; allowed: {', '.join(names)}")
+    return table[value]
+
+
+def class_choice(value: int) -> ClassChoice:
+    return _enum(CLASS_CHOICES, value, "class_choice", analysis_pb2.ClassChoice)  # type: ignore[return-value]
+
+
+def _players(
+    spec: analysis_pb2.PlayerSpec, settings: Settings
+) -> GridPlayers | FeaturePlayers | MaskPlayers:
+    kind = spec.WhichOneof("kind")
+    if kind == "grid":
+        if spec.grid.rows < 1 or spec.grid.cols < 1:
+            raise errors.InvalidArgument(
+                f"grid {spec.grid.rows}x{spec.grid.cols} is not allowed: rows and cols must be >= 1"
+            )
+        return GridPlayers(int(spec.grid.rows), int(spec.grid.cols))
+    if kind == "features":
+        groups = [list(g.indices) for g in spec.features.groups]
+        return FeaturePlayers.from_groups(groups or None)
+    if kind == "mask":
+        mask = from_tensor(
+            spec.mask,
+            what="players.mask",
+            allowed=("INT32", "INT64"),
+            max_bytes=settings.max_tensor_bytes,
+        )
+        return MaskPlayers(mask.astype(np.int64))
+    raise errors.InvalidArgument("spec.players is required: give grid, features or mask")
+
+
+def _baseline(
+    spec: analysis_pb2.BaselineSpec, inputs: np.ndarray, settings: Settings
+) -> ZeroBaseline | ConstantBaseline | MeanBaseline | BlurBaseline | TensorBaseline:
+    kind = spec.WhichOneof("kind")
+    if kind in (None, "zero"):
+        return ZeroBaseline()
+    if kind == "constant":
+        return ConstantBaseline(float(spec.constant))
+    if kind == "mean":
+        if spec.mean.values:
+            return MeanBaseline(tuple(float(v) for v in spec.mean.values))
+        return MeanBaseline.from_reference(inputs)
+    if kind == "blur":
+        return BlurBaseline(float(spec.blur.sigma) or 2.0)
+    tensor = from_tensor(
+        spec.tensor,
+        what="baseline.tensor",
+        allowed=("FP32", "FP64", "FP16"),
+        max_bytes=settings.max_tensor_bytes,
+        finite=True,
+    )
+    if tensor.shape != inputs.shape[1:]:
+        raise errors.InvalidArgument(
+            f"baseline.tensor has shape {list(tensor.shape)}; it must match the input shape "
+            f"{list(inputs.shape[1:])}"
+        )
+    return TensorBaseline(tensor.astype(np.float32))
+
+
+def profile_spec(
+    spec: analysis_pb2.InteractionSpec,
+    choice: ClassChoice,
+    inputs: np.ndarray,
+    settings: Settings,
+    *,
+    n_evaluations: int,
+) -> tuple[ProfileSpec, int]:
+    """The engine's ProfileSpec and the number of players, with the server's limits applied.
+
+    `n_evaluations` is how many profiles the request runs (inputs, or 2 per perturbation), so
+    the per-request forward-pass limit is shared between them.
+    """
+    if not spec.HasField("players"):
+        raise errors.InvalidArgument("spec.players is required: give grid, features or mask")
+    players = _players(spec.players, settings)
+    _, n = resolve_players(players, tuple(inputs.shape[1:]))
+    if n < 2:
+        raise errors.InvalidArgument(f"the players spec gives {n} player; at least 2 are needed")
+    if n > settings.max_players:
+        raise errors.ResourceExhausted(
+            f"{n} players is more than this server allows ({settings.max_players})"
+        )
+    estimator = _enum(ESTIMATORS, spec.estimator, "estimator", analysis_pb2.EstimatorKind)
+    orders_spec = spec.orders
+    if orders_spec.orders and orders_spec.ratios:
+        raise errors.InvalidArgument("give orders.orders or orders.ratios, not both")
+    orders: tuple[int, ...] | None = tuple(int(m) for m in orders_spec.orders) or None
+    ratios = tuple(float(r) for r in orders_spec.ratios)
+    bad = [r for r in ratios if not 0.0 <= r <= 1.0]
+    if bad:
+        raise errors.InvalidArgument(f"order ratio {bad[0]} is out of range; ratios are in [0, 1]")
+    if orders is not None and max(orders) > n - 2:
+        raise errors.InvalidArgument(
+            f"order {max(orders)} is out of range for {n} players; orders are 0..{n - 2}"
+        )
+    if orders is None and not ratios and estimator is EstimatorChoice.EXACT:
+        orders = tuple(range(n - 1))  # exact costs the same for every order: return them all
+    sampling = spec.sampling
+    if sampling.pair_mode == analysis_pb2.PAIR_MODE_UNSPECIFIED:
+        pairs = PairSelection.NEIGHBOURS if isinstance(players, GridPlayers) else PairSelection.ALL
+    else:
+        pairs = _enum(PAIR_MODES, sampling.pair_mode, "sampling.pair_mode", analysis_pb2.PairMode)  # type: ignore[assignment]
+    if estimator is EstimatorChoice.EXACT:
+        pairs = PairSelection.ALL
+    extra = {} if not ratios else {"ratios": ratios}
+    limit = max(1, settings.max_forwards_per_request // max(1, n_evaluations))
+    domain = ProfileSpec(
+        players=players,
+        baseline=_baseline(spec.baseline, inputs, settings),
+        value=_enum(VALUE_FUNCTIONS, spec.value, "value", analysis_pb2.ValueFunction),  # type: ignore[arg-type]
+        class_choice=choice,
+        orders=orders,
+        estimator=estimator,  # type: ignore[arg-type]
+        pairs=pairs,  # type: ignore[arg-type]
+        n_random_pairs=int(sampling.num_pairs or 200),
+        neighbour_radius=int(sampling.neighbor_radius or 1),
+        contexts_per_order=int(sampling.contexts_per_order or 100),
+        seed=int(spec.seed),
+        return_pairs=bool(spec.return_pairs),
+        max_exact_players=settings.max_exact_players,
+        max_forwards=limit,
+        **extra,  # type: ignore[arg-type]
+    )
+    return domain, n
+
+
+def attack_spec(
+    spec: analysis_pb2.AttackSpec, targets: list[int], value_range: tuple[float, float]
+) -> AttackSpec:
+    """The attacks' AttackSpec; zero-valued fields take the documented defaults."""
+    name = _enum(ATTACK_NAMES, spec.kind, "attack.kind", analysis_pb2.AttackKind)
+    norm = _enum(NORMS, spec.norm, "attack.norm", analysis_pb2.Norm)
+    if spec.seed > 2**63 - 1:
+        raise errors.InvalidArgument("attack.seed must be below 2^63")
+    return AttackSpec(
+        name=name,  # type: ignore[arg-type]
+        norm=norm,  # type: ignore[arg-type]
+        eps=float(spec.eps),
+        steps=(1 if name == "fgsm" else int(spec.steps)) if spec.steps else None,
+        step_size=float(spec.step_size) if spec.step_size else None,
+        random_start=spec.random_start if spec.HasField("random_start") else None,
+        restarts=int(spec.restarts or 1),
+        targeted=bool(spec.targeted),
+        target_classes=tuple(int(t) for t in targets) if spec.targeted else (),
+        margin_threshold=float(spec.margin_threshold or 8.0),
+        max_queries=int(spec.query_budget or 1000),
+        seed=int(spec.seed),
+        value_range=value_range,
+    )

@@ -1,0 +1,50 @@
+"""Runs a synchronous event iterator (engine, attacks) on a worker thread as an async iterator."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Executor
+from typing import TypeVar
+
+from interscope_server.cancel import CancelToken
+
+T = TypeVar("T")
+
+
+async def iterate_in_thread(
+    executor: Executor, make_events: Callable[[], Iterator[T]], cancel: CancelToken
+) -> AsyncIterator[T]:
+    """Yield what `make_events()` yields, computed on `executor` without blocking the loop.
+
+    When the consumer stops early (the client cancelled, or an error), the token is cancelled so
+    the worker stops at its next chunk, and this waits for it: no computation outlives its call.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[bool, T | BaseException | None]] = asyncio.Queue()
+
+    def work() -> None:
+        try:
+            for event in make_events():
+                loop.call_soon_threadsafe(queue.put_nowait, (False, event))
+                if cancel.cancelled:
+                    break
+            loop.call_soon_threadsafe(queue.put_nowait, (True, None))
+        except BaseException as exc:  # handed over to the event loop
+            loop.call_soon_threadsafe(queue.put_nowait, (True, exc))
+
+    future = loop.run_in_executor(executor, work)
+    try:
+        while True:
+            done, item = await queue.get()
+            if done:
+                if isinstance(item, BaseException):
+                    raise item
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        if not future.done():
+            cancel.cancel()
+            # Wait for the worker to notice, so the in-flight work really has stopped; shield it
+            # because this may run inside a task that is itself being cancelled.
+            await asyncio.shield(future)
