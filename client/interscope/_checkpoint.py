@@ -1,0 +1,101 @@
+"""Audit checkpoints: JSON lines, a header with the config fingerprint, one SampleResult a line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import IO, Any
+
+from google.protobuf import json_format
+
+from interscope._exceptions import CheckpointError
+from interscope.v1 import analysis_pb2
+
+FORMAT = "interscope-audit-checkpoint/1"
+
+
+def fingerprint(config: dict[str, Any]) -> str:
+    """sha256 of the config as canonical JSON: equal configs, equal fingerprints."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Checkpoint:
+    """An append-only record of finished samples; reopening it yields what is already done.
+
+    Each result is written as one line and flushed at once, so a crash loses at most the line
+    being written; a torn last line is cut off on reopening, so that sample is simply redone.
+    """
+
+    def __init__(self, path: Path, handle: IO[str], done: dict[str, analysis_pb2.SampleResult]):
+        self.path = path
+        self._handle = handle
+        #: Results read back from an earlier run, by sample id.
+        self.done = done
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], fp: str, config: dict[str, Any]) -> Checkpoint:
+        """Open or create the checkpoint at `path` for the audit with fingerprint `fp`.
+
+        Raises CheckpointError if the file belongs to another configuration or is not a
+        checkpoint at all (delete it, or pick another path, to start over).
+        """
+        path = Path(path)
+        done: dict[str, analysis_pb2.SampleResult] = {}
+        good_end = 0
+        if path.exists() and path.stat().st_size > 0:
+            with path.open("rb") as f:
+                data = f.read()
+            lines = data.split(b"\n")
+            offset = 0
+            for number, raw in enumerate(lines):
+                complete = number < len(lines) - 1  # the part after the last newline is torn
+                if not complete:
+                    break
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError:
+                    if number == 0:
+                        raise CheckpointError(f"{path} is not an interscope checkpoint") from None
+                    raise CheckpointError(f"{path}: line {number + 1} is not JSON") from None
+                if number == 0:
+                    if not isinstance(record, dict) or record.get("format") != FORMAT:
+                        raise CheckpointError(f"{path} is not an interscope checkpoint")
+                    if record.get("fingerprint") != fp:
+                        raise CheckpointError(
+                            f"{path} belongs to an audit with another configuration "
+                            f"(fingerprint {record.get('fingerprint')}, this audit {fp}); "
+                            "remove it or choose another checkpoint path"
+                        )
+                else:
+                    result = json_format.ParseDict(
+                        record["sample"], analysis_pb2.SampleResult(), ignore_unknown_fields=True
+                    )
+                    done.setdefault(result.id, result)
+                offset += len(raw) + 1
+                good_end = offset
+        handle = path.open("a+", encoding="utf-8")
+        if good_end == 0:
+            handle.truncate(0)
+            header = {"format": FORMAT, "fingerprint": fp, "config": config}
+            handle.write(json.dumps(header, sort_keys=True) + "\n")
+            handle.flush()
+        else:
+            handle.truncate(good_end)
+        return cls(path, handle, done)
+
+    def append(self, result: analysis_pb2.SampleResult) -> None:
+        record = {"sample": json_format.MessageToDict(result, preserving_proto_field_name=True)}
+        self._handle.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

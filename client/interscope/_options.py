@@ -1,0 +1,203 @@
+"""Profile and attack options as plain dataclasses, checked locally and turned into specs."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from interscope.codec import to_tensor
+from interscope.v1 import analysis_pb2
+
+_VALUES = {
+    "log-prob": analysis_pb2.VALUE_FUNCTION_LOG_PROB,
+    "log-odds": analysis_pb2.VALUE_FUNCTION_LOG_ODDS,
+    "logit": analysis_pb2.VALUE_FUNCTION_LOGIT,
+    "prob": analysis_pb2.VALUE_FUNCTION_PROB,
+}
+_CLASS_CHOICES = {
+    "label": analysis_pb2.CLASS_CHOICE_LABEL,
+    "target": analysis_pb2.CLASS_CHOICE_TARGET,
+    "predicted": analysis_pb2.CLASS_CHOICE_PREDICTED,
+}
+_ESTIMATORS = {
+    "auto": analysis_pb2.ESTIMATOR_KIND_AUTO,
+    "exact": analysis_pb2.ESTIMATOR_KIND_EXACT,
+    "sampled": analysis_pb2.ESTIMATOR_KIND_SAMPLED,
+}
+_PAIR_MODES = {
+    "all": analysis_pb2.PAIR_MODE_ALL,
+    "random": analysis_pb2.PAIR_MODE_RANDOM,
+    "neighbors": analysis_pb2.PAIR_MODE_NEIGHBORS,
+}
+_ATTACKS = {
+    "fgsm": analysis_pb2.ATTACK_KIND_FGSM,
+    "pgd": analysis_pb2.ATTACK_KIND_PGD,
+    "pgd-margin": analysis_pb2.ATTACK_KIND_PGD_MARGIN,
+    "apgd": analysis_pb2.ATTACK_KIND_APGD,
+    "square": analysis_pb2.ATTACK_KIND_SQUARE,
+}
+_NORMS = {"linf": analysis_pb2.NORM_LINF, "l2": analysis_pb2.NORM_L2}
+
+#: Names accepted by the options, for CLI choices and error messages.
+VALUE_FUNCTIONS = tuple(_VALUES)
+CLASS_CHOICES = tuple(_CLASS_CHOICES)
+ESTIMATORS = tuple(_ESTIMATORS)
+PAIR_MODES = tuple(_PAIR_MODES)
+ATTACKS = tuple(_ATTACKS)
+NORMS = tuple(_NORMS)
+BASELINES = ("zero", "mean", "blur")
+
+
+def _pick(table: Mapping[str, Any], value: str, what: str) -> Any:
+    key = value.lower().replace("_", "-")
+    if key not in table:
+        raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(table)}")
+    return table[key]
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """Everything that defines an interaction profile besides the model and the inputs.
+
+    Players: exactly one of `grid` (rows, cols), `features` (a list of index groups, or an
+    empty list for one player per feature) and `mask` (integer array of player ids, -1 never
+    masked). `baseline` is "zero", "mean", "blur", a float constant or an FP32 array.
+    """
+
+    grid: tuple[int, int] | None = None
+    features: Sequence[Sequence[int]] | None = None
+    mask: np.ndarray | None = None
+    baseline: str | float | np.ndarray = "zero"
+    value: str = "log-prob"
+    orders: Sequence[int] | None = None
+    ratios: Sequence[float] | None = None
+    estimator: str = "auto"
+    pairs: str | None = None
+    num_pairs: int = 0
+    neighbor_radius: int = 0
+    contexts: int = 0
+    seed: int = 0
+    pairwise: bool = False
+
+    @classmethod
+    def coerce(cls, value: ProfileOptions | Mapping[str, Any]) -> ProfileOptions:
+        """Accept the options or a dict of their fields (unknown keys: ValueError)."""
+        if isinstance(value, ProfileOptions):
+            return value
+        return _from_mapping(cls, value)
+
+    def to_proto(self) -> analysis_pb2.InteractionSpec:
+        """The wire spec; ValueError names a bad option and what is allowed."""
+        given = [k for k in ("grid", "features", "mask") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of grid=(rows, cols), features= or mask=")
+        players = analysis_pb2.PlayerSpec()
+        if self.grid is not None:
+            rows, cols = self.grid
+            players.grid.rows, players.grid.cols = int(rows), int(cols)
+        elif self.features is not None:
+            players.features.SetInParent()
+            for n, group in enumerate(self.features):
+                players.features.groups.add(name=str(n), indices=[int(i) for i in group])
+        else:
+            mask = np.asarray(self.mask)
+            if mask.dtype.kind not in "iu":
+                raise ValueError("mask must be an integer array of player ids (-1: never masked)")
+            players.mask.CopyFrom(to_tensor(mask.astype(np.int64)))
+        if self.orders is not None and self.ratios is not None:
+            raise ValueError("give orders= or ratios=, not both")
+        spec = analysis_pb2.InteractionSpec(
+            players=players,
+            value=_pick(_VALUES, self.value, "value function"),
+            estimator=_pick(_ESTIMATORS, self.estimator, "estimator"),
+            sampling=analysis_pb2.SamplingSpec(
+                pair_mode=(
+                    _pick(_PAIR_MODES, self.pairs, "pair mode")
+                    if self.pairs is not None
+                    else analysis_pb2.PAIR_MODE_UNSPECIFIED
+                ),
+                num_pairs=int(self.num_pairs),
+                neighbor_radius=int(self.neighbor_radius),
+                contexts_per_order=int(self.contexts),
+            ),
+            seed=int(self.seed),
+            return_pairs=bool(self.pairwise),
+        )
+        if self.orders is not None:
+            spec.orders.orders.extend(int(m) for m in self.orders)
+        if self.ratios is not None:
+            spec.orders.ratios.extend(float(r) for r in self.ratios)
+        baseline = self.baseline
+        if isinstance(baseline, str):
+            if baseline == "zero":
+                spec.baseline.zero = True
+            elif baseline == "mean":
+                spec.baseline.mean.SetInParent()
+            elif baseline == "blur":
+                spec.baseline.blur.SetInParent()
+            else:
+                raise ValueError(
+                    f"unknown baseline {baseline!r}; use zero, mean, blur, a number or an array"
+                )
+        elif isinstance(baseline, (int, float)):
+            spec.baseline.constant = float(baseline)
+        else:
+            spec.baseline.tensor.CopyFrom(to_tensor(np.asarray(baseline, dtype=np.float32)))
+        return spec
+
+
+@dataclass(frozen=True)
+class AttackOptions:
+    """An adversarial attack: kind ("fgsm", "pgd", "pgd-margin", "apgd", "square"), norm, budget.
+
+    Zeros mean the server's defaults (steps 10, step size 2.5 * eps / steps, one restart,
+    margin threshold 8, query budget 1000).
+    """
+
+    attack: str = "pgd"
+    norm: str = "linf"
+    eps: float = 8 / 255
+    steps: int = 0
+    step_size: float = 0.0
+    random_start: bool = False
+    restarts: int = 0
+    targeted: bool = False
+    margin_threshold: float = 0.0
+    query_budget: int = 0
+    seed: int = 0
+
+    @classmethod
+    def coerce(cls, value: AttackOptions | Mapping[str, Any]) -> AttackOptions:
+        """Accept the options or a dict of their fields (unknown keys: ValueError)."""
+        if isinstance(value, AttackOptions):
+            return value
+        return _from_mapping(cls, value)
+
+    def to_proto(self) -> analysis_pb2.AttackSpec:
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        return analysis_pb2.AttackSpec(
+            kind=_pick(_ATTACKS, self.attack, "attack"),
+            norm=_pick(_NORMS, self.norm, "norm"),
+            eps=float(self.eps),
+            steps=int(self.steps),
+            step_size=float(self.step_size),
+            random_start=bool(self.random_start),
+            restarts=int(self.restarts),
+            targeted=bool(self.targeted),
+            margin_threshold=float(self.margin_threshold),
+            query_budget=int(self.query_budget),
+            seed=int(self.seed),
+        )
+
+
+def _from_mapping(cls: Any, value: Mapping[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; allowed: {sorted(names)}")
+    return cls(**dict(value))
