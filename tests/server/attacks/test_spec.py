@@ -1,0 +1,50 @@
+"""AttackSpec validation: bad values are InvalidArgument naming what is allowed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from interscope_server.attacks import ATTACK_NAMES, AttackSpec
+from interscope_server.errors import InvalidArgument
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"name": "cw"}, "allowed: apgd, fgsm, margin_pgd, pgd, square"),
+        ({"name": "pgd", "norm": "l1"}, "allowed: linf, l2"),
+        ({"name": "pgd", "eps": 0.0}, "eps must be"),
+        ({"name": "pgd", "eps": float("nan")}, "eps must be"),
+        ({"name": "pgd", "eps": 2.0}, "0 < eps <= high - low"),
+        ({"name": "pgd", "steps": 0}, "steps must be in 1.."),
+        ({"name": "fgsm", "steps": 5}, "fgsm takes exactly one step"),
+        ({"name": "apgd", "step_size": 0.1}, "sets its own step size"),
+        ({"name": "pgd", "step_size": -1.0}, "step_size must be"),
+        ({"name": "pgd", "restarts": 0}, "restarts must be in 1.."),
+        ({"name": "pgd", "targeted": True}, "needs target_classes"),
+        ({"name": "pgd", "target_classes": (1,)}, "targeted is false"),
+        ({"name": "pgd", "targeted": True, "target_classes": (-1,)}, "non-negative"),
+        ({"name": "margin_pgd", "targeted": True, "target_classes": (1,)}, "untargeted"),
+        ({"name": "margin_pgd", "margin_threshold": 0.0}, "margin_threshold"),
+        ({"name": "square", "max_queries": 0}, "max_queries must be in 1.."),
+        ({"name": "square", "p_init": 1.5}, "p_init must be in (0, 1]"),
+        ({"name": "pgd", "seed": -1}, "seed must be in 0.."),
+        ({"name": "pgd", "value_range": (1.0, 0.0)}, "low < high"),
+        ({"name": "pgd", "value_range": (0.0, float("inf"))}, "finite"),
+    ],
+)
+def test_invalid_specs_say_what_is_allowed(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message.replace("(", r"\(").replace(")", r"\)")):
+        AttackSpec(**fields)
+
+
+def test_defaults_resolve_per_attack() -> None:
+    assert AttackSpec("pgd").resolved_steps == 10
+    assert AttackSpec("pgd", eps=0.1, steps=20).resolved_step_size == pytest.approx(0.0125)
+    assert AttackSpec("fgsm", eps=0.1).resolved_step_size == 0.1
+    assert AttackSpec("margin_pgd", eps=32 / 255).resolved_step_size == pytest.approx(2 / 255)
+    assert AttackSpec("pgd").resolved_random_start
+    assert not AttackSpec("margin_pgd").resolved_random_start
+    assert [AttackSpec(name).white_box for name in ATTACK_NAMES] == [True] * 4 + [False]
