@@ -307,3 +307,15 @@ def order_stats(d: np.ndarray, exhaustive: bool = False) -> OrderStats:
         mean_se = mean_abs_se = 0.0
         dis_se = 0.0 if np.isfinite(dis) else dis
     return OrderStats(a, pair_se, b, counts, mean, mean_se, mean_abs, mean_abs_se, dis, dis_se)
+
+
+def estimate(
+    game: Game, plan: SamplingPlan, chunk_size: int = 4096, cancel: CancelToken | None = None
+) -> list[OrderStats]:
+    """Run a plan on a game without streaming: one OrderStats per order of the plan."""
+    out: list[OrderStats] = []
+    for op in plan.order_plans:
+        for item in run_order(game, op, chunk_size, cancel):
+            if isinstance(item, np.ndarray):
+                out.append(order_stats(item, op.exhaustive))
+    return out
