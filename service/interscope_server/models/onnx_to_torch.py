@@ -183,7 +183,28 @@ def _gather(inp: list[torch.Tensor | None], attrs: _Attrs) -> list[torch.Tensor]
     axis = axis + x.dim() if axis < 0 else axis
     idx = torch.where(idx < 0, idx + x.shape[axis], idx).long()
     flat = torch.index_select(x, axis, idx.reshape(-1))
-    return [flat.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :])]
+    return [flat.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :]))]
+
+
+def _slice(inp: list[torch.Tensor | None], attrs: _Attrs) -> list[torch.Tensor]:
+    x, starts_t, ends_t = inp[0], inp[1], inp[2]
+    assert x is not None and starts_t is not None and ends_t is not None
+    starts, ends = starts_t.tolist(), ends_t.tolist()
+    axes_t = inp[3] if len(inp) > 3 else None
+    steps_t = inp[4] if len(inp) > 4 else None
+    axes = axes_t.tolist() if axes_t is not None else list(range(len(starts)))
+    steps = steps_t.tolist() if steps_t is not None else [1] * len(starts)
+    index: list[slice] = [slice(None)] * x.dim()
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        if step <= 0:
+            raise UnsupportedOnnxGraph("Slice with a non-positive step")
+        size = x.shape[axis]
+        # ONNX clamps out-of-range bounds (e.g. INT64_MAX for "to the end"); Python slices too,
+        # but only after they fit in a C long, so clamp first.
+        start = max(-size, min(size, int(start)))
+        end = max(-size, min(size, int(end)))
+        index[axis if axis >= 0 else axis + x.dim()] = slice(start, end, int(step))
+    return [x[tuple(index)]]
 
 
 def _clip(inp: list[torch.Tensor | None], attrs: _Attrs) -> list[torch.Tensor]:
@@ -269,6 +290,7 @@ _OPS: dict[str, _OpFn] = {
     "Unsqueeze": _unsqueeze,
     "Squeeze": _squeeze,
     "Clip": _clip,
+    "Slice": _slice,
 }
 
 
@@ -293,7 +315,13 @@ class OnnxModule(torch.nn.Module):
         opsets = {o.domain: o.version for o in model.opset_import}
         if any(domain not in ("", "ai.onnx") for domain in opsets):
             raise UnsupportedOnnxGraph(f"custom opset domains {sorted(opsets)}")
-        unsupported = sorted({n.op_type for n in graph.node if n.op_type not in _OPS or n.domain})
+        unsupported = sorted(
+            {
+                n.op_type
+                for n in graph.node
+                if (n.op_type not in _OPS and n.op_type != "Constant") or n.domain
+            }
+        )
         if unsupported:
             raise UnsupportedOnnxGraph(f"unsupported ONNX ops: {', '.join(unsupported)}")
         # Initialiser names contain dots, which buffer names may not: keep an index instead.

@@ -101,7 +101,7 @@ class ModelRepository:
         return config
 
     def model_file(self, config: ModelConfig) -> Path:
-        """The model file of `config` (resolved, inside its folder); NotFound if missing."""
+        """The model file of `config` (resolved, inside its folder); InvalidArgument if missing."""
         folder = self.model_dir(config.name)
         path = (folder / config.file).resolve()
         if not path.is_relative_to(folder):
@@ -110,7 +110,10 @@ class ModelRepository:
                 "it must be a file inside it"
             )
         if not path.is_file():
-            raise NotFound(f"model {config.name!r}: model file {config.file!r} does not exist")
+            # The model exists (its folder and config do); it is broken, not missing.
+            raise InvalidArgument(
+                f"model {config.name!r}: model file {config.file!r} does not exist in its folder"
+            )
         return path
 
     def save_upload(

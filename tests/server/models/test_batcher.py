@@ -1,0 +1,229 @@
+"""Dynamic batcher: routing under concurrency, fairness, backpressure, cancellation, shutdown."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from interscope_server.cancel import CancelToken
+from interscope_server.errors import Cancelled, ResourceExhausted, Unavailable
+from interscope_server.models import (
+    BackendOptions,
+    BatcherOptions,
+    DynamicBatcher,
+    ModelObserver,
+    ModelRegistry,
+    ModelRepository,
+)
+
+
+def _identity_logits(x: np.ndarray) -> np.ndarray:
+    """Two 'logits' per row that identify it: (caller id, row index) stored in the input."""
+    return x[:, :2].copy()
+
+
+class _Gate:
+    """A forward function that blocks until released, and records every batch it saw."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.batches: list[np.ndarray] = []
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.batches.append(x.copy())
+        self.entered.set()
+        self.release.wait()
+        return _identity_logits(x)
+
+
+class _DepthWatch(ModelObserver):
+    """Signals when the queue depth reaches a target, so tests wait on state, not on time."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.reached = threading.Event()
+        self.batch_sizes: list[int] = []
+
+    def on_queue_depth(self, model: str, rows: int) -> None:
+        if rows >= self.target:
+            self.reached.set()
+
+    def on_batch(self, model: str, rows: int, seconds: float) -> None:
+        self.batch_sizes.append(rows)
+
+
+def _rows(caller: int, n: int) -> np.ndarray:
+    return np.stack([np.full(n, caller, np.float32), np.arange(n, dtype=np.float32)], axis=1)
+
+
+def test_concurrent_callers_get_their_own_rows() -> None:
+    watch = _DepthWatch(target=10**9)
+    callers_per_batch: list[int] = []
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        callers_per_batch.append(len(np.unique(x[:, 0])))
+        return _identity_logits(x)
+
+    batcher = DynamicBatcher("m", forward, num_outputs=2, max_batch_size=64, observer=watch)
+    try:
+        sizes = [1 + (7 * i) % 150 for i in range(48)]
+        with ThreadPoolExecutor(16) as pool:
+            outs = list(pool.map(lambda i: batcher.submit(_rows(i, sizes[i])), range(48)))
+        for i, out in enumerate(outs):
+            np.testing.assert_array_equal(out, _rows(i, sizes[i]))
+        assert sum(watch.batch_sizes) == sum(sizes)
+        assert max(watch.batch_sizes) <= 64
+        assert max(callers_per_batch) > 1  # rows of different callers were merged
+    finally:
+        batcher.close()
+
+
+def test_real_model_routes_rows_under_concurrent_load(
+    repository: ModelRepository, demo_test_data: tuple[np.ndarray, np.ndarray]
+) -> None:
+    registry = ModelRegistry(repository, backend_options=BackendOptions(device="cpu"))
+    try:
+        model = registry.load("digits-cnn")
+        x, _ = demo_test_data
+        rng = np.random.default_rng(0)
+        # Distinct inputs per request: different images, different sizes, different noise.
+        requests = [
+            np.clip(
+                x[rng.choice(len(x), 1 + i % 37)] + rng.normal(0, 0.05, (1, 1, 16, 16)), 0, 1
+            ).astype(np.float32)
+            for i in range(40)
+        ]
+        expected = [model.backend.forward(r) for r in requests]
+        with ThreadPoolExecutor(12) as pool:
+            got = list(pool.map(model.evaluate, requests))
+        for want, have in zip(expected, got, strict=True):
+            np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5)
+    finally:
+        registry.close()
+
+
+def test_small_request_is_not_starved_by_a_huge_one() -> None:
+    gate = _Gate()
+    watch = _DepthWatch(target=65_536 + 8)
+    batcher = DynamicBatcher(
+        "m",
+        gate,
+        num_outputs=2,
+        max_batch_size=1024,
+        options=BatcherOptions(max_delay_s=0.0, chunk_rows=256),
+        observer=watch,
+    )
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(batcher.submit, _rows(9, 1))
+        gate.entered.wait()  # the worker is busy; the next two queue up behind it
+        huge = pool.submit(batcher.submit, _rows(1, 65_536))
+        small = pool.submit(batcher.submit, _rows(2, 8))
+        assert watch.reached.wait(10)
+        gate.release.set()
+        np.testing.assert_array_equal(small.result(), _rows(2, 8))
+        np.testing.assert_array_equal(huge.result(), _rows(1, 65_536))
+        first.result()
+    # The small request rode in the first batch after the blocked one, not after 64 batches.
+    assert 2 in gate.batches[1][:, 0]
+    batcher.close()
+
+
+def test_full_queue_is_resource_exhausted() -> None:
+    gate = _Gate()
+    watch = _DepthWatch(target=80)
+    batcher = DynamicBatcher(
+        "m",
+        gate,
+        num_outputs=2,
+        max_batch_size=16,
+        options=BatcherOptions(max_delay_s=0.0, max_queue_rows=100),
+        observer=watch,
+    )
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(batcher.submit, _rows(0, 1))
+        gate.entered.wait()
+        queued = pool.submit(batcher.submit, _rows(1, 80))
+        assert watch.reached.wait(10)
+        with pytest.raises(ResourceExhausted, match=r"80 rows queued; 30 more .* limit of 100"):
+            batcher.submit(_rows(2, 30))
+        with pytest.raises(ResourceExhausted, match="send fewer rows per call"):
+            batcher.submit(_rows(3, 101))
+        gate.release.set()
+        np.testing.assert_array_equal(queued.result(), _rows(1, 80))
+        first.result()
+    batcher.submit(_rows(4, 30))  # room again once the queue drained
+    batcher.close()
+
+
+def test_cancel_drops_pending_rows_and_raises() -> None:
+    gate = _Gate()
+    watch = _DepthWatch(target=500)
+    batcher = DynamicBatcher(
+        "m",
+        gate,
+        num_outputs=2,
+        max_batch_size=10,
+        options=BatcherOptions(max_delay_s=0.0),
+        observer=watch,
+    )
+    token = CancelToken()
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(batcher.submit, _rows(0, 1))
+        gate.entered.wait()
+        cancelled = pool.submit(batcher.submit, _rows(1, 500), token)
+        assert watch.reached.wait(10)
+        token.cancel("client went away")
+        with pytest.raises(Cancelled, match="client went away"):
+            cancelled.result()
+        assert batcher.queue_depth == 0
+        gate.release.set()
+        first.result()
+    # Only the blocked batch ran: none of the cancelled call's 500 rows were computed.
+    assert all(1 not in b[:, 0] for b in gate.batches)
+    with pytest.raises(Cancelled):
+        batcher.submit(_rows(2, 1), token)  # an already-cancelled token fails fast
+    batcher.close()
+
+
+def test_close_fails_waiting_callers_with_unavailable() -> None:
+    gate = _Gate()
+    watch = _DepthWatch(target=5)
+    batcher = DynamicBatcher(
+        "m",
+        gate,
+        num_outputs=2,
+        max_batch_size=4,
+        options=BatcherOptions(max_delay_s=0.0),
+        observer=watch,
+    )
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(batcher.submit, _rows(0, 1))
+        gate.entered.wait()
+        waiting = pool.submit(batcher.submit, _rows(1, 5))
+        assert watch.reached.wait(10)
+        closer = pool.submit(batcher.close)
+        gate.release.set()
+        closer.result()
+        first.result()
+        with pytest.raises(Unavailable, match="unloaded or the server is stopping"):
+            waiting.result()
+    with pytest.raises(Unavailable):
+        batcher.submit(_rows(2, 1))
+
+
+def test_forward_errors_reach_every_caller_in_the_batch(tmp_path: Path) -> None:
+    def broken(x: np.ndarray) -> np.ndarray:
+        raise ValueError("boom")
+
+    batcher = DynamicBatcher("m", broken, num_outputs=2, max_batch_size=8)
+    try:
+        with pytest.raises(RuntimeError, match="forward pass failed: boom"):
+            batcher.submit(_rows(0, 20))
+        assert batcher.queue_depth == 0
+    finally:
+        batcher.close()
