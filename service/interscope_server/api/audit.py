@@ -153,9 +153,9 @@ async def _audit(
                     sample = message.sample
                     if sample.id in seen:
                         duplicate = f"sample id {sample.id!r} was sent twice in this stream"
-                        await outbox.put(
-                            _failed(sample, grpc.StatusCode.INVALID_ARGUMENT, duplicate)
-                        )
+                        failed = _failed(sample, grpc.StatusCode.INVALID_ARGUMENT, duplicate)
+                        results.append(failed.sample)
+                        await outbox.put(failed)
                         continue
                     seen.add(sample.id)
                     await slots.acquire()  # backpressure: read no further than we can work

@@ -1,0 +1,319 @@
+"""Every RPC against a real server on port 0: results, streaming shape and error statuses."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from grpc import RpcError, StatusCode
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from interscope.codec import from_tensor, to_tensor
+from interscope.v1 import (
+    analysis_pb2,
+    analysis_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+    tensor_pb2,
+)
+from interscope_server.analysis.players import GridPlayers
+from interscope_server.analysis.profile import EstimatorChoice, ProfileSpec, run_profile
+from interscope_server.demo import DEMO_MODEL_NAMES
+from interscope_server.server import BackgroundServer
+from tests.server.api.conftest import grid, server_settings, sine_onnx_model
+
+
+def status_of(call: object) -> tuple[StatusCode, str]:
+    with pytest.raises(RpcError) as info:
+        if hasattr(call, "__iter__"):
+            list(call)  # type: ignore[call-overload]
+    return info.value.code(), info.value.details()
+
+
+def test_health_is_serving_overall_and_per_model(channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", *DEMO_MODEL_NAMES):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+
+
+def test_reflection_lists_the_services(channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    reply = next(stub.ServerReflectionInfo(iter([request])))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {
+        "interscope.v1.AnalysisService",
+        "interscope.v1.ModelService",
+        "grpc.health.v1.Health",
+    } <= names
+
+
+def test_list_models_returns_the_four_demo_models(models) -> None:
+    infos = {m.name: m for m in models.ListModels(models_pb2.ListModelsRequest()).models}
+    assert set(DEMO_MODEL_NAMES) <= set(infos)
+    for name in DEMO_MODEL_NAMES:
+        info = infos[name]
+        assert info.state == models_pb2.MODEL_STATE_READY
+        assert list(info.input.shape) == [1, 16, 16]
+        assert len(info.classes) == 10
+        assert info.content_hash.startswith("sha256:") and len(info.content_hash) == 71
+        assert info.gradients_available
+    assert infos["digits-cnn"].format == models_pb2.MODEL_FORMAT_ONNX
+    assert infos["digits-cnn-ts"].format == models_pb2.MODEL_FORMAT_TORCHSCRIPT
+
+
+def test_get_unknown_model_is_not_found(models) -> None:
+    with pytest.raises(RpcError) as info:
+        models.GetModel(models_pb2.GetModelRequest(name="no-such-model"))
+    assert info.value.code() == StatusCode.NOT_FOUND
+    assert "no-such-model" in info.value.details()
+
+
+def test_profile_streams_partials_then_matches_the_in_process_engine(
+    analysis, server: BackgroundServer, demo_test_data
+) -> None:
+    x, y = demo_test_data
+    request = analysis_pb2.ProfileRequest(
+        model="digits-cnn",
+        inputs=to_tensor(x[:2]),
+        labels=y[:2].tolist(),
+        spec=grid(3, 3, estimator=analysis_pb2.ESTIMATOR_KIND_EXACT, return_pairs=True),
+    )
+    events = list(analysis.Profile(request))
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[-1] == "result" and "partial" in kinds and kinds.count("profile") == 2
+    assert kinds.index("progress") < kinds.index("profile")
+    result = events[-1].result
+    assert list(result.orders) == list(range(8))  # exact with no orders: all of 0..n-2
+    assert server.server is not None
+    model = server.server.registry.get("digits-cnn")
+    expected = run_profile(
+        model.evaluate,
+        x[0],
+        ProfileSpec(
+            players=GridPlayers(3, 3), estimator=EstimatorChoice.EXACT, orders=tuple(range(8))
+        ),
+        int(y[0]),
+    )
+    first = result.profiles[0]
+    np.testing.assert_allclose(first.mean_abs, expected.mean_abs, rtol=1e-6, atol=1e-9)
+    assert abs(first.efficiency_residual) < 1e-9
+    pairs = from_tensor(first.pairs)
+    assert pairs.shape == (36, 2) and (pairs[:, 0] < pairs[:, 1]).all()
+    assert from_tensor(first.interactions).shape == (8, 36)
+    sii = from_tensor(first.shapley_interaction)
+    np.testing.assert_allclose(sii, sii.T, atol=1e-12)
+    provenance = result.provenance
+    assert provenance.model == "digits-cnn" and provenance.model_content_hash.startswith("sha256:")
+    assert provenance.forwards >= 2 * 2**9 and "torch" in provenance.versions
+
+
+@pytest.mark.parametrize(
+    ("mutate", "code", "phrase"),
+    [
+        (lambda r: r.ClearField("spec"), StatusCode.INVALID_ARGUMENT, "players"),
+        (lambda r: setattr(r, "model", "nope"), StatusCode.NOT_FOUND, "nope"),
+        (lambda r: r.labels.__setitem__(0, 99), StatusCode.INVALID_ARGUMENT, "out of range"),
+        (lambda r: r.labels.pop(), StatusCode.INVALID_ARGUMENT, "one per input"),
+        (
+            lambda r: r.inputs.CopyFrom(tensor_pb2.Tensor(datatype="FP32", shape=[1, 1, 16, 16])),
+            StatusCode.INVALID_ARGUMENT,
+            "raw_data",
+        ),
+        (
+            lambda r: r.inputs.CopyFrom(to_tensor(np.full((1, 1, 16, 16), np.nan, np.float32))),
+            StatusCode.INVALID_ARGUMENT,
+            "NaN",
+        ),
+        (
+            lambda r: r.inputs.CopyFrom(to_tensor(np.zeros((1, 1, 8, 8), np.float32))),
+            StatusCode.INVALID_ARGUMENT,
+            "shape",
+        ),
+        (
+            lambda r: r.inputs.CopyFrom(tensor_pb2.Tensor(datatype="FP32", shape=[2**40, 256])),
+            StatusCode.RESOURCE_EXHAUSTED,
+            "limit",
+        ),
+        (
+            lambda r: r.spec.CopyFrom(grid(6, 6, estimator=analysis_pb2.ESTIMATOR_KIND_EXACT)),
+            StatusCode.RESOURCE_EXHAUSTED,
+            "exact",
+        ),
+        (
+            lambda r: r.spec.orders.ratios.append(1.5),
+            StatusCode.INVALID_ARGUMENT,
+            "ratio",
+        ),
+        (
+            lambda r: r.spec.players.grid.__setattr__("rows", 40),
+            StatusCode.INVALID_ARGUMENT,
+            "grid",
+        ),
+        (lambda r: setattr(r.spec, "value", 42), StatusCode.INVALID_ARGUMENT, "value"),
+    ],
+)
+def test_profile_rejects_bad_requests_with_clear_statuses(
+    analysis, demo_test_data, mutate, code, phrase
+) -> None:
+    x, y = demo_test_data
+    request = analysis_pb2.ProfileRequest(
+        model="digits-cnn", inputs=to_tensor(x[:1]), labels=[int(y[0])], spec=grid(2, 2)
+    )
+    mutate(request)
+    got, details = status_of(analysis.Profile(request))
+    assert got == code, details
+    assert phrase.lower() in details.lower()
+
+
+def test_attack_streams_examples_and_summary_with_perturbation_profiles(
+    analysis, demo_test_data
+) -> None:
+    x, y = demo_test_data
+    request = analysis_pb2.AttackRequest(
+        model="digits-cnn",
+        inputs=to_tensor(x[:6]),
+        labels=y[:6].tolist(),
+        attack=analysis_pb2.AttackSpec(kind=analysis_pb2.ATTACK_KIND_PGD, eps=0.15, steps=10),
+        perturbation_profile=grid(2, 3),
+    )
+    events = list(analysis.Attack(request))
+    examples = [e.example for e in events if e.WhichOneof("event") == "example"]
+    summary = events[-1].summary
+    assert events[-1].WhichOneof("event") == "summary" and len(examples) == 6
+    assert summary.n == 6 and summary.robust_accuracy < summary.clean_accuracy
+    for example in examples:
+        adversarial = from_tensor(example.adversarial)
+        delta = adversarial - x[example.input_index]
+        assert np.abs(delta).max() <= 0.15 + 1e-6
+        assert adversarial.min() >= 0.0 and adversarial.max() <= 1.0
+        # Exact 6-player profiles: the utility decomposition closes.
+        assert abs(example.perturbation.residual) < 1e-6
+        assert len(example.perturbation.order_terms) == 5
+    assert list(summary.orders) == list(examples[0].perturbation.clean.orders)
+
+
+def test_white_box_attack_without_gradients_fails_precondition(tmp_path) -> None:
+    # A server of its own: the upload must not land in the shared demo repository.
+    with (
+        BackgroundServer(server_settings(tmp_path, metrics_port=None)) as srv,
+        grpc.insecure_channel(srv.address) as channel,
+    ):
+        _check_upload_and_black_box_fallback(
+            models_pb2_grpc.ModelServiceStub(channel),
+            analysis_pb2_grpc.AnalysisServiceStub(channel),
+            health_pb2_grpc.HealthStub(channel),
+        )
+
+
+def _check_upload_and_black_box_fallback(models, analysis, health) -> None:
+    config = models_pb2.ModelConfig(
+        format=models_pb2.MODEL_FORMAT_ONNX,
+        input=models_pb2.TensorInfo(name="input", shape=[1, 2, 2]),
+        classes=["a", "b", "c"],
+    )
+    reply = models.LoadModel(
+        models_pb2.LoadModelRequest(
+            name="sine", upload=models_pb2.UploadSource(model=sine_onnx_model(), config=config)
+        )
+    )
+    assert reply.model.state == models_pb2.MODEL_STATE_READY
+    assert not reply.model.gradients_available and reply.model.gradients_message
+    x = np.random.default_rng(0).uniform(0, 1, (3, 1, 2, 2)).astype(np.float32)
+    request = analysis_pb2.AttackRequest(
+        model="sine",
+        inputs=to_tensor(x),
+        labels=[0, 1, 2],
+        attack=analysis_pb2.AttackSpec(kind=analysis_pb2.ATTACK_KIND_PGD, eps=0.1),
+    )
+    code, details = status_of(analysis.Attack(request))
+    assert code == StatusCode.FAILED_PRECONDITION and "square" in details
+    request.attack.kind = analysis_pb2.ATTACK_KIND_SQUARE
+    request.attack.query_budget = 50
+    summary = list(analysis.Attack(request))[-1].summary
+    assert summary.n == 3
+    serving = health.Check(health_pb2.HealthCheckRequest(service="sine")).status
+    assert serving == health_pb2.HealthCheckResponse.SERVING
+    models.UnloadModel(models_pb2.UnloadModelRequest(name="sine"))
+    serving = health.Check(health_pb2.HealthCheckRequest(service="sine")).status
+    assert serving == health_pb2.HealthCheckResponse.NOT_SERVING
+    info = models.GetModel(models_pb2.GetModelRequest(name="sine"))
+    assert info.state == models_pb2.MODEL_STATE_UNLOADED
+    code, details = status_of(analysis.Attack(request))
+    assert code == StatusCode.NOT_FOUND
+
+
+def test_load_model_twice_without_replace_already_exists(models) -> None:
+    with pytest.raises(RpcError) as info:
+        models.LoadModel(
+            models_pb2.LoadModelRequest(name="digits-cnn", repository=models_pb2.RepositorySource())
+        )
+    assert info.value.code() == StatusCode.ALREADY_EXISTS
+    for bad_name in ("../etc", "a/b", ""):
+        with pytest.raises(RpcError) as info:
+            models.LoadModel(
+                models_pb2.LoadModelRequest(name=bad_name, repository=models_pb2.RepositorySource())
+            )
+        assert info.value.code() == StatusCode.INVALID_ARGUMENT
+
+
+def _audit_requests(x: np.ndarray, y: np.ndarray, extra: list[analysis_pb2.AuditRequest]):
+    yield analysis_pb2.AuditRequest(
+        config=analysis_pb2.AuditConfig(
+            model="digits-cnn-adv",
+            audit_id="test",
+            attack=analysis_pb2.AttackSpec(kind=analysis_pb2.ATTACK_KIND_PGD, eps=0.1, steps=5),
+            profile=grid(
+                4,
+                4,
+                estimator=analysis_pb2.ESTIMATOR_KIND_SAMPLED,
+                sampling=analysis_pb2.SamplingSpec(contexts_per_order=8),
+                orders=analysis_pb2.OrderSpec(ratios=[0.1, 0.5, 0.9]),
+            ),
+        )
+    )
+    for i in range(len(x)):
+        sample = analysis_pb2.AuditSample(id=f"s{i}", input=to_tensor(x[i]), label=int(y[i]))
+        yield analysis_pb2.AuditRequest(sample=sample)
+    yield from extra
+
+
+def test_audit_answers_every_sample_once_and_reports_bad_ones(analysis, demo_test_data) -> None:
+    x, y = demo_test_data
+    bad = [
+        analysis_pb2.AuditRequest(
+            sample=analysis_pb2.AuditSample(id="wrong-shape", input=to_tensor(x[0][:, :4]))
+        ),
+        analysis_pb2.AuditRequest(
+            sample=analysis_pb2.AuditSample(id="s0", input=to_tensor(x[0]), label=int(y[0]))
+        ),
+    ]
+    events = list(analysis.Audit(_audit_requests(x[:5], y[:5], bad)))
+    assert events[0].WhichOneof("event") == "accepted" and events[0].accepted.n_players == 16
+    samples = [e.sample for e in events if e.WhichOneof("event") == "sample"]
+    good = [s for s in samples if not s.HasField("error")]
+    errors = {s.id: s.error for s in samples if s.HasField("error")}
+    assert sorted(s.id for s in good) == [f"s{i}" for i in range(5)]
+    assert errors["wrong-shape"].code == "INVALID_ARGUMENT"
+    assert errors["s0"].code == "INVALID_ARGUMENT" and "twice" in errors["s0"].message
+    summary = events[-1].summary
+    assert summary.n_samples == 5 and summary.n_failed == 2
+    assert list(summary.orders) == [1, 7, 12]
+    assert len(summary.delta_mean.mean) == 3
+    low, high = np.array(summary.delta_mean.ci_low), np.array(summary.delta_mean.ci_high)
+    assert (low <= np.array(summary.delta_mean.mean)).all() and (high >= low).all()
+    assert summary.clean_accuracy == np.mean([s.clean_correct for s in good])
+    assert sum(c.n for c in summary.per_class) == 5
+
+
+def test_audit_sample_before_config_is_invalid(analysis, demo_test_data) -> None:
+    x, _ = demo_test_data
+    sample = analysis_pb2.AuditRequest(
+        sample=analysis_pb2.AuditSample(id="a", input=to_tensor(x[0]), label=0)
+    )
+    code, details = status_of(analysis.Audit(iter([sample])))
+    assert code == StatusCode.INVALID_ARGUMENT and "AuditConfig" in details
+    code, details = status_of(analysis.Audit(iter([])))
+    assert code == StatusCode.INVALID_ARGUMENT
