@@ -60,7 +60,7 @@ def grid(rows: int, cols: int, **fields: object) -> analysis_pb2.InteractionSpec
 
 
 def sine_onnx_model() -> bytes:
-    """A 1x2x2-image, 3-class ONNX model whose Sin operator has no torch conversion: no gradients."""
+    """A 1x2x2-image, 3-class ONNX model; its Sin operator has no torch conversion: no gradients."""
     weights = helper.make_tensor(
         "w", TensorProto.FLOAT, [4, 3], np.linspace(-1, 1, 12, dtype=np.float32).tolist()
     )
