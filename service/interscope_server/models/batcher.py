@@ -134,7 +134,11 @@ class DynamicBatcher:
             if self._oldest is None:
                 self._oldest = time.monotonic()
             depth = self._queued_rows
-            self._wake.notify()
+            # Wake the worker only when it has something to act on: the first rows (it may be
+            # idle) or a full batch; otherwise its max-delay timeout wakes it. Waking it on every
+            # submit costs a context switch per caller on a busy CPU.
+            if depth == rows or depth >= self.max_batch_size:
+                self._wake.notify()
         self._observer.on_queue_depth(self.name, depth)
         self._wait(call, cancel)
         if call.error is not None:
