@@ -39,7 +39,8 @@ COPY --from=builder /wheels /wheels
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "${TORCH_SPEC}" \
     && pip install "$(ls /wheels/interscope-*.whl)[server]" \
     && rm -rf /wheels \
-    && useradd --system --uid 10001 --user-group --home-dir /nonexistent --shell /usr/sbin/nologin interscope \
+    && groupadd --system --gid 10001 interscope \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin interscope \
     && mkdir -p /models \
     && chown 10001:10001 /models
 ENV PYTHONUNBUFFERED=1 \
@@ -93,7 +94,8 @@ RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}" \
     && pip uninstall -y onnxruntime \
     && pip install "${ONNXRUNTIME_GPU_SPEC}" \
     && rm -rf /wheels \
-    && useradd --system --uid 10001 --user-group --home-dir /nonexistent --shell /usr/sbin/nologin interscope \
+    && groupadd --system --gid 10001 interscope \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin interscope \
     && mkdir -p /models \
     && chown 10001:10001 /models
 ENV PYTHONUNBUFFERED=1 \
