@@ -69,7 +69,9 @@ class InterscopeServer:
         )
         if settings.model_repository is None:
             # Without a repository, uploads still need a home: a private temporary one.
-            self._scratch = tempfile.TemporaryDirectory(prefix="interscope-models-")
+            self._scratch: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(
+                prefix="interscope-models-"
+            )
             root = Path(self._scratch.name)
         else:
             self._scratch = None

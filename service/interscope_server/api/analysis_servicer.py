@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+import torch
 
 from interscope.codec import to_tensor
-from interscope.v1 import analysis_pb2, analysis_pb2_grpc
+from interscope.v1 import analysis_pb2, analysis_pb2_grpc, tensor_pb2
 from interscope_server import attacks, errors
 from interscope_server.analysis import results as engine
 from interscope_server.analysis.profile import (
@@ -114,9 +115,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
 
         return evaluate
 
-    def _inputs(
-        self, model: LoadedModel, tensor: analysis_pb2.Tensor | object, what: str
-    ) -> np.ndarray:
+    def _inputs(self, model: LoadedModel, tensor: tensor_pb2.Tensor, what: str) -> np.ndarray:
         return convert.decode_inputs(
             tensor,
             tuple(model.config.input.shape),
@@ -188,7 +187,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     def _classes(
         self, values: object, choice: ClassChoice, count: int, model: LoadedModel
     ) -> np.ndarray | None:
-        if choice is ClassChoice.PREDICTED and not values:  # type: ignore[truthy-bool]
+        if choice is ClassChoice.PREDICTED and not values:
             return None
         what = "targets" if choice is ClassChoice.TARGET else "labels"
         return convert.check_classes(values, count, len(model.config.classes), what)
@@ -197,8 +196,9 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
 
     def _attack_setup(
         self, model: LoadedModel, spec: analysis_pb2.AttackSpec, targets: list[int]
-    ) -> tuple[AttackSpec, object]:
-        domain = specs.attack_spec(spec, targets, tuple(model.config.value_range))  # type: ignore[arg-type]
+    ) -> tuple[AttackSpec, torch.nn.Module | None]:
+        low, high = model.config.value_range
+        domain = specs.attack_spec(spec, targets, (low, high))
         torch_model = model.backend.torch_module() if domain.white_box else None
         if domain.white_box and torch_model is None:
             raise errors.FailedPrecondition(
@@ -239,14 +239,14 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                 )
             evaluate = self._evaluator(model, call.cancel)
 
-            def events() -> Iterator[object]:
+            def events() -> Iterator[tuple[object, engine.PerturbationProfile | None]]:
                 for event in attacks.attack_events(
                     domain,
                     x,
                     y,
                     torch_model,
                     evaluate,
-                    call.cancel,  # type: ignore[arg-type]
+                    call.cancel,
                 ):
                     if isinstance(event, attacks.ExampleResult) and profile is not None:
                         result = None

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
+import torch
 
 from interscope.codec import to_tensor
 from interscope.v1 import analysis_pb2
@@ -213,7 +214,7 @@ def _failed(
 def _audit_sample(
     model: LoadedModel,
     attack: AttackSpec,
-    torch_model: object,
+    torch_model: torch.nn.Module | None,
     profile: ProfileSpec,
     sample_id: str,
     x: np.ndarray,
@@ -239,7 +240,7 @@ def _audit_sample(
         np.array([label]),
         torch_model,
         evaluate,
-        cancel,  # type: ignore[arg-type]
+        cancel,
     ):
         if isinstance(event, attacks.ExampleResult):
             outcome = event

@@ -11,7 +11,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from interscope.codec import TensorError, from_tensor, to_tensor
-from interscope.v1 import analysis_pb2
+from interscope.v1 import analysis_pb2, tensor_pb2
 from interscope_server import __version__, errors
 from interscope_server.analysis.results import InteractionProfile, PerturbationProfile
 
@@ -19,7 +19,7 @@ FLOAT_TYPES = ("FP32", "FP64", "FP16")
 
 
 def decode_inputs(
-    tensor: analysis_pb2.Tensor | Any,
+    tensor: tensor_pb2.Tensor,
     input_shape: tuple[int, ...],
     *,
     what: str,

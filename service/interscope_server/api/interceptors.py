@@ -6,14 +6,15 @@ import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
 from interscope_server.api.errors import request_id
 from interscope_server.metrics import Metrics
 
-Handler = grpc.RpcMethodHandler
+#: grpc ships no type information; handlers are grpc.RpcMethodHandler at run time.
+Handler: TypeAlias = Any
 #: Methods that stay open without a token, so that probes and load balancers can check health.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
 import numpy as np
 
 from interscope.codec import from_tensor
@@ -21,8 +24,9 @@ from interscope_server.analysis.players import (
     resolve_players,
 )
 from interscope_server.analysis.profile import EstimatorChoice, PairSelection, ProfileSpec
+from interscope_server.analysis.sampled import DEFAULT_RATIOS
 from interscope_server.analysis.values import ClassChoice, ValueFunction
-from interscope_server.attacks.base import AttackSpec
+from interscope_server.attacks.base import AttackName, AttackSpec, Norm
 from interscope_server.config import Settings
 
 VALUE_FUNCTIONS = {
@@ -48,29 +52,31 @@ PAIR_MODES = {
     analysis_pb2.PAIR_MODE_RANDOM: PairSelection.RANDOM,
     analysis_pb2.PAIR_MODE_NEIGHBORS: PairSelection.NEIGHBOURS,
 }
-ATTACK_NAMES = {
+T = TypeVar("T")
+
+ATTACK_NAMES: dict[int, AttackName] = {
     analysis_pb2.ATTACK_KIND_FGSM: "fgsm",
     analysis_pb2.ATTACK_KIND_PGD: "pgd",
     analysis_pb2.ATTACK_KIND_PGD_MARGIN: "margin_pgd",
     analysis_pb2.ATTACK_KIND_APGD: "apgd",
     analysis_pb2.ATTACK_KIND_SQUARE: "square",
 }
-NORMS = {
+NORMS: dict[int, Norm] = {
     analysis_pb2.NORM_UNSPECIFIED: "linf",
     analysis_pb2.NORM_LINF: "linf",
     analysis_pb2.NORM_L2: "l2",
 }
 
 
-def _enum(table: dict[int, object], value: int, what: str, enum_type: object) -> object:
+def _enum(table: Mapping[Any, T], value: int, what: str, enum_type: Any) -> T:
     if value not in table:
-        names = [enum_type.Name(k) for k in table]  # type: ignore[attr-defined]
+        names = [enum_type.Name(k) for k in table]
         raise errors.InvalidArgument(f"{what} {value} is not known; allowed: {', '.join(names)}")
     return table[value]
 
 
 def class_choice(value: int) -> ClassChoice:
-    return _enum(CLASS_CHOICES, value, "class_choice", analysis_pb2.ClassChoice)  # type: ignore[return-value]
+    return _enum(CLASS_CHOICES, value, "class_choice", analysis_pb2.ClassChoice)
 
 
 def _players(
@@ -168,19 +174,18 @@ def profile_spec(
     if sampling.pair_mode == analysis_pb2.PAIR_MODE_UNSPECIFIED:
         pairs = PairSelection.NEIGHBOURS if isinstance(players, GridPlayers) else PairSelection.ALL
     else:
-        pairs = _enum(PAIR_MODES, sampling.pair_mode, "sampling.pair_mode", analysis_pb2.PairMode)  # type: ignore[assignment]
+        pairs = _enum(PAIR_MODES, sampling.pair_mode, "sampling.pair_mode", analysis_pb2.PairMode)
     if estimator is EstimatorChoice.EXACT:
         pairs = PairSelection.ALL
-    extra = {} if not ratios else {"ratios": ratios}
     limit = max(1, settings.max_forwards_per_request // max(1, n_evaluations))
     domain = ProfileSpec(
         players=players,
         baseline=_baseline(spec.baseline, inputs, settings),
-        value=_enum(VALUE_FUNCTIONS, spec.value, "value", analysis_pb2.ValueFunction),  # type: ignore[arg-type]
+        value=_enum(VALUE_FUNCTIONS, spec.value, "value", analysis_pb2.ValueFunction),
         class_choice=choice,
         orders=orders,
-        estimator=estimator,  # type: ignore[arg-type]
-        pairs=pairs,  # type: ignore[arg-type]
+        estimator=estimator,
+        pairs=pairs,
         n_random_pairs=int(sampling.num_pairs or 200),
         neighbour_radius=int(sampling.neighbor_radius or 1),
         contexts_per_order=int(sampling.contexts_per_order or 100),
@@ -188,7 +193,7 @@ def profile_spec(
         return_pairs=bool(spec.return_pairs),
         max_exact_players=settings.max_exact_players,
         max_forwards=limit,
-        **extra,  # type: ignore[arg-type]
+        ratios=ratios or DEFAULT_RATIOS,
     )
     return domain, n
 
@@ -202,8 +207,8 @@ def attack_spec(
     if spec.seed > 2**63 - 1:
         raise errors.InvalidArgument("attack.seed must be below 2^63")
     return AttackSpec(
-        name=name,  # type: ignore[arg-type]
-        norm=norm,  # type: ignore[arg-type]
+        name=name,
+        norm=norm,
         eps=float(spec.eps),
         steps=(1 if name == "fgsm" else int(spec.steps)) if spec.steps else None,
         step_size=float(spec.step_size) if spec.step_size else None,
