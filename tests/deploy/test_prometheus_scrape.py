@@ -34,6 +34,13 @@ DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "interscope-dashboard.json"
 DEADLINE_S = 60.0
 MODEL = "digits-cnn"
 LIST_CALLS = 3
+PROMETHEUS = shutil.which("prometheus")
+
+# Decided before any fixture runs, so a machine without the binary starts no server either.
+pytestmark = pytest.mark.skipif(
+    PROMETHEUS is None,
+    reason="the prometheus binary is not installed (.ci/install-prometheus adds it)",
+)
 
 
 @dataclass
@@ -94,9 +101,8 @@ def replica(demo_repository: Path) -> Iterator[BackgroundServer]:
 
 @pytest.fixture
 def prometheus(replica: BackgroundServer, tmp_path: Path) -> Iterator[Prometheus]:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("the prometheus binary is not installed (.ci/install-prometheus adds it)")
+    binary = PROMETHEUS
+    assert binary is not None  # the module's skipif mark
     assert replica.metrics_port is not None
     config = tmp_path / "prometheus.yml"
     # JSON is YAML: no YAML library needed to write the config.
