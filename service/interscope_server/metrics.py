@@ -74,7 +74,7 @@ class Metrics:
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
     def observe_batch(self, model: str, rows: int) -> None:
-        """Record one backend batch (called from batcher threads; prometheus-client is thread-safe)."""
+        """Record one backend batch (batcher threads call this; the collectors are thread-safe)."""
         self.forward_passes.labels(model).inc(rows)
         self.batch_size.labels(model).observe(rows)
 
