@@ -5,10 +5,14 @@ and compared with `kubectl kustomize` where a kubectl with kustomize v4+ is inst
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -201,3 +205,58 @@ def test_service_monitor_checker_rejects_bad_structure(base: dict[str, Obj]) -> 
     assert any("not a Prometheus duration" in p for p in problems)
     assert any("portt: unknown field" in p for p in problems)
     assert list(validate_manifests.check_service_monitor(base["ServiceMonitor"])) == []
+
+
+def test_container_command_and_healthcheck_work_with_the_overlay_settings(
+    cpu: dict[str, Obj], demo_repository: Path, tmp_path: Path
+) -> None:
+    """What the image runs, without a container engine: `interscope serve` configured by the
+    cpu overlay's ConfigMap, probed by the Dockerfile's HEALTHCHECK command, drained by SIGTERM.
+    Only the addresses change (loopback, free ports) and /models becomes the demo repository."""
+    interscope = shutil.which("interscope")
+    if interscope is None:
+        pytest.skip("the interscope console script is not installed")
+    container = _container(cpu)
+    assert container["args"] == ["serve"]
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    healthcheck = re.findall(r'CMD \["sh", "-c", "(interscope health [^"]+)"\]', dockerfile)
+    assert len(healthcheck) == 2  # the cpu and gpu stages
+
+    env = {
+        **os.environ,
+        **cpu["ConfigMap"]["data"],
+        "INTERSCOPE_HOST": "127.0.0.1",
+        "INTERSCOPE_METRICS_HOST": "127.0.0.1",
+        "INTERSCOPE_PORT": str(_free_port()),
+        "INTERSCOPE_METRICS_PORT": str(_free_port()),
+        "INTERSCOPE_MODEL_REPOSITORY": str(demo_repository),
+        "HOME": str(tmp_path),
+    }
+    log = tmp_path / "serve.log"
+    with log.open("w") as stream:
+        server = subprocess.Popen(
+            [interscope, *container["args"]], env=env, stdout=stream, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            probe = subprocess.run(
+                ["sh", "-c", healthcheck[0]], env=env, capture_output=True, text=True, timeout=60
+            )
+            if probe.returncode == 0:
+                break
+            assert server.poll() is None, f"serve exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"never healthy:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=float(env["INTERSCOPE_GRACE_SECONDS"]) + 10) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
