@@ -14,6 +14,7 @@ from interscope_server.attacks.base import (
     AttackSpec,
     AttackSummary,
     Ball,
+    BatchOutcome,
     BlackBoxAttack,
     Evaluator,
     ExampleResult,
@@ -21,7 +22,6 @@ from interscope_server.attacks.base import (
     Norm,
     Progress,
     WhiteBoxAttack,
-    WhiteBoxOutcome,
 )
 from interscope_server.attacks.fgsm import FGSM
 from interscope_server.attacks.margin_pgd import MarginPGD
@@ -44,6 +44,7 @@ __all__ = [
     "AttackSpec",
     "AttackSummary",
     "Ball",
+    "BatchOutcome",
     "BlackBoxAttack",
     "Evaluator",
     "ExampleResult",
@@ -53,7 +54,6 @@ __all__ = [
     "Progress",
     "Square",
     "WhiteBoxAttack",
-    "WhiteBoxOutcome",
     "attack_events",
     "build_attack",
     "run_attack",

@@ -6,9 +6,9 @@ import torch
 
 from interscope_server.attacks.base import (
     Ball,
+    BatchOutcome,
     Goal,
     WhiteBoxAttack,
-    WhiteBoxOutcome,
     forward,
     forward_backward,
 )
@@ -48,7 +48,7 @@ class APGD(WhiteBoxAttack):
         goal: Goal,
         cancel: CancelToken,
         generator: torch.Generator,
-    ) -> WhiteBoxOutcome:
+    ) -> BatchOutcome:
         spec = self.spec
         total = spec.resolved_steps
         n = ball.x.shape[0]
@@ -129,7 +129,7 @@ class APGD(WhiteBoxAttack):
             sub_goal = goal.subset(failed)
             loss_best[failed] = sub_goal.ce_objective(logits)
             done[failed] = sub_goal.success(logits)
-        return WhiteBoxOutcome(x_adv, logits_out, steps, queries, done, loss_best)
+        return BatchOutcome(x_adv, logits_out, steps, queries, done, loss_best)
 
     def _start(self, ball: Ball, generator: torch.Generator) -> torch.Tensor:
         # AutoAttack's start: a random direction scaled to the ball's boundary.

@@ -6,6 +6,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import ClassVar, Literal, NamedTuple, TypeAlias, get_args
 
 import numpy as np
@@ -22,12 +23,12 @@ Evaluator: TypeAlias = Callable[[np.ndarray], np.ndarray]
 Norm = Literal["linf", "l2"]
 AttackName = Literal["apgd", "fgsm", "margin_pgd", "pgd", "square"]
 
-NORMS: tuple[str, ...] = get_args(Norm)
-ATTACK_NAMES: tuple[str, ...] = get_args(AttackName)
+NORMS: tuple[Norm, ...] = get_args(Norm)
+ATTACK_NAMES: tuple[AttackName, ...] = get_args(AttackName)
 #: Attacks that need the model's gradients (a torch module).
-WHITE_BOX_ATTACKS: tuple[str, ...] = ("apgd", "fgsm", "margin_pgd", "pgd")
+WHITE_BOX_ATTACKS: tuple[AttackName, ...] = ("apgd", "fgsm", "margin_pgd", "pgd")
 #: Attacks that only call the evaluator (forward passes), so they work on every backend.
-BLACK_BOX_ATTACKS: tuple[str, ...] = ("square",)
+BLACK_BOX_ATTACKS: tuple[AttackName, ...] = ("square",)
 
 # Limits keep one request from occupying a worker for hours; the API layer may tighten them.
 MAX_STEPS = 10_000
@@ -37,8 +38,12 @@ MAX_SEED = 2**63 - 1
 
 #: Per-attack defaults applied where the spec leaves `steps`, `step_size` or `random_start` unset.
 #: step_size is a fraction of eps; None there means the attack sets its own schedule.
-_DEFAULT_STEPS = {"fgsm": 1, "pgd": 10, "margin_pgd": 100, "apgd": 100, "square": 0}
-_DEFAULT_RANDOM_START = {"fgsm": False, "pgd": True, "margin_pgd": False, "apgd": True}
+_DEFAULT_STEPS = MappingProxyType(
+    {"fgsm": 1, "pgd": 10, "margin_pgd": 100, "apgd": 100, "square": 0}
+)
+_DEFAULT_RANDOM_START = MappingProxyType(
+    {"fgsm": False, "pgd": True, "margin_pgd": False, "apgd": True}
+)
 
 
 def _finite(value: float) -> bool:
@@ -63,8 +68,8 @@ class AttackSpec:
             at checkpoints) and rejects an explicit one.
         random_start: start from a random point in the ball (default: pgd, apgd yes; fgsm,
             margin_pgd no).
-        restarts: independent runs; each later run attacks only the examples not yet done, and
-            the best run per example is kept.
+        restarts: independent runs (white-box only; square takes 1); each later run attacks
+            only the examples not yet done, and the best run per example is kept.
         targeted: aim at `target_classes` instead of away from the label.
         target_classes: one class for every example, or one per example (in input order);
             required when targeted, forbidden otherwise.
@@ -137,6 +142,11 @@ class AttackSpec:
             raise InvalidArgument(f"restarts must be an integer, got {self.restarts!r}")
         if not 1 <= self.restarts <= MAX_RESTARTS:
             raise InvalidArgument(f"restarts must be in 1..{MAX_RESTARTS}, got {self.restarts}")
+        if self.name == "square" and self.restarts != 1:
+            raise InvalidArgument(
+                "square spends its whole query budget in one run; restarts must be 1 "
+                "(raise max_queries instead)"
+            )
         if self.targeted:
             if not self.target_classes:
                 raise InvalidArgument(
@@ -403,7 +413,7 @@ class Ball:
         return self.project(x_adv + size_t * direction, index)
 
 
-class WhiteBoxOutcome(NamedTuple):
+class BatchOutcome(NamedTuple):
     """One batch's result: adversarial inputs (B, *shape), their logits (B, K), steps and
     forward passes per example (B,), done flags (B,) and a score where higher is a better attack
     (used to keep the best restart among examples not done)."""
@@ -444,7 +454,7 @@ class WhiteBoxAttack(Attack):
         goal: Goal,
         cancel: CancelToken,
         generator: torch.Generator,
-    ) -> WhiteBoxOutcome:
+    ) -> BatchOutcome:
         """One run over the batch in `ball`; `done` marks examples the attack is finished with."""
 
     def perturb(
@@ -454,7 +464,7 @@ class WhiteBoxAttack(Attack):
         goal: Goal,
         cancel: CancelToken,
         generator: torch.Generator,
-    ) -> WhiteBoxOutcome:
+    ) -> BatchOutcome:
         """Run `restarts` times; later runs see only examples not done; keep the best per row."""
         best = self.single_run(model, ball, goal, cancel, generator)
         for _ in range(1, self.spec.restarts):
@@ -474,7 +484,7 @@ class WhiteBoxAttack(Attack):
             steps, queries = best.steps.clone(), best.queries.clone()
             steps[todo] += run.steps
             queries[todo] += run.queries
-            best = WhiteBoxOutcome(x_adv, logits, steps, queries, done, score)
+            best = BatchOutcome(x_adv, logits, steps, queries, done, score)
         return best
 
 
@@ -491,7 +501,7 @@ class BlackBoxAttack(Attack):
         goal: Goal,
         cancel: CancelToken,
         generator: torch.Generator,
-    ) -> WhiteBoxOutcome:
+    ) -> BatchOutcome:
         """Attack the batch in `ball` (a CPU tensor) with forward passes only."""
 
 

@@ -6,9 +6,9 @@ import torch
 
 from interscope_server.attacks.base import (
     Ball,
+    BatchOutcome,
     Goal,
     WhiteBoxAttack,
-    WhiteBoxOutcome,
     forward,
     forward_backward,
 )
@@ -34,7 +34,7 @@ class FGSM(WhiteBoxAttack):
         goal: Goal,
         cancel: CancelToken,
         generator: torch.Generator,
-    ) -> WhiteBoxOutcome:
+    ) -> BatchOutcome:
         spec = self.spec
         n = ball.x.shape[0]
         device = ball.x.device
@@ -45,7 +45,7 @@ class FGSM(WhiteBoxAttack):
         x_adv = ball.step(start, grad, spec.resolved_step_size, index)
         cancel.check()
         logits = forward(model, x_adv)
-        return WhiteBoxOutcome(
+        return BatchOutcome(
             x_adv=x_adv,
             logits=logits,
             steps=torch.ones(n, dtype=torch.long, device=device),

@@ -6,9 +6,9 @@ import torch
 
 from interscope_server.attacks.base import (
     Ball,
+    BatchOutcome,
     Goal,
     WhiteBoxAttack,
-    WhiteBoxOutcome,
     forward_backward,
     label_margin,
 )
@@ -45,7 +45,7 @@ class MarginPGD(WhiteBoxAttack):
         goal: Goal,
         cancel: CancelToken,
         generator: torch.Generator,
-    ) -> WhiteBoxOutcome:
+    ) -> BatchOutcome:
         spec = self.spec
         threshold, ceiling = spec.margin_threshold, spec.margin_threshold + spec.margin_tolerance
         n = ball.x.shape[0]
@@ -79,4 +79,4 @@ class MarginPGD(WhiteBoxAttack):
             reached = accept & (new_margin >= threshold)
             done[active[reached]] = True
             active = active[~reached]
-        return WhiteBoxOutcome(x_cur, logits_out, steps, queries, done, margin)
+        return BatchOutcome(x_cur, logits_out, steps, queries, done, margin)

@@ -6,9 +6,9 @@ import torch
 
 from interscope_server.attacks.base import (
     Ball,
+    BatchOutcome,
     Goal,
     WhiteBoxAttack,
-    WhiteBoxOutcome,
     forward,
     forward_backward,
 )
@@ -39,7 +39,7 @@ class PGD(WhiteBoxAttack):
         goal: Goal,
         cancel: CancelToken,
         generator: torch.Generator,
-    ) -> WhiteBoxOutcome:
+    ) -> BatchOutcome:
         spec = self.spec
         n = ball.x.shape[0]
         device = ball.x.device
@@ -80,4 +80,4 @@ class PGD(WhiteBoxAttack):
             score[active] = sub_goal.ce_objective(logits)
             done[active] = sub_goal.success(logits)
         assert logits_out is not None
-        return WhiteBoxOutcome(x_adv, logits_out, steps, queries, done, score)
+        return BatchOutcome(x_adv, logits_out, steps, queries, done, score)

@@ -10,10 +10,10 @@ from torch import Tensor
 
 from interscope_server.attacks.base import (
     Ball,
+    BatchOutcome,
     BlackBoxAttack,
     Evaluator,
     Goal,
-    WhiteBoxOutcome,
 )
 from interscope_server.cancel import CancelToken
 from interscope_server.errors import InvalidArgument
@@ -66,7 +66,7 @@ class Square(BlackBoxAttack):
         goal: Goal,
         cancel: CancelToken,
         generator: torch.Generator,
-    ) -> WhiteBoxOutcome:
+    ) -> BatchOutcome:
         input_shape = tuple(ball.x.shape[1:])
         image_shape = input_shape if len(input_shape) == 3 else (1, *input_shape)
         best = _start(self, evaluate, ball, goal, generator, input_shape, image_shape)
@@ -158,7 +158,7 @@ def _start(
     generator: torch.Generator,
     input_shape: tuple[int, ...],
     image_shape: tuple[int, ...],
-) -> WhiteBoxOutcome:
+) -> BatchOutcome:
     """The first query: vertical stripes of +-eps (L-inf) or a grid of tiles (L2)."""
     eps = attack.spec.eps
     n = ball.x.shape[0]
@@ -176,7 +176,7 @@ def _start(
         delta = tiles / (1e-12 + _norm(tiles, dims=(1, 2, 3))) * eps
     x_adv = ball.project(ball.x + delta.reshape((n, *input_shape)))
     logits = evaluate_tensor(evaluate, x_adv, input_shape)
-    return WhiteBoxOutcome(
+    return BatchOutcome(
         x_adv=x_adv,
         logits=logits,
         steps=torch.zeros(n, dtype=torch.long),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from interscope_server.attacks import AttackSpec, run_attack
+from interscope_server.attacks import AttackName, AttackSpec, Norm, run_attack
 
 EPS = 0.1  # the demo's training and evaluation radius (L-inf, raw [0, 1] scale)
 
@@ -19,7 +19,7 @@ def _refuse(x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("name", ["pgd", "apgd"])
 def test_targeted_attacks_reach_their_targets(
-    name: str, standard_model: torch.nn.Module, digits: tuple[np.ndarray, np.ndarray]
+    name: AttackName, standard_model: torch.nn.Module, digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
     x, y = digits[0][:24], digits[1][:24]
     targets = tuple(int(t) for t in (y + 3) % 10)
@@ -46,7 +46,7 @@ def test_adversarial_training_keeps_more_robust_accuracy_under_pgd(
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_square_lowers_onnx_accuracy_with_forward_passes_only(
-    norm: str, standard_onnx: Any, digits: tuple[np.ndarray, np.ndarray]
+    norm: Norm, standard_onnx: Any, digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
     x, y = digits[0][:32], digits[1][:32]
     budget = 200

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 
-from interscope_server.attacks import ATTACK_NAMES, NORMS, AttackSpec, run_attack
+from interscope_server.attacks import (
+    ATTACK_NAMES,
+    NORMS,
+    AttackName,
+    AttackSpec,
+    Evaluator,
+    Norm,
+    run_attack,
+)
 
 EPS = {"linf": 0.1, "l2": 0.7}  # neither is a float32 number, so rounding is exercised
 
@@ -25,8 +35,8 @@ def _check(x: np.ndarray, x_adv: np.ndarray, spec: AttackSpec) -> None:
     assert x_adv.max() <= high
 
 
-def _spec(name: str, norm: str, **extra: object) -> AttackSpec:
-    budget: dict[str, object] = {"max_queries": 60} if name == "square" else {}
+def _spec(name: AttackName, norm: Norm, **extra: Any) -> AttackSpec:
+    budget: dict[str, Any] = {"max_queries": 60} if name == "square" else {}
     if name in ("pgd", "apgd", "margin_pgd"):
         budget["steps"] = 8
     return AttackSpec(name, norm=norm, eps=EPS[norm], **budget, **extra)
@@ -35,10 +45,10 @@ def _spec(name: str, norm: str, **extra: object) -> AttackSpec:
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("name", ATTACK_NAMES)
 def test_results_stay_in_ball_and_range(
-    name: str,
-    norm: str,
+    name: AttackName,
+    norm: Norm,
     standard_model: torch.nn.Module,
-    standard_onnx: object,
+    standard_onnx: Evaluator,
     digits: tuple[np.ndarray, np.ndarray],
 ) -> None:
     x, y = digits[0][:16], digits[1][:16]
@@ -53,7 +63,7 @@ def test_results_stay_in_ball_and_range(
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("name", ["pgd", "fgsm", "apgd", "square"])
 def test_odd_value_range_is_respected_exactly(
-    name: str, norm: str, tiny_model: torch.nn.Module
+    name: AttackName, norm: Norm, tiny_model: torch.nn.Module
 ) -> None:
     # Bounds float32 cannot represent, inputs on the nearest float32 inside them, big steps.
     low, high = -0.1, 0.7
@@ -71,7 +81,7 @@ def test_odd_value_range_is_respected_exactly(
             out: np.ndarray = tiny_model(torch.from_numpy(batch)).numpy()
         return out
 
-    extra: dict[str, object] = {"value_range": (low, high)}
+    extra: dict[str, Any] = {"value_range": (low, high)}
     if name in ("pgd", "fgsm"):
         extra["step_size"] = 1.0
     spec = _spec(name, norm, **extra)

@@ -10,8 +10,10 @@ import torch
 
 from interscope_server.attacks import (
     WHITE_BOX_ATTACKS,
+    AttackName,
     AttackSpec,
     AttackSummary,
+    Evaluator,
     ExampleResult,
     Progress,
     attack_events,
@@ -26,7 +28,7 @@ from interscope_server.errors import (
 )
 
 
-def _evaluator(model: torch.nn.Module):  # type: ignore[no-untyped-def]
+def _evaluator(model: torch.nn.Module) -> Evaluator:
     def evaluate(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             out: np.ndarray = model(torch.from_numpy(x)).numpy()
@@ -79,7 +81,7 @@ def test_events_stream_results_then_progress_per_batch_and_summary_last(
 
 @pytest.mark.parametrize("name", WHITE_BOX_ATTACKS)
 def test_white_box_without_gradients_is_a_failed_precondition_naming_square(
-    name: str, digits: tuple[np.ndarray, np.ndarray]
+    name: AttackName, digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
     x, y = digits
     with pytest.raises(FailedPrecondition, match=r"needs gradients.*square"):
@@ -146,7 +148,7 @@ def test_results_are_determined_by_the_seed(
 
 @pytest.mark.parametrize("name", ["pgd", "apgd", "margin_pgd", "fgsm"])
 def test_cancellation_stops_at_the_next_step(
-    name: str, standard_model: torch.nn.Module, digits: tuple[np.ndarray, np.ndarray]
+    name: AttackName, standard_model: torch.nn.Module, digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
     x, y = digits
     token = CancelToken()

@@ -29,6 +29,7 @@ from interscope_server.errors import InvalidArgument
         ({"name": "margin_pgd", "targeted": True, "target_classes": (1,)}, "untargeted"),
         ({"name": "margin_pgd", "margin_threshold": 0.0}, "margin_threshold"),
         ({"name": "square", "max_queries": 0}, "max_queries must be in 1.."),
+        ({"name": "square", "restarts": 2}, "restarts must be 1"),
         ({"name": "square", "p_init": 1.5}, "p_init must be in (0, 1]"),
         ({"name": "pgd", "seed": -1}, "seed must be in 0.."),
         ({"name": "pgd", "value_range": (1.0, 0.0)}, "low < high"),
