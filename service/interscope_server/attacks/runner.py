@@ -223,7 +223,8 @@ def _check_classes(k: int, labels: np.ndarray, targets: np.ndarray | None) -> No
 def _device(model: torch.nn.Module | None) -> torch.device:
     if model is None:
         return torch.device("cpu")
-    for tensor in model.parameters():
+    # Parameters first; a module with only buffers (a pure normalisation) still has a device.
+    for tensor in [*model.parameters(), *model.buffers()]:
         return tensor.device
     return torch.device("cpu")
 
