@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from interscope._audit import AuditProgress
 from interscope._client import (
-    USE_CLIENT_DEFAULT,
     AsyncClient,
     AttackEvent,
     BaseClient,
@@ -76,7 +75,6 @@ from interscope.codec import TensorError
 __version__ = "0.1.0"
 
 __all__ = [
-    "USE_CLIENT_DEFAULT",
     "AlreadyExistsError",
     "AsyncClient",
     "AttackEvent",

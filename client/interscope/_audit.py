@@ -149,11 +149,19 @@ async def run_audit(
         if state.queue.empty():
             state.stop.set()
         else:
-            workers = [
-                _worker(plan, state, config, checkpoint, channels, slot)
+            tasks = [
+                asyncio.ensure_future(_worker(plan, state, config, checkpoint, channels, slot))
                 for slot in range(len(channels) * plan.streams_per_address)
             ]
-            await asyncio.gather(*workers)
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:
+                # An error escaping one stream (a failing on_progress callback, Ctrl-C) stops
+                # them all before the checkpoint closes; what was recorded stays resumable.
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
     finally:
         if checkpoint is not None:
             checkpoint.close()

@@ -24,6 +24,8 @@ class DemoOptions:
     """Sizes of the demo: defaults finish in well under 3 minutes on 2 CPU cores."""
 
     workdir: Path = Path("demo-out")
+    #: An existing (or to be built) demo repository; default WORKDIR/repository.
+    repository: Path | None = None
     out: Path | None = None
     samples: int = 48
     eps: float = 0.1
@@ -66,7 +68,7 @@ def run_demo(options: DemoOptions, *, stream: TextIO | None = None) -> list[Audi
 
     out_stream = stream if stream is not None else sys.stdout
     started = time.monotonic()
-    repository = options.workdir / "repository"
+    repository = options.repository or options.workdir / "repository"
     print(f"demo repository: {repository} (built on first use, then reused)", file=out_stream)
     build_demo_repository(repository)
     with np.load(repository / TEST_DATA_FILE) as data:

@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build the demo models, serve them, audit both, report")
     demo.add_argument("--workdir", type=Path, default=Path("demo-out"))
     demo.add_argument("--out", type=Path, help="report directory (default WORKDIR/report)")
+    demo.add_argument(
+        "--repository", type=Path, help="demo repository (default WORKDIR/repository)"
+    )
     demo.add_argument("--samples", type=int, default=48, help="digits audited per model")
     demo.add_argument("--estimator", default="sampled", choices=ESTIMATORS)
     demo.add_argument("--contexts", type=int, default=16)
@@ -283,6 +286,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     options = DemoOptions(
         workdir=args.workdir,
+        repository=args.repository,
         out=args.out,
         samples=args.samples,
         estimator=args.estimator,
