@@ -7,6 +7,7 @@
     ├── FailedPrecondition   e.g. white-box attack, no grads  -> FAILED_PRECONDITION
     ├── ResourceExhausted    limits, full queue               -> RESOURCE_EXHAUSTED
     ├── Unavailable          model loading, shutting down     -> UNAVAILABLE
+    │   └── BackendFailed    the model's forward pass raised  -> UNAVAILABLE
     ├── Cancelled            the caller cancelled             -> CANCELLED
     └── DeadlineExceeded     the caller's deadline passed     -> DEADLINE_EXCEEDED
 
@@ -43,6 +44,15 @@ class ResourceExhausted(InterscopeError):
 
 class Unavailable(InterscopeError):
     """The service or model cannot take the request now; retrying later may work."""
+
+
+class BackendFailed(Unavailable):
+    """A model's forward pass raised (runtime error, out of memory) while serving a request.
+
+    UNAVAILABLE rather than INTERNAL: the fault is the model's or the device's, not a bug of the
+    service; it fails only the requests whose rows were in that batch (a co-batched request may
+    well succeed on retry), and the model keeps serving.
+    """
 
 
 class Cancelled(InterscopeError):

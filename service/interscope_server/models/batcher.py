@@ -19,7 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from interscope_server.cancel import CancelToken
-from interscope_server.errors import InterscopeError, ResourceExhausted, Unavailable
+from interscope_server.errors import (
+    BackendFailed,
+    InterscopeError,
+    ResourceExhausted,
+    Unavailable,
+)
 
 #: How often a waiting caller re-checks its CancelToken (which has no wake-up hook of its own).
 _CANCEL_POLL_S = 0.01
@@ -112,7 +117,8 @@ class DynamicBatcher:
         """Logits for every row of `x` (float32, (B, ...)), in order. Blocks until done.
 
         Raises ResourceExhausted when the queue is full, Unavailable when the batcher is closed,
-        Cancelled / DeadlineExceeded from `cancel` (the call's unsent rows are dropped).
+        BackendFailed when the forward pass raised, Cancelled / DeadlineExceeded from `cancel`
+        (the call's unsent rows are dropped).
         """
         if cancel is not None:
             cancel.check()
@@ -144,9 +150,12 @@ class DynamicBatcher:
         if call.error is not None:
             if isinstance(call.error, InterscopeError):
                 raise type(call.error)(str(call.error))
-            raise RuntimeError(f"model {self.name!r} forward pass failed: {call.error}") from (
-                call.error
-            )
+            reason = f"{type(call.error).__name__}: {call.error}".rstrip(": ")
+            raise BackendFailed(
+                f"model {self.name!r} failed while computing this request ({reason}); the "
+                "request was stopped and the model keeps serving; retry, and if it fails again "
+                "the model cannot run these inputs"
+            ) from call.error
         return call.out
 
     def _wait(self, call: _Call, cancel: CancelToken | None) -> None:

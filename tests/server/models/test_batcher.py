@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from interscope_server.cancel import CancelToken
-from interscope_server.errors import Cancelled, ResourceExhausted, Unavailable
+from interscope_server.errors import BackendFailed, Cancelled, ResourceExhausted, Unavailable
 from interscope_server.models import (
     BackendOptions,
     BatcherOptions,
@@ -222,7 +222,7 @@ def test_forward_errors_reach_every_caller_in_the_batch(tmp_path: Path) -> None:
 
     batcher = DynamicBatcher("m", broken, num_outputs=2, max_batch_size=8)
     try:
-        with pytest.raises(RuntimeError, match="forward pass failed: boom"):
+        with pytest.raises(BackendFailed, match="ValueError: boom"):
             batcher.submit(_rows(0, 20))
         assert batcher.queue_depth == 0
     finally:
