@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -224,7 +225,7 @@ def _device(model: torch.nn.Module | None) -> torch.device:
     if model is None:
         return torch.device("cpu")
     # Parameters first; a module with only buffers (a pure normalisation) still has a device.
-    for tensor in [*model.parameters(), *model.buffers()]:
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     return torch.device("cpu")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from interscope_server.attacks import AttackName, AttackSpec, Norm, run_attack
+from interscope_server.attacks import AttackName, AttackSpec, Evaluator, Norm, run_attack
 
 EPS = 0.1  # the demo's training and evaluation radius (L-inf, raw [0, 1] scale)
 
@@ -96,3 +96,14 @@ def test_pgd_early_stop_spends_fewer_steps_than_the_budget(
     assert fooled and all(r.steps < 30 for r in fooled)
     # A fooled example stopped at its first successful iterate: one forward per step taken, +1.
     assert all(r.queries == r.steps + 1 for r in fooled)
+
+
+def test_targeted_square_counts_only_its_targets(
+    standard_onnx: Evaluator, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, y = digits[0][:16], digits[1][:16]
+    targets = tuple(int(t) for t in (y + 1) % 10)
+    spec = AttackSpec("square", eps=0.3, max_queries=150, targeted=True, target_classes=targets)
+    report = run_attack(spec, x, y, None, standard_onnx, batch_size=16)
+    assert [r.success for r in report.results] == [r.adv_pred == r.target for r in report.results]
+    assert report.summary.success_rate >= 0.5
