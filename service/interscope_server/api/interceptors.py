@@ -128,6 +128,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             metrics.rpc_calls.labels(method, code).inc()
             metrics.rpc_duration.labels(method).observe(time.perf_counter() - started)
             metrics.rpc_in_flight.labels(method).dec()
+            metrics.update_gpu_memory()  # cheap, and a no-op without CUDA
 
         def around(kind: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
             if kind == "unary":
