@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,8 +47,13 @@ _DEFAULT_RANDOM_START = MappingProxyType(
 )
 
 
-def _finite(value: float) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _finite(value: object) -> bool:
+    # numbers.Real admits numpy scalars too; bool is an int, but never a sensible budget.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -120,7 +126,7 @@ class AttackSpec:
                 "allowed: 0 < eps <= high - low"
             )
         if self.steps is not None:
-            if isinstance(self.steps, bool) or not isinstance(self.steps, int):
+            if not _integer(self.steps):
                 raise InvalidArgument(f"steps must be an integer, got {self.steps!r}")
             if not 1 <= self.steps <= MAX_STEPS:
                 raise InvalidArgument(f"steps must be in 1..{MAX_STEPS}, got {self.steps}")
@@ -138,7 +144,7 @@ class AttackSpec:
                     f"{self.name} sets its own step size; leave step_size unset "
                     "(allowed with fgsm, pgd, margin_pgd)"
                 )
-        if isinstance(self.restarts, bool) or not isinstance(self.restarts, int):
+        if not _integer(self.restarts):
             raise InvalidArgument(f"restarts must be an integer, got {self.restarts!r}")
         if not 1 <= self.restarts <= MAX_RESTARTS:
             raise InvalidArgument(f"restarts must be in 1..{MAX_RESTARTS}, got {self.restarts}")
@@ -159,7 +165,7 @@ class AttackSpec:
                 )
         elif self.target_classes:
             raise InvalidArgument("target_classes given but targeted is false; set targeted")
-        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.target_classes):
+        if any(not _integer(t) or t < 0 for t in self.target_classes):
             raise InvalidArgument(
                 f"target_classes must be non-negative integers, got {self.target_classes!r}"
             )
@@ -171,7 +177,7 @@ class AttackSpec:
             raise InvalidArgument(
                 f"margin_tolerance must be a finite number > 0, got {self.margin_tolerance!r}"
             )
-        if isinstance(self.max_queries, bool) or not isinstance(self.max_queries, int):
+        if not _integer(self.max_queries):
             raise InvalidArgument(f"max_queries must be an integer, got {self.max_queries!r}")
         if not 1 <= self.max_queries <= MAX_QUERIES:
             raise InvalidArgument(
@@ -179,7 +185,7 @@ class AttackSpec:
             )
         if not _finite(self.p_init) or not 0 < self.p_init <= 1:
             raise InvalidArgument(f"p_init must be in (0, 1], got {self.p_init!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not _integer(self.seed):
             raise InvalidArgument(f"seed must be an integer, got {self.seed!r}")
         if not 0 <= self.seed <= MAX_SEED:
             raise InvalidArgument(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
