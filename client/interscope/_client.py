@@ -19,7 +19,7 @@ import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from interscope._audit import AuditPlan, AuditProgress, run_audit
-from interscope._exceptions import InternalError, from_rpc_error
+from interscope._exceptions import InternalError, NotFoundError, from_rpc_error
 from interscope._models import (
     AttackResult,
     AttackSummary,
@@ -124,8 +124,8 @@ def _as_batch(x: npt.ArrayLike, what: str = "x") -> np.ndarray:
     arr = np.asarray(x, dtype=np.float32)
     if arr.ndim < 2 or arr.shape[0] == 0:
         raise ValueError(
-            f"{what} must be a batch (N, *input_shape) with N >= 1, got shape {arr.shape}; "
-            f"for one example pass {what}[None]"
+            f"{what} must be a batch (N, *input_shape) with N >= 1 or one example, got shape "
+            f"{arr.shape}"
         )
     return arr
 
@@ -371,6 +371,17 @@ class Client(BaseClient):
         self._models = models_pb2_grpc.ModelServiceStub(self._channel)
         self._analysis = analysis_pb2_grpc.AnalysisServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._ranks: dict[str, int] = {}
+
+    def _batched(self, model: str, x: npt.ArrayLike) -> np.ndarray:
+        """x as a batch: one example (the model's per-example rank) gets a batch dimension."""
+        arr = np.asarray(x, dtype=np.float32)
+        if model not in self._ranks:
+            try:
+                self._ranks[model] = len(self.get_model(model).input.shape)
+            except NotFoundError:
+                return arr  # the call itself reports the unknown model
+        return arr[None] if arr.ndim == self._ranks[model] else arr
 
     def close(self) -> None:
         self._channel.close()
@@ -449,13 +460,14 @@ class Client(BaseClient):
         timeout: Timeout = USE_CLIENT_DEFAULT,
         **spec: Any,
     ) -> Iterator[ProfileEvent]:
-        """Interaction profiles of the inputs `x` (N, *input_shape), as events.
+        """Interaction profiles of the inputs `x` (N, *input_shape, or one example), as events.
 
         Yields Progress, OrderEstimate (per-order partials), InteractionProfile (one per
         input) and last the ProfileResult. `spec` takes ProfileOptions fields: grid=(R, C) |
         features= | mask=, baseline, value, orders | ratios, estimator, pairs, num_pairs,
         neighbor_radius, contexts, seed, pairwise.
         """
+        x = self._batched(model, x)
         request = self._profile_request(model, x, label, class_choice, options, spec)
         for event in self._stream(self._analysis.Profile, request, timeout):
             converted = _profile_event(event)
@@ -490,6 +502,7 @@ class Client(BaseClient):
         "square"), norm, eps, steps, step_size, random_start, restarts, targeted,
         margin_threshold, query_budget, seed. `profile` adds the perturbation profile.
         """
+        x = self._batched(model, x)
         request = self._attack_request(model, x, y, targets, profile, omit_adversarial, attack)
         assembler = _AttackAssembler()
         for event in self._stream(self._analysis.Attack, request, timeout):
@@ -560,6 +573,17 @@ class AsyncClient(BaseClient):
         self._models = models_pb2_grpc.ModelServiceStub(self._channel)
         self._analysis = analysis_pb2_grpc.AnalysisServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._ranks: dict[str, int] = {}
+
+    async def _batched(self, model: str, x: npt.ArrayLike) -> np.ndarray:
+        """x as a batch: one example (the model's per-example rank) gets a batch dimension."""
+        arr = np.asarray(x, dtype=np.float32)
+        if model not in self._ranks:
+            try:
+                self._ranks[model] = len((await self.get_model(model)).input.shape)
+            except NotFoundError:
+                return arr  # the call itself reports the unknown model
+        return arr[None] if arr.ndim == self._ranks[model] else arr
 
     async def close(self) -> None:
         await self._channel.close()
@@ -641,6 +665,7 @@ class AsyncClient(BaseClient):
         **spec: Any,
     ) -> AsyncIterator[ProfileEvent]:
         """Interaction profiles as events; see Client.profile_stream."""
+        x = await self._batched(model, x)
         request = self._profile_request(model, x, label, class_choice, options, spec)
         async for event in self._stream(self._analysis.Profile, request, timeout):
             converted = _profile_event(event)
@@ -670,6 +695,7 @@ class AsyncClient(BaseClient):
         **attack: Any,
     ) -> AsyncIterator[AttackEvent]:
         """Attack events; see Client.attack_stream."""
+        x = await self._batched(model, x)
         request = self._attack_request(model, x, y, targets, profile, omit_adversarial, attack)
         assembler = _AttackAssembler()
         async for event in self._stream(self._analysis.Attack, request, timeout):

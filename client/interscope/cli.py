@@ -342,8 +342,6 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_profile(args: argparse.Namespace) -> int:
     x = np.load(args.input).astype(np.float32)
     with _client(args) as client:
-        if x.ndim == len(client.get_model(args.model).input.shape):
-            x = x[None]  # one example: add the batch dimension
         bar = ProgressBar("profile")
         result = None
         for event in client.profile_stream(

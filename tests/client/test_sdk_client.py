@@ -57,6 +57,10 @@ def test_profile_exact_pairwise_and_stream(
         assert result.shapley_interaction.shape == (9, 9)
         assert result.provenance is not None and result.provenance.model == "digits-cnn"
         assert set(result.to_dict()) >= {"n_players", "orders", "mean", "mean_abs", "pairs"}
+        one = client.profile(
+            model="digits-cnn", x=x[0], label=int(y[0]), grid=(3, 3), estimator="exact"
+        )  # one example, no batch dimension
+        np.testing.assert_allclose(one.mean_abs, result.mean_abs, rtol=1e-6)
         events = list(client.profile_stream(model="digits-cnn", x=x[:2], label=y[:2], grid=(2, 2)))
         assert isinstance(events[-1], interscope.ProfileResult)
         assert sum(isinstance(e, interscope.InteractionProfile) for e in events) == 2
