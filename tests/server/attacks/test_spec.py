@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 
+from interscope_server import attacks
 from interscope_server.attacks import ATTACK_NAMES, AttackSpec
 from interscope_server.errors import InvalidArgument
 
@@ -49,3 +51,15 @@ def test_defaults_resolve_per_attack() -> None:
     assert AttackSpec("pgd").resolved_random_start
     assert not AttackSpec("margin_pgd").resolved_random_start
     assert [AttackSpec(name).white_box for name in ATTACK_NAMES] == [True] * 4 + [False]
+
+
+def test_numpy_scalars_are_accepted_and_bools_are_not() -> None:
+    spec = AttackSpec("pgd", eps=np.float32(0.1), steps=np.int64(5), seed=np.uint32(3))
+    assert spec.resolved_steps == 5
+    with pytest.raises(InvalidArgument, match="steps must be an integer"):
+        AttackSpec("pgd", steps=True)
+
+
+def test_public_names_are_exported() -> None:
+    assert all(hasattr(attacks, name) for name in attacks.__all__)
+    assert len(set(attacks.__all__)) == len(attacks.__all__)
