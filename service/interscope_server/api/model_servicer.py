@@ -157,6 +157,12 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
                 )
             await loop.run_in_executor(self._executor, self._registry.load, request.name)
         elif source == "upload":
+            if not request.replace and request.name in self._registry.repository.names():
+                # The documented status for "that name is taken and replace is false".
+                raise errors.AlreadyExists(
+                    f"model {request.name!r} already exists; set replace to overwrite it, or "
+                    "choose another name"
+                )
             config = config_from_proto(request.name, request.upload.config)
             if not request.upload.model:
                 raise errors.InvalidArgument("upload.model is empty: send the model file's bytes")
