@@ -155,7 +155,8 @@ class AttackOptions:
     """An adversarial attack: kind ("fgsm", "pgd", "pgd-margin", "apgd", "square"), norm, budget.
 
     Zeros mean the server's defaults (steps 10, step size 2.5 * eps / steps, one restart,
-    margin threshold 8, query budget 1000).
+    margin threshold 8, query budget 1000); random_start None means the attack's own default
+    (PGD and APGD start at a random point, FGSM and PGD-margin at the input).
     """
 
     attack: str = "pgd"
@@ -163,7 +164,7 @@ class AttackOptions:
     eps: float = 8 / 255
     steps: int = 0
     step_size: float = 0.0
-    random_start: bool = False
+    random_start: bool | None = None
     restarts: int = 0
     targeted: bool = False
     margin_threshold: float = 0.0
@@ -180,19 +181,21 @@ class AttackOptions:
     def to_proto(self) -> analysis_pb2.AttackSpec:
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
-        return analysis_pb2.AttackSpec(
+        spec = analysis_pb2.AttackSpec(
             kind=_pick(_ATTACKS, self.attack, "attack"),
             norm=_pick(_NORMS, self.norm, "norm"),
             eps=float(self.eps),
             steps=int(self.steps),
             step_size=float(self.step_size),
-            random_start=bool(self.random_start),
             restarts=int(self.restarts),
             targeted=bool(self.targeted),
             margin_threshold=float(self.margin_threshold),
             query_budget=int(self.query_budget),
             seed=int(self.seed),
         )
+        if self.random_start is not None:
+            spec.random_start = bool(self.random_start)
+        return spec
 
 
 def _from_mapping(cls: Any, value: Mapping[str, Any]) -> Any:

@@ -132,7 +132,12 @@ def _attack_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eps", type=float, default=8 / 255, help="radius in raw input units")
     group.add_argument("--steps", type=int, default=0, help="iterations (server default 10)")
     group.add_argument("--step-size", type=float, default=0.0)
-    group.add_argument("--random-start", action="store_true")
+    group.add_argument(
+        "--random-start",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start at a random point in the ball (default: the attack's own choice)",
+    )
     group.add_argument("--restarts", type=int, default=0)
     group.add_argument("--margin-threshold", type=float, default=0.0)
     group.add_argument("--query-budget", type=int, default=0)
