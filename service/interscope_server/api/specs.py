@@ -148,7 +148,16 @@ def profile_spec(
     if not spec.HasField("players"):
         raise errors.InvalidArgument("spec.players is required: give grid, features or mask")
     players = _players(spec.players, settings)
-    _, n = resolve_players(players, tuple(inputs.shape[1:]))
+    input_shape = tuple(inputs.shape[1:])
+    if (
+        isinstance(players, MaskPlayers)
+        and players.mask.ndim == 2
+        and len(input_shape) > 2
+        and players.mask.shape == input_shape[-2:]
+    ):
+        # analysis.proto allows a mask over the last two dims: every channel shares it.
+        players = MaskPlayers(np.broadcast_to(players.mask, input_shape).copy())
+    _, n = resolve_players(players, input_shape)
     if n < 2:
         raise errors.InvalidArgument(f"the players spec gives {n} player; at least 2 are needed")
     if n > settings.max_players:
@@ -186,7 +195,8 @@ def profile_spec(
         orders=orders,
         estimator=estimator,
         pairs=pairs,
-        n_random_pairs=int(sampling.num_pairs or 200),
+        # The documented default, 200, capped by the pairs there are (n < 21 has fewer).
+        n_random_pairs=int(sampling.num_pairs or min(200, n * (n - 1) // 2)),
         neighbour_radius=int(sampling.neighbor_radius or 1),
         contexts_per_order=int(sampling.contexts_per_order or 100),
         seed=int(spec.seed),
