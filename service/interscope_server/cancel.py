@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from interscope_server.errors import Cancelled, DeadlineExceeded
+from interscope_server.errors import Cancelled, DeadlineExceeded, InterscopeError
 
 
 class CancelToken:
@@ -19,9 +19,17 @@ class CancelToken:
         self._event = threading.Event()
         self._deadline = deadline
         self._reason = "the request was cancelled"
+        self._error: type[InterscopeError] = Cancelled
 
-    def cancel(self, reason: str = "the request was cancelled") -> None:
-        self._reason = reason
+    def cancel(
+        self,
+        reason: str = "the request was cancelled",
+        error: type[InterscopeError] = Cancelled,
+    ) -> None:
+        """Ask the work to stop; `check()` then raises `error(reason)` (e.g. Unavailable on
+        shutdown, so the caller learns to retry elsewhere rather than that it cancelled)."""
+        if not self._event.is_set():
+            self._reason, self._error = reason, error
         self._event.set()
 
     @property
@@ -31,7 +39,7 @@ class CancelToken:
     def check(self) -> None:
         """Raise Cancelled or DeadlineExceeded if the work should stop now."""
         if self._event.is_set():
-            raise Cancelled(self._reason)
+            raise self._error(self._reason)
         if self._deadline is not None and time.monotonic() > self._deadline:
             raise DeadlineExceeded("the request's deadline passed before the work finished")
 

@@ -167,13 +167,17 @@ class InterscopeServer:
         await self._server.wait_for_termination()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, let in-flight calls finish for `grace` seconds, then cancel them."""
+        """Refuse new calls, let in-flight calls finish for `grace` seconds, then end them with
+        UNAVAILABLE (callers retry elsewhere) and release the models."""
         grace = self.settings.grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
         self.analysis.shutting_down = True
         if self._server is not None:
-            await self._server.stop(grace)
-        self.analysis.cancel_all("the server is shutting down")
+            # grpc refuses new RPCs at once; its own hard stop comes a little after ours, so the
+            # calls we end at `grace` still get to send their UNAVAILABLE status.
+            stopping = asyncio.ensure_future(self._server.stop(grace + 2.0))
+            await self.analysis.drain(grace)
+            await stopping
         self.registry.close()
         self.metrics.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import time
@@ -65,6 +66,8 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         self._registry = registry
         self._executor = executor
         self._calls: set[_Call] = set()
+        self._idle = asyncio.Event()  # set while no analysis call runs; lets shutdown drain
+        self._idle.set()
         self.shutting_down = False
 
     # -- call admission, cancellation ----------------------------------------------------------
@@ -82,15 +85,25 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         deadline = None if remaining is None else time.monotonic() + remaining
         call = _Call(CancelToken(deadline))
         self._calls.add(call)
+        self._idle.clear()
         try:
             yield call
         finally:
             call.cancel.cancel()
             self._calls.discard(call)
+            if not self._calls:
+                self._idle.set()
 
-    def cancel_all(self, reason: str) -> None:
-        for call in list(self._calls):
-            call.cancel.cancel(reason)
+    async def drain(self, grace: float) -> None:
+        """Wait up to `grace` seconds for running calls to finish, then stop the rest with
+        UNAVAILABLE, so their callers retry on another replica."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=grace)
+        except asyncio.TimeoutError:  # (distinct from TimeoutError before Python 3.11)
+            for call in list(self._calls):
+                call.cancel.cancel(
+                    "the server is shutting down; retry on another replica", errors.Unavailable
+                )
 
     def _provenance(
         self, model: LoadedModel, spec_json: str, seed: int, started: float, forwards: int

@@ -27,8 +27,9 @@ async def iterate_in_thread(
         try:
             for event in make_events():
                 loop.call_soon_threadsafe(queue.put_nowait, (False, event))
-                if cancel.cancelled:
-                    break
+                # Raise rather than break: a stopped computation must end its call with the
+                # token's status, never look like a complete result.
+                cancel.check()
             loop.call_soon_threadsafe(queue.put_nowait, (True, None))
         except BaseException as exc:  # handed over to the event loop
             loop.call_soon_threadsafe(queue.put_nowait, (True, exc))

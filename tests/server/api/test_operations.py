@@ -135,6 +135,24 @@ def test_graceful_shutdown_lets_in_flight_calls_finish(demo_repository, demo_tes
     assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+def test_shutdown_ends_calls_still_running_after_the_grace_with_unavailable(
+    demo_repository, demo_test_data
+) -> None:
+    x, y = demo_test_data
+    srv = BackgroundServer(server_settings(demo_repository, metrics_port=None)).start()
+    channel = grpc.insecure_channel(srv.address)
+    call = analysis_pb2_grpc.AnalysisServiceStub(channel).Profile(long_profile(x, y))
+    next(iter(call))
+    started = time.monotonic()
+    srv.stop(grace=0.5)
+    with pytest.raises(grpc.RpcError) as info:
+        list(call)
+    channel.close()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+    assert "retry on another replica" in info.value.details()
+    assert time.monotonic() - started < 5.0
+
+
 def test_bearer_tokens_guard_every_rpc_but_health(demo_repository) -> None:
     settings = server_settings(demo_repository, metrics_port=None, auth_tokens=["s3cret", "other"])
     with BackgroundServer(settings) as srv, grpc.insecure_channel(srv.address) as channel:
