@@ -53,11 +53,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     rpcs = sorted({rpc for rpc, _ in counter})
     codes = sorted({code for _, code in counter})
     width = max(len(c) for c in codes) + 2
+    first = max(len(r) for r in rpcs) + 2
     terminalreporter.write_sep("-", f"reliability: {sum(counter.values())} calls by status")
-    terminalreporter.write_line(f"{'rpc':<22}" + "".join(f"{c:>{width}}" for c in codes))
+    terminalreporter.write_line(f"{'rpc':<{first}}" + "".join(f"{c:>{width}}" for c in codes))
     for rpc in rpcs:
         cells = "".join(f"{counter.get((rpc, c), 0):>{width}}" for c in codes)
-        terminalreporter.write_line(f"{rpc:<22}{cells}")
+        terminalreporter.write_line(f"{rpc:<{first}}{cells}")
 
 
 def copy_models(demo_repository: Path, target: Path, names: Iterable[str]) -> Path:
