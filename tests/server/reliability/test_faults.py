@@ -35,7 +35,9 @@ C = grpc.StatusCode
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def exact_profile(x: np.ndarray, y: np.ndarray, rows: int, cols: int, model: str = "digits-cnn"):
+def exact_profile(
+    x: np.ndarray, y: np.ndarray, rows: int, cols: int, model: str = "digits-cnn"
+) -> analysis_pb2.ProfileRequest:
     """An exact profile of rows*cols players: 2^(rows*cols) forwards (2^18 take seconds)."""
     return analysis_pb2.ProfileRequest(
         model=model,
@@ -118,7 +120,7 @@ def test_backend_that_raises_fails_that_request_only(
     def other_model() -> None:  # runs while the faulty request does, on another model
         other["result"] = outcome(lambda: stub.Profile(exact_profile(x, y, 2, 5, "digits-cnn-ts")))
 
-    backend._forward = fault  # type: ignore[method-assign]
+    backend._forward = fault  # type: ignore[method-assign,unused-ignore]
     try:
         worker = threading.Thread(target=other_model)
         worker.start()

@@ -651,14 +651,15 @@ def test_audit_streams(
     code, _, events = caller("Audit", lambda: list(stub.Audit(iter(messages), timeout=DEADLINE_S)))
     if code is not C.OK:
         return
-    results = [e.sample for e in events if e.WhichOneof("event") == "sample"]  # type: ignore[union-attr]
+    assert isinstance(events, list)
+    results = [e.sample for e in events if e.WhichOneof("event") == "sample"]
     sent = [m.sample.id for m in messages if m.WhichOneof("message") == "sample"]
     assert sorted(r.id for r in results) == sorted(sent), "every sample is answered exactly once"
     for result in results:
         code_name = result.error.code if result.HasField("error") else "OK"
         outcomes.record("Audit sample", code_name)
         assert code_name not in {c.name for c in FORBIDDEN}, result.error.message
-    assert events[-1].WhichOneof("event") == "summary"  # type: ignore[index]
+    assert events[-1].WhichOneof("event") == "summary"
 
 
 @settings(FUZZ, max_examples=400)
