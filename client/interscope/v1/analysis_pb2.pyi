@@ -453,12 +453,15 @@ class SamplingSpec(_message.Message):
     CONTEXTS_PER_ORDER_FIELD_NUMBER: _builtins.int
     pair_mode: Global___PairMode.ValueType
     num_pairs: _builtins.int
-    """For PAIR_MODE_RANDOM: how many pairs, >= 1. Default 200 when 0."""
+    """For PAIR_MODE_RANDOM: how many pairs, >= 1. Default when 0: 200, or every pair if fewer."""
     neighbor_radius: _builtins.int
     """For PAIR_MODE_NEIGHBORS: radius in cells, >= 1. Default 1 when 0."""
     contexts_per_order: _builtins.int
-    """Sampled contexts S per order, >= 1. Default 100 when 0. One context serves every selected
-    pair outside it, so the cost is about (1 + n + pairs) forwards per context, not 4 per pair.
+    """Expected sampled contexts S per pair and order, >= 2 (a standard error needs two); default
+    100 when 0. One sampled context serves every selected pair it fits (the pairs outside S at
+    low orders, inside S + {i, j} at high ones), so the cost is about 1.4 forwards per
+    Delta v sample instead of the 4 of a per-pair scheme. An order with fewer distinct contexts
+    than asked for is enumerated exactly (standard error 0).
     """
     def __init__(
         self,

@@ -44,6 +44,27 @@ class _Call:
     started: float = field(default_factory=time.monotonic)
 
 
+class GuardedModule(torch.nn.Module):
+    """A model's differentiable module whose failures say so (BackendFailed -> UNAVAILABLE).
+
+    White-box attacks call the module directly, not through the batcher; without this, a model
+    that raises in a gradient pass would surface as an INTERNAL error of the service.
+    """
+
+    def __init__(self, inner: torch.nn.Module, name: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self._name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.inner(x)
+        except Exception as exc:
+            raise errors.BackendFailed(
+                f"model {self._name!r} failed in a forward/backward pass: {exc}"
+            ) from exc
+
+
 class _Throttle:
     """Lets a progress event through at most every PROGRESS_INTERVAL_S, and always the last."""
 
@@ -219,7 +240,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                 f"({model.backend.gradient_note or 'no differentiable form'}); "
                 f"use a black-box attack: {', '.join(attacks.BLACK_BOX_ATTACKS)}"
             )
-        return domain, torch_model
+        return domain, None if torch_model is None else GuardedModule(torch_model, model.name)
 
     @stream_errors
     async def Attack(

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import warnings
+
 import grpc
 import numpy as np
 import pytest
+import torch
 from grpc import RpcError, StatusCode
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -317,3 +321,48 @@ def test_audit_sample_before_config_is_invalid(analysis, demo_test_data) -> None
     assert code == StatusCode.INVALID_ARGUMENT and "AuditConfig" in details
     code, details = status_of(analysis.Audit(iter([])))
     assert code == StatusCode.INVALID_ARGUMENT
+
+
+class _FailsOnBrightInputs(torch.nn.Module):
+    """A TorchScript model that loads (its probe input is dark) but raises on bright inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.max() > 0.5):
+            raise RuntimeError("simulated device fault")
+        return self.linear(x.flatten(1))
+
+
+def test_a_model_failing_in_a_gradient_pass_gives_unavailable(tmp_path) -> None:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # torch 2.13 marks TorchScript deprecated; it is still the format we serve.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(_FailsOnBrightInputs()), buffer)
+    config = models_pb2.ModelConfig(
+        format=models_pb2.MODEL_FORMAT_TORCHSCRIPT,
+        input=models_pb2.TensorInfo(name="input", shape=[1, 2, 2]),
+        classes=["a", "b", "c"],
+    )
+    with (
+        BackgroundServer(server_settings(tmp_path, metrics_port=None)) as srv,
+        grpc.insecure_channel(srv.address) as channel,
+    ):
+        models_pb2_grpc.ModelServiceStub(channel).LoadModel(
+            models_pb2.LoadModelRequest(
+                name="faulty",
+                upload=models_pb2.UploadSource(model=buffer.getvalue(), config=config),
+            )
+        )
+        request = analysis_pb2.AttackRequest(
+            model="faulty",
+            inputs=to_tensor(np.full((2, 1, 2, 2), 0.9, np.float32)),
+            labels=[0, 1],
+            attack=analysis_pb2.AttackSpec(kind=analysis_pb2.ATTACK_KIND_PGD, eps=0.05),
+        )
+        code, details = status_of(analysis_pb2_grpc.AnalysisServiceStub(channel).Attack(request))
+    assert code == StatusCode.UNAVAILABLE
+    assert "faulty" in details and "simulated device fault" in details
