@@ -30,6 +30,7 @@ from interscope_server.analysis.sampled import (
     SampledEstimator,
     SamplingPlan,
     check_orders,
+    expected_sampled_forwards,
     order_stats,
     orders_from_ratios,
     run_order,
@@ -149,10 +150,9 @@ def _plan(
     cls = resolve_class(spec.class_choice, class_index, clean_logits)
     pairs = select_pairs(spec, n)
     orders = resolve_orders(spec, n)
-    exact_forwards = 2**n if n <= 62 else None
-    sampling: SamplingPlan | None = None
-    if spec.estimator is not EstimatorChoice.EXACT:
-        sampling = SampledEstimator(pairs, orders, spec.contexts_per_order, spec.seed).plan(n)
+    # Decide and check limits on the expected cost first: a sampling plan's arrays grow with
+    # contexts x pairs, so materialising one that will be refused could take gigabytes.
+    expected = expected_sampled_forwards(n, orders, len(pairs), spec.contexts_per_order)
     if spec.estimator is EstimatorChoice.EXACT:
         if n > spec.max_exact_players:
             raise ResourceExhausted(
@@ -163,12 +163,16 @@ def _plan(
     elif spec.estimator is EstimatorChoice.SAMPLED:
         exact = False
     else:
-        assert sampling is not None
-        exact = (
-            n <= spec.max_exact_players
-            and exact_forwards is not None
-            and exact_forwards <= sampling.forwards + 2 + extra_per_input
+        exact = n <= spec.max_exact_players and 2**n <= expected + 2 + extra_per_input
+    if not exact and 0.9 * expected * n_inputs > spec.max_forwards:  # margin: expected vs drawn
+        raise ResourceExhausted(
+            f"this profile needs about {int(expected) * n_inputs} forward passes (sampled, "
+            f"{n} players); the limit is {spec.max_forwards}: use fewer players, orders, pairs "
+            "or contexts"
         )
+    sampling: SamplingPlan | None = None
+    if not exact:
+        sampling = SampledEstimator(pairs, orders, spec.contexts_per_order, spec.seed).plan(n)
     per_input = (2**n) if exact else (sampling.forwards if sampling else 0) + 2 + extra_per_input
     needed = per_input * n_inputs
     if needed > spec.max_forwards:

@@ -112,6 +112,25 @@ def served_fraction(n: int, m: int) -> tuple[bool, float]:
     return (inside > outside, max(inside, outside))
 
 
+def expected_sampled_forwards(
+    n: int, orders: np.ndarray, n_pairs: int, samples_per_pair: int
+) -> float:
+    """The expected pair rows of a sampling plan, computed without drawing it.
+
+    Each order takes ceil(samples_per_pair / share) contexts (or every subset, when there are
+    fewer), and a context evaluates one row per pair it serves; its own row and its singletons
+    come on top, so the plan's real cost is somewhat higher. Planners use this to refuse a
+    request before allocating a plan whose arrays grow with contexts x pairs.
+    """
+    total = 0.0
+    for m in orders:
+        inside, share = served_fraction(n, int(m))
+        size = int(m) + 2 if inside else int(m)
+        contexts = min(math.ceil(samples_per_pair / share), math.comb(n, size))
+        total += contexts * share * n_pairs
+    return total
+
+
 def plan_order(
     n: int, m: int, pairs: np.ndarray, samples_per_pair: int, rng: np.random.Generator
 ) -> OrderPlan:

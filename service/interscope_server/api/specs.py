@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -28,9 +27,8 @@ from interscope_server.analysis.profile import (
     EstimatorChoice,
     PairSelection,
     ProfileSpec,
-    resolve_orders,
 )
-from interscope_server.analysis.sampled import DEFAULT_RATIOS, served_fraction
+from interscope_server.analysis.sampled import DEFAULT_RATIOS
 from interscope_server.analysis.values import ClassChoice, ValueFunction
 from interscope_server.attacks.base import AttackName, AttackSpec, Norm
 from interscope_server.config import Settings
@@ -211,52 +209,7 @@ def profile_spec(
         max_forwards=limit,
         ratios=ratios or DEFAULT_RATIOS,
     )
-    if estimator is not EstimatorChoice.EXACT:
-        _check_sampled_cost(domain, n, limit, exact_fits=n <= settings.max_exact_players)
     return domain, n
-
-
-def _sampled_pair_rows(domain: ProfileSpec, n: int) -> float:
-    """Expected pair evaluations of one input's sampled profile, estimated without planning it.
-
-    The engine checks its forward-pass limit only after materialising the sampling plan, whose
-    arrays grow with contexts x pairs: a small request asking for all pairs of thousands of
-    players would allocate gigabytes and compute for minutes before being refused.
-    """
-    all_pairs = n * (n - 1) // 2
-    if domain.pairs is PairSelection.ALL:
-        pairs = all_pairs
-    elif domain.pairs is PairSelection.RANDOM:
-        pairs = min(domain.n_random_pairs, all_pairs)
-    elif isinstance(domain.players, GridPlayers):
-        # Cells within Chebyshev distance r, counted per axis: sum over |d| <= k of (L - |d|).
-        def span(length: int) -> int:
-            k = min(domain.neighbour_radius, length - 1)
-            return length + 2 * (k * length - k * (k + 1) // 2)
-
-        rows, cols = domain.players.rows, domain.players.cols
-        pairs = (span(rows) * span(cols) - rows * cols) // 2
-    else:
-        return 0.0
-    total = 0.0
-    for m in resolve_orders(domain, n):
-        inside, share = served_fraction(n, int(m))
-        size = int(m) + 2 if inside else int(m)
-        contexts = min(math.ceil(domain.contexts_per_order / share), math.comb(n, size))
-        total += contexts * share * pairs
-    return total
-
-
-def _check_sampled_cost(domain: ProfileSpec, n: int, limit: int, *, exact_fits: bool) -> None:
-    """ResourceExhausted up front for a sampled profile clearly over the forward-pass limit."""
-    if domain.estimator is EstimatorChoice.AUTO and exact_fits and 2**n <= limit:
-        return  # auto falls back to the exact estimator, which fits
-    expected = _sampled_pair_rows(domain, n)
-    if 0.9 * expected > limit:  # a margin: the engine's own count is exact, this one expected
-        raise errors.ResourceExhausted(
-            f"this profile needs about {int(expected)} forward passes per input (sampled, {n} "
-            f"players); the limit is {limit}: use fewer players, orders, pairs or contexts"
-        )
 
 
 def attack_spec(
