@@ -950,8 +950,9 @@ class ProfileRequest(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """One class per input (the label or the target, see class_choice); may be empty with
-        CLASS_CHOICE_PREDICTED. Wrong count or out of range: INVALID_ARGUMENT.
+        """One class per input (the label or the target, see class_choice); empty with
+        CLASS_CHOICE_PREDICTED. Wrong count, out of range, or given with PREDICTED:
+        INVALID_ARGUMENT.
         """
 
     @_builtins.property

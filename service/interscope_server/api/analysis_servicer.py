@@ -221,7 +221,13 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     def _classes(
         self, values: object, choice: ClassChoice, count: int, model: LoadedModel
     ) -> np.ndarray | None:
-        if choice is ClassChoice.PREDICTED and not values:
+        if choice is ClassChoice.PREDICTED:
+            if values:
+                # Refuse rather than ignore: the caller meant these classes to matter.
+                raise errors.InvalidArgument(
+                    "labels were sent with CLASS_CHOICE_PREDICTED, which uses the model's "
+                    "prediction: send no labels, or choose CLASS_CHOICE_LABEL or _TARGET"
+                )
             return None
         what = "targets" if choice is ClassChoice.TARGET else "labels"
         return convert.check_classes(values, count, len(model.config.classes), what)

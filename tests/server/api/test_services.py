@@ -122,6 +122,11 @@ def test_profile_streams_partials_then_matches_the_in_process_engine(
         (lambda r: r.labels.__setitem__(0, 99), StatusCode.INVALID_ARGUMENT, "out of range"),
         (lambda r: r.labels.pop(), StatusCode.INVALID_ARGUMENT, "one per input"),
         (
+            lambda r: setattr(r, "class_choice", analysis_pb2.CLASS_CHOICE_PREDICTED),
+            StatusCode.INVALID_ARGUMENT,
+            "PREDICTED",
+        ),
+        (
             lambda r: r.inputs.CopyFrom(tensor_pb2.Tensor(datatype="FP32", shape=[1, 1, 16, 16])),
             StatusCode.INVALID_ARGUMENT,
             "raw_data",
