@@ -153,6 +153,7 @@ def _plan(
     # Decide and check limits on the expected cost first: a sampling plan's arrays grow with
     # contexts x pairs, so materialising one that will be refused could take gigabytes.
     expected = expected_sampled_forwards(n, orders, len(pairs), spec.contexts_per_order)
+    sampling: SamplingPlan | None = None
     if spec.estimator is EstimatorChoice.EXACT:
         if n > spec.max_exact_players:
             raise ResourceExhausted(
@@ -160,18 +161,22 @@ def _plan(
                 f"{spec.max_exact_players} players are allowed (use the sampled estimator)"
             )
         exact = True
-    elif spec.estimator is EstimatorChoice.SAMPLED:
+    elif spec.estimator is EstimatorChoice.SAMPLED or n > spec.max_exact_players:
         exact = False
+    elif 2**n <= expected + 2 + extra_per_input:
+        exact = True  # cheaper than even the sampled plan's pair rows alone
     else:
-        exact = n <= spec.max_exact_players and 2**n <= expected + 2 + extra_per_input
+        # Close call on a small game (expected < 2^n <= 2^max_exact_players): the real plan is
+        # small enough to draw, and its exact cost decides.
+        sampling = SampledEstimator(pairs, orders, spec.contexts_per_order, spec.seed).plan(n)
+        exact = 2**n <= sampling.forwards + 2 + extra_per_input
     if not exact and 0.9 * expected * n_inputs > spec.max_forwards:  # margin: expected vs drawn
         raise ResourceExhausted(
             f"this profile needs about {int(expected) * n_inputs} forward passes (sampled, "
             f"{n} players); the limit is {spec.max_forwards}: use fewer players, orders, pairs "
             "or contexts"
         )
-    sampling: SamplingPlan | None = None
-    if not exact:
+    if not exact and sampling is None:
         sampling = SampledEstimator(pairs, orders, spec.contexts_per_order, spec.seed).plan(n)
     per_input = (2**n) if exact else (sampling.forwards if sampling else 0) + 2 + extra_per_input
     needed = per_input * n_inputs

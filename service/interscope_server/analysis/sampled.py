@@ -131,6 +131,45 @@ def expected_sampled_forwards(
     return total
 
 
+#: Every sampled pair gets at least this many contexts per order: an estimate and its SE.
+MIN_SAMPLES_PER_PAIR = 2
+
+
+def _top_up(
+    contexts: np.ndarray,
+    served: np.ndarray,
+    pairs: np.ndarray,
+    m: int,
+    inside: bool,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dedicated contexts for pairs the shared draw served under MIN_SAMPLES_PER_PAIR times.
+
+    With few contexts (or a pair the draw happened to miss) a pair would have no estimate. Each
+    added context is a uniform m-subset S of N minus {i, j} (plus i and j for the inside scheme)
+    and serves only its own pair, so that pair's samples stay i.i.d. uniform and no other pair's
+    estimate is tilted by contexts chosen for someone else.
+    """
+    counts = served.sum(axis=0)
+    short = np.nonzero(counts < MIN_SAMPLES_PER_PAIR)[0]
+    if short.size == 0:
+        return contexts, served
+    owner = np.repeat(short, MIN_SAMPLES_PER_PAIR - counts[short])
+    rows = np.arange(owner.size)
+    n = contexts.shape[1]
+    keys = rng.random((owner.size, n))
+    keys[rows, pairs[owner, 0]] = 2.0  # i and j sort last, so they are never drawn into S
+    keys[rows, pairs[owner, 1]] = 2.0
+    extra = np.zeros((owner.size, n), dtype=bool)
+    extra[rows[:, None], np.argsort(keys, axis=1)[:, :m]] = True
+    if inside:
+        extra[rows, pairs[owner, 0]] = True
+        extra[rows, pairs[owner, 1]] = True
+    extra_served = np.zeros((owner.size, served.shape[1]), dtype=bool)
+    extra_served[rows, owner] = True
+    return np.concatenate([contexts, extra]), np.concatenate([served, extra_served])
+
+
 def plan_order(
     n: int, m: int, pairs: np.ndarray, samples_per_pair: int, rng: np.random.Generator
 ) -> OrderPlan:
@@ -149,6 +188,8 @@ def plan_order(
     contexts[np.arange(n_ctx)[:, None], members.reshape(n_ctx, size)] = True
     i, j = pairs[:, 0], pairs[:, 1]
     served = contexts[:, i] & contexts[:, j] if inside else ~contexts[:, i] & ~contexts[:, j]
+    if not exhaustive:
+        contexts, served = _top_up(contexts, served, pairs, m, inside, rng)
     keep = served.any(axis=1)
     contexts, served = contexts[keep], served[keep]
     n_ctx = contexts.shape[0]

@@ -18,6 +18,7 @@ from interscope_server.analysis.profile import (
     run_perturbation,
 )
 from interscope_server.analysis.sampled import (
+    MIN_SAMPLES_PER_PAIR,
     SampledEstimator,
     estimate,
     orders_from_ratios,
@@ -80,6 +81,28 @@ def test_served_contexts_are_uniform_for_each_pair() -> None:
         freq = rows[sel].mean(axis=0)
         others = np.delete(freq, pairs[7])
         np.testing.assert_allclose(others, op.order / (N - 2), atol=0.09)
+
+
+def test_every_pair_gets_two_contexts_even_on_a_tiny_budget(
+    cnn_table: tuple[TabularGame, ExactInteractions],
+) -> None:
+    # Two contexts per order cannot serve one given pair by chance alone; the plan tops it up.
+    game, exact = cnn_table
+    pair = np.array([[2, 9]])
+    plan = SampledEstimator(pair, MID_ORDERS, samples_per_pair=2, seed=0).plan(N)
+    for op in plan.order_plans:
+        assert op.served.sum() >= MIN_SAMPLES_PER_PAIR
+    # A dedicated context is a uniform S of the other players, so the estimate stays unbiased:
+    # over many seeds the mean of the estimates approaches the exact interaction.
+    m = 5
+    estimates = [
+        estimate(game, SampledEstimator(pair, np.array([m]), 2, seed=seed).plan(N))[0].mean
+        for seed in range(300)
+    ]
+    assert np.isfinite(estimates).all()
+    truth = exact.interactions[m][2, 9]
+    spread = np.std(estimates) / np.sqrt(len(estimates))
+    assert abs(np.mean(estimates) - truth) < 4 * spread
 
 
 def test_sampled_agrees_with_exact_within_three_standard_errors(
