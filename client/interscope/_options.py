@@ -80,6 +80,7 @@ class ProfileOptions:
     num_pairs: int = 0
     neighbor_radius: int = 0
     contexts: int = 0
+    independent_contexts: bool = False
     seed: int = 0
     pairwise: bool = False
 
@@ -123,6 +124,7 @@ class ProfileOptions:
                 num_pairs=int(self.num_pairs),
                 neighbor_radius=int(self.neighbor_radius),
                 contexts_per_order=int(self.contexts),
+                independent_contexts=bool(self.independent_contexts),
             ),
             seed=int(self.seed),
             return_pairs=bool(self.pairwise),

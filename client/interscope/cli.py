@@ -101,6 +101,11 @@ def _profile_args(parser: argparse.ArgumentParser, *, default_estimator: str = "
     group.add_argument("--num-pairs", type=int, default=0)
     group.add_argument("--neighbor-radius", type=int, default=0)
     group.add_argument("--contexts", type=int, default=0, help="sampled contexts per order")
+    group.add_argument(
+        "--independent-contexts",
+        action="store_true",
+        help="separate contexts per pair (the paper's scheme): better per-order signed means",
+    )
     group.add_argument("--profile-seed", type=int, default=0)
 
 
@@ -120,6 +125,7 @@ def _profile_options(args: argparse.Namespace, *, pairwise: bool = False) -> Pro
         num_pairs=args.num_pairs,
         neighbor_radius=args.neighbor_radius,
         contexts=args.contexts,
+        independent_contexts=args.independent_contexts,
         seed=args.profile_seed,
         pairwise=pairwise,
     )

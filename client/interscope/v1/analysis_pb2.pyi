@@ -451,6 +451,7 @@ class SamplingSpec(_message.Message):
     NUM_PAIRS_FIELD_NUMBER: _builtins.int
     NEIGHBOR_RADIUS_FIELD_NUMBER: _builtins.int
     CONTEXTS_PER_ORDER_FIELD_NUMBER: _builtins.int
+    INDEPENDENT_CONTEXTS_FIELD_NUMBER: _builtins.int
     pair_mode: Global___PairMode.ValueType
     num_pairs: _builtins.int
     """For PAIR_MODE_RANDOM: how many pairs, >= 1. Default when 0: 200, or every pair if fewer."""
@@ -463,6 +464,12 @@ class SamplingSpec(_message.Message):
     Delta v sample instead of the 4 of a per-pair scheme. An order with fewer distinct contexts
     than asked for is enumerated exactly (standard error 0).
     """
+    independent_contexts: _builtins.bool
+    """Draw separate contexts for every pair (the paper's scheme: 4 forwards per Delta v sample)
+    instead of sharing them. Shared contexts give each pair's I^(m)(i,j), and so mean |I|, more
+    samples per forward; but the pairs a context serves move together, so the signed per-order
+    mean converges faster per forward with independent contexts (bench/bench_engine.py).
+    """
     def __init__(
         self,
         *,
@@ -470,10 +477,11 @@ class SamplingSpec(_message.Message):
         num_pairs: _builtins.int = ...,
         neighbor_radius: _builtins.int = ...,
         contexts_per_order: _builtins.int = ...,
+        independent_contexts: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contexts_per_order", b"contexts_per_order", "neighbor_radius", b"neighbor_radius", "num_pairs", b"num_pairs", "pair_mode", b"pair_mode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contexts_per_order", b"contexts_per_order", "independent_contexts", b"independent_contexts", "neighbor_radius", b"neighbor_radius", "num_pairs", b"num_pairs", "pair_mode", b"pair_mode"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

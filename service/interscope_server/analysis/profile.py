@@ -67,6 +67,7 @@ class ProfileSpec:
     n_random_pairs: int = 200
     neighbour_radius: int = 1
     contexts_per_order: int = 100  # expected contexts S per pair and order (sampled)
+    independent_contexts: bool = False  # the paper's per-pair contexts instead of shared ones
     seed: int = 0
     return_pairs: bool = False
     max_exact_players: int = 20
@@ -152,7 +153,12 @@ def _plan(
     orders = resolve_orders(spec, n)
     # Decide and check limits on the expected cost first: a sampling plan's arrays grow with
     # contexts x pairs, so materialising one that will be refused could take gigabytes.
-    expected = expected_sampled_forwards(n, orders, len(pairs), spec.contexts_per_order)
+    expected = expected_sampled_forwards(
+        n, orders, len(pairs), spec.contexts_per_order, spec.independent_contexts
+    )
+    estimator = SampledEstimator(
+        pairs, orders, spec.contexts_per_order, spec.seed, spec.independent_contexts
+    )
     sampling: SamplingPlan | None = None
     if spec.estimator is EstimatorChoice.EXACT:
         if n > spec.max_exact_players:
@@ -168,7 +174,7 @@ def _plan(
     else:
         # Close call on a small game (expected < 2^n <= 2^max_exact_players): the real plan is
         # small enough to draw, and its exact cost decides.
-        sampling = SampledEstimator(pairs, orders, spec.contexts_per_order, spec.seed).plan(n)
+        sampling = estimator.plan(n)
         exact = 2**n <= sampling.forwards + 2 + extra_per_input
     if not exact and 0.9 * expected * n_inputs > spec.max_forwards:  # margin: expected vs drawn
         raise ResourceExhausted(
@@ -177,7 +183,7 @@ def _plan(
             "or contexts"
         )
     if not exact and sampling is None:
-        sampling = SampledEstimator(pairs, orders, spec.contexts_per_order, spec.seed).plan(n)
+        sampling = estimator.plan(n)
     per_input = (2**n) if exact else (sampling.forwards if sampling else 0) + 2 + extra_per_input
     needed = per_input * n_inputs
     if needed > spec.max_forwards:

@@ -203,6 +203,7 @@ def profile_spec(
         n_random_pairs=int(sampling.num_pairs or min(200, n * (n - 1) // 2)),
         neighbour_radius=int(sampling.neighbor_radius or 1),
         contexts_per_order=int(sampling.contexts_per_order or 100),
+        independent_contexts=bool(sampling.independent_contexts),
         seed=int(spec.seed),
         return_pairs=bool(spec.return_pairs),
         max_exact_players=settings.max_exact_players,

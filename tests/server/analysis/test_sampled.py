@@ -105,6 +105,21 @@ def test_every_pair_gets_two_contexts_even_on_a_tiny_budget(
     assert abs(np.mean(estimates) - truth) < 4 * spread
 
 
+def test_independent_contexts_are_the_papers_per_pair_scheme(
+    cnn_table: tuple[TabularGame, ExactInteractions],
+) -> None:
+    game, exact = cnn_table
+    pairs = all_pairs(N)
+    plan = SampledEstimator(pairs, MID_ORDERS, 30, seed=3, independent=True).plan(N)
+    for op in plan.order_plans:
+        assert (op.served.sum(axis=1) == 1).all()  # one pair per context
+        assert (op.served.sum(axis=0) == 30).all()  # 30 contexts per pair
+        assert op.forwards == 4 * op.samples  # v(S), v(S+i), v(S+j), v(S+i+j) each time
+    for m, s in zip(MID_ORDERS, estimate(game, plan), strict=True):
+        truth = exact.interactions[m][pairs[:, 0], pairs[:, 1]].mean()
+        assert abs(s.mean - truth) < 3 * s.mean_se
+
+
 def test_sampled_agrees_with_exact_within_three_standard_errors(
     cnn_table: tuple[TabularGame, ExactInteractions],
 ) -> None:

@@ -114,6 +114,29 @@ def test_profile_streams_partials_then_matches_the_in_process_engine(
     assert provenance.forwards >= 2 * 2**9 and "torch" in provenance.versions
 
 
+def test_independent_contexts_cost_four_forwards_per_sample(analysis, demo_test_data) -> None:
+    x, y = demo_test_data
+    spec = grid(
+        4,
+        4,
+        estimator=analysis_pb2.ESTIMATOR_KIND_SAMPLED,
+        orders=analysis_pb2.OrderSpec(orders=[3, 7]),
+        sampling=analysis_pb2.SamplingSpec(
+            pair_mode=analysis_pb2.PAIR_MODE_RANDOM, num_pairs=5, contexts_per_order=6
+        ),
+    )
+    request = analysis_pb2.ProfileRequest(
+        model="digits-cnn", inputs=to_tensor(x[:1]), labels=[int(y[0])], spec=spec
+    )
+    shared = list(analysis.Profile(request))[-1].result.profiles[0]
+    request.spec.sampling.independent_contexts = True
+    independent = list(analysis.Profile(request))[-1].result.profiles[0]
+    # 2 orders x 5 pairs x 6 contexts x 4 rows, plus v(N) and v(empty).
+    assert independent.forwards == 2 * 5 * 6 * 4 + 2
+    assert shared.forwards < independent.forwards
+    assert np.isfinite(independent.mean).all() and len(independent.mean) == 2
+
+
 @pytest.mark.parametrize(
     ("mutate", "code", "phrase"),
     [
