@@ -87,34 +87,6 @@ def bench_exact_vs_raw(evaluate: Evaluate, x: np.ndarray, y: int, repeats: int) 
     )
 
 
-def per_pair_scheme(
-    game: ModelGame, pairs: np.ndarray, orders: np.ndarray, samples: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The paper's scheme: per pair and order, `samples` contexts S of N - {i,j}, 4 forwards each.
-
-    Returns per-pair means and SEs, shape (len(orders), k)."""
-    n = game.n_players
-    rng = np.random.default_rng(seed)
-    k = len(pairs)
-    means = np.empty((len(orders), k))
-    ses = np.empty((len(orders), k))
-    for row, m in enumerate(orders):
-        coal = np.zeros((k, samples, 4, n), dtype=bool)
-        for p, (i, j) in enumerate(pairs):
-            rest = np.delete(np.arange(n), [i, j])
-            pick = np.argsort(rng.random((samples, n - 2)), axis=1)[:, :m]
-            s = np.zeros((samples, n), dtype=bool)
-            s[np.arange(samples)[:, None], rest[pick]] = True
-            coal[p, :, :] = s[:, None, :]
-            coal[p, :, 1, i] = coal[p, :, 3, i] = True
-            coal[p, :, 2, j] = coal[p, :, 3, j] = True
-        v = game(coal.reshape(-1, n)).reshape(k, samples, 4)
-        d = v[..., 3] - v[..., 1] - v[..., 2] + v[..., 0]
-        means[row] = d.mean(axis=1)
-        ses[row] = d.std(axis=1, ddof=1) / np.sqrt(samples)
-    return means, ses
-
-
 def bench_sampling(evaluate: Evaluate, x: np.ndarray, y: int, samples: int) -> None:
     grid = GridPlayers(8, 8)
     n = grid.n_players
@@ -134,12 +106,14 @@ def bench_sampling(evaluate: Evaluate, x: np.ndarray, y: int, samples: int) -> N
     se_ours = float(np.nanmean([np.nanmean(s.pair_se) for s in stats]))
     agg_ours = float(np.mean([s.mean_se for s in stats]))
 
+    # The paper's scheme: every pair its own contexts, 4 forwards per sample.
     g_pp = game()
     t = time.perf_counter()
-    _, ses = per_pair_scheme(g_pp, pairs, orders, samples, seed=0)
+    plan_pp = SampledEstimator(pairs, orders, samples, seed=0, independent=True).plan(n)
+    stats_pp = estimate(g_pp, plan_pp, CHUNK)
     t_pp = time.perf_counter() - t
-    se_pp = float(ses.mean())
-    agg_pp = float(np.mean(np.sqrt((ses**2).sum(axis=1)) / len(pairs)))
+    se_pp = float(np.nanmean([np.nanmean(s.pair_se) for s in stats_pp]))
+    agg_pp = float(np.mean([s.mean_se for s in stats_pp]))
     # Time to reach a given SE scales as SE^2 (samples ~ 1/SE^2): compare at equal per-pair SE.
     equal_se = (t_pp * se_pp**2) / (t_ours * se_ours**2)
     # Shared contexts correlate the pairs' errors, so an order's mean over pairs gains less.
