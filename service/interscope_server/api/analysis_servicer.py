@@ -20,8 +20,8 @@ from interscope_server import attacks, errors
 from interscope_server.analysis import results as engine
 from interscope_server.analysis.profile import (
     ProfileSpec,
-    perturbation_events,
     profile_events,
+    run_perturbation,
 )
 from interscope_server.analysis.values import ClassChoice
 from interscope_server.api import convert, specs
@@ -289,18 +289,17 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                     call.cancel,
                 ):
                     if isinstance(event, attacks.ExampleResult) and profile is not None:
-                        result = None
-                        for item in perturbation_events(
-                            evaluate,
-                            x[event.index],
-                            event.x_adv,
-                            profile,
-                            int(y[event.index]),
-                            call.cancel,
-                        ):
-                            if isinstance(item, engine.PerturbationProfile):
-                                result = item
-                        yield event, result
+                        yield (
+                            event,
+                            run_perturbation(
+                                evaluate,
+                                x[event.index],
+                                event.x_adv,
+                                profile,
+                                int(y[event.index]),
+                                call.cancel,
+                            ),
+                        )
                     else:
                         yield event, None
 

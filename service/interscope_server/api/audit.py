@@ -18,7 +18,7 @@ from interscope_server import attacks, errors
 from interscope_server.analysis.profile import ProfileSpec, run_perturbation
 from interscope_server.analysis.values import ClassChoice
 from interscope_server.api import convert, specs
-from interscope_server.api.errors import request_id, status_of
+from interscope_server.api.errors import status_of
 from interscope_server.attacks.base import AttackSpec
 from interscope_server.cancel import CancelToken
 from interscope_server.models.registry import LoadedModel
@@ -224,7 +224,6 @@ def _audit_sample(
     cancel: CancelToken,
 ) -> analysis_pb2.SampleResult:
     """Attack one sample, then profile it clean and adversarial on the same contexts (a thread)."""
-    token = request_id.get()
     forwards = 0
 
     def evaluate(batch: np.ndarray) -> np.ndarray:
@@ -233,19 +232,9 @@ def _audit_sample(
         return model.evaluate(batch, cancel)
 
     spec = replace(attack, target_classes=(target,)) if target is not None else attack
-    outcome = None
-    for event in attacks.attack_events(
-        spec,
-        x[None],
-        np.array([label]),
-        torch_model,
-        evaluate,
-        cancel,
-    ):
-        if isinstance(event, attacks.ExampleResult):
-            outcome = event
-    if outcome is None:  # pragma: no cover - attack_events always yields one per input
-        raise RuntimeError(f"attack returned no result for sample {sample_id} ({token})")
+    (outcome,) = attacks.run_attack(
+        spec, x[None], np.array([label]), torch_model, evaluate, cancel
+    ).results
     perturbation = run_perturbation(evaluate, x, outcome.x_adv, profile, label, cancel)
     result = analysis_pb2.SampleResult(
         id=sample_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 from typing import Any
@@ -82,8 +83,9 @@ def spec_json(message: Message) -> str:
     )
 
 
+@functools.cache
 def versions() -> dict[str, str]:
-    """Versions of what computed a result, for provenance."""
+    """Versions of what computed a result, for provenance (fixed for the process's life)."""
     found = {
         "interscope": __version__,
         "python": platform.python_version(),
