@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import os
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,11 @@ def generate(out_root: Path) -> list[Path]:
         f"--mypy_grpc_out={out_root}",
         *[str(p.relative_to(PROTO_ROOT)) for p in protos],
     ]
-    subprocess.run(command, check=True, cwd=PROTO_ROOT)
+    # protoc finds its plugins (protoc-gen-mypy, protoc-gen-mypy_grpc) on PATH; they are console
+    # scripts installed beside this interpreter, whether or not its venv is activated.
+    scripts = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")])}
+    subprocess.run(command, check=True, cwd=PROTO_ROOT, env=env)
     return sorted(
         p for p in (out_root / PACKAGE_DIR).iterdir() if p.name.endswith(GENERATED_SUFFIXES)
     )

@@ -83,7 +83,10 @@ def _kubectl_with_modern_kustomize() -> str | None:
 def test_fallback_renderer_matches_kubectl_kustomize(directory: Path) -> None:
     kubectl = _kubectl_with_modern_kustomize()
     if kubectl is None:
-        pytest.skip("no kubectl with kustomize v4+ to compare kustomize_lite against")
+        pytest.skip(
+            "no kubectl with kustomize v4+ on PATH to compare kustomize_lite against (Debian's "
+            "kubernetes-client embeds kustomize v2; install an upstream kubectl >= 1.21)"
+        )
     rendered = subprocess.run(
         [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120
     )
@@ -94,7 +97,6 @@ def test_fallback_renderer_matches_kubectl_kustomize(directory: Path) -> None:
 
 @pytest.mark.parametrize("directory", [BASE, CPU], ids=["base", "cpu"])
 def test_every_object_validates_offline(directory: Path) -> None:
-    pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (.ci/check-deploy)")
     objects = kustomize_lite.render(directory)
     assert validate_manifests.validate(objects, "1.29.0") == []
 
@@ -213,9 +215,10 @@ def test_container_command_and_healthcheck_work_with_the_overlay_settings(
     """What the image runs, without a container engine: `interscope serve` configured by the
     cpu overlay's ConfigMap, probed by the Dockerfile's HEALTHCHECK command, drained by SIGTERM.
     Only the addresses change (loopback, free ports) and /models becomes the demo repository."""
-    interscope = shutil.which("interscope")
-    if interscope is None:
-        pytest.skip("the interscope console script is not installed")
+    # The console script sits beside the interpreter running the tests (the venv need not be
+    # activated, so it may not be on PATH).
+    interscope = str(Path(sys.executable).parent / "interscope")
+    assert Path(interscope).is_file(), f"no console script at {interscope}: pip install ."
     container = _container(cpu)
     assert container["args"] == ["serve"]
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
@@ -231,6 +234,8 @@ def test_container_command_and_healthcheck_work_with_the_overlay_settings(
         "INTERSCOPE_METRICS_PORT": str(_free_port()),
         "INTERSCOPE_MODEL_REPOSITORY": str(demo_repository),
         "HOME": str(tmp_path),
+        # In the image the console script is on PATH; here it is beside the interpreter.
+        "PATH": os.pathsep.join([str(Path(interscope).parent), os.environ.get("PATH", "")]),
     }
     log = tmp_path / "serve.log"
     with log.open("w") as stream:
@@ -245,6 +250,7 @@ def test_container_command_and_healthcheck_work_with_the_overlay_settings(
             )
             if probe.returncode == 0:
                 break
+            assert probe.returncode != 127, f"HEALTHCHECK command not found: {probe.stderr}"
             assert server.poll() is None, f"serve exited:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"never healthy:\n{log.read_text()[-3000:]}"
             time.sleep(0.5)

@@ -1,7 +1,8 @@
 """A real Prometheus scrapes a real interscope replica; its HTTP API shows our counters.
 
-Uses Debian's `prometheus` binary when installed (.ci/install-prometheus); skips, saying why,
-only when it is absent. Everything listens on 127.0.0.1 and is stopped at the end.
+Uses Debian's `prometheus` binary when installed (scripts/install-prometheus.sh, which
+scripts/setup.sh runs); skips, saying how to get it, only when it is absent.
+Everything listens on 127.0.0.1 and is stopped at the end.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ PROMETHEUS = shutil.which("prometheus")
 # Decided before any fixture runs, so a machine without the binary starts no server either.
 pytestmark = pytest.mark.skipif(
     PROMETHEUS is None,
-    reason="the prometheus binary is not installed (.ci/install-prometheus adds it)",
+    reason="the prometheus binary is not on PATH: as root, `bash scripts/install-prometheus.sh` "
+    "(Debian's package), or put an upstream Prometheus release binary on PATH",
 )
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs Debian's prometheus server so tests/deploy/test_prometheus.py can scrape a real
-# interscope replica. Best effort by design: the test skips (with its reason) when the binary is
-# absent, so a machine without apt, without root or without network must not fail the CI run here.
+# Installs Debian's prometheus server so tests/deploy/test_prometheus_scrape.py can scrape a real
+# interscope replica; scripts/setup.sh calls it. Best effort by design: without apt, root or a
+# package mirror it says so and exits 0, and the test skips saying how to get the binary.
 set -euo pipefail
 
 if command -v prometheus >/dev/null 2>&1; then
