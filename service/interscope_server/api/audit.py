@@ -133,7 +133,14 @@ async def _audit(
                 except (errors.Cancelled, errors.DeadlineExceeded) as exc:
                     await outbox.put(exc)
                     return
-                except Exception as exc:  # one bad sample must not end the audit
+                except Exception as exc:
+                    if call.cancel.cancelled:
+                        # The whole call is being stopped (shutdown drain: UNAVAILABLE). The
+                        # sample was not answered, and must not be reported as failed: end the
+                        # stream with the call's status so the client sends it elsewhere.
+                        await outbox.put(exc)
+                        return
+                    # One bad sample must not end the audit.
                     failed = _failed(sample, *status_of(exc))
                     results.append(failed.sample)
                     await outbox.put(failed)
