@@ -34,7 +34,7 @@ class DemoOptions:
     estimator: str = "sampled"
     contexts: int = 16
     seed: int = 0
-    progress: bool | None = None
+    progress: bool = True
 
 
 def comparison_table(reports: list[AuditReport]) -> str:
@@ -105,7 +105,7 @@ def run_demo(options: DemoOptions, *, stream: TextIO | None = None) -> list[Audi
         )
         with Client(server.address) as client:
             for model in DEMO_MODELS:
-                with ProgressBar(f"audit {model:<15}", enabled=options.progress) as bar:
+                with ProgressBar(f"audit {model}", enabled=options.progress) as bar:
                     reports.append(
                         client.audit(
                             model=model,

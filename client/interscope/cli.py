@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
 import sys
+import traceback
+import zipfile
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import numpy as np
 
@@ -27,30 +32,42 @@ from interscope._options import (
 )
 from interscope._progress import ProgressBar
 
-#: Exit codes: 0 ok, 1 the server said no (or unhealthy), 2 bad usage (argparse's own).
+#: Exit codes: 0 ok, 1 a failure (the server said no, a sample failed, unhealthy), 2 bad usage
+#: (argparse's own), 130 interrupted (Ctrl-C), as shells report SIGINT.
 EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
 
-# `serve` flags -> Settings fields; only flags that were given override the environment.
-_SERVE_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
-    ("--host", "host", str, "address the gRPC server binds"),
-    ("--port", "port", int, "gRPC port; 0 picks a free port"),
-    ("--metrics-host", "metrics_host", str, "address /metrics binds"),
-    ("--metrics-port", "metrics_port", int, "Prometheus /metrics port; 0 picks a free port"),
-    ("--model-repository", "model_repository", Path, "directory with one folder per model"),
-    ("--load-models", "load_models", str, "comma-separated models to load at start"),
-    ("--device", "device", str, "auto, cpu or cuda"),
-    ("--intra-op-threads", "intra_op_threads", int, "threads per forward pass (0: default)"),
-    ("--max-batch-delay-ms", "max_batch_delay_ms", float, "batcher wait to fill a batch"),
-    ("--max-exact-players", "max_exact_players", int, "most players for the exact estimator"),
-    ("--max-concurrent-calls", "max_concurrent_calls", int, "analysis calls running at once"),
-    ("--worker-threads", "worker_threads", int, "threads running engine work"),
-    ("--auth-tokens", "auth_tokens", str, "comma-separated bearer tokens"),
-    ("--tls-cert", "tls_cert", Path, "PEM server certificate"),
-    ("--tls-key", "tls_key", Path, "PEM private key of --tls-cert"),
-    ("--tls-client-ca", "tls_client_ca", Path, "PEM CA; clients then need certificates"),
-    ("--grace-seconds", "grace_seconds", float, "how long in-flight calls may finish on stop"),
-    ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
-)
+#: Modules that only the server extra brings; a client-only install lacks them.
+_SERVER_MODULES = ("interscope_server", "torch", "onnxruntime", "onnx", "pydantic", "sklearn")
+
+
+class CliError(Exception):
+    """A failure the CLI reports as one line: `interscope <command>: <what> (<what to do>)`."""
+
+    def __init__(self, message: str, hint: str = "", *, exit_code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+def _serve_flags() -> list[tuple[str, str, Any]]:
+    """(flag, Settings field, field info) for every setting: `serve` mirrors them all, so a new
+    setting gets its flag without anyone remembering to add one."""
+    from interscope_server.config import Settings
+
+    return [
+        ("--" + name.replace("_", "-"), name, info) for name, info in Settings.model_fields.items()
+    ]
+
+
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool or (
+        get_origin(annotation) is not None and bool in get_args(annotation)
+    )
 
 
 def _grid(text: str) -> tuple[int, int]:
@@ -59,6 +76,38 @@ def _grid(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"grid must look like 4x4, got {text!r}") from None
     return rows, cols
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """An integer >= minimum; argparse prefixes the flag to the message."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _real(*, positive: bool) -> Callable[[str], float]:
+    """A finite number, > 0 (positive) or >= 0."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {'> 0' if positive else '>= 0'}, got {text}"
+            )
+        return value
+
+    return parse
 
 
 def _ints(text: str) -> list[int]:
@@ -83,7 +132,7 @@ def _client_parent() -> argparse.ArgumentParser:
     group.add_argument("--tls-cert", type=Path, help="PEM client certificate (mutual TLS)")
     group.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert")
     group.add_argument("--tls", action="store_true", help="TLS with the system's CAs")
-    group.add_argument("--timeout", type=float, help="deadline per call in seconds")
+    group.add_argument("--timeout", type=_real(positive=True), help="deadline per call in seconds")
     parent.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
     return parent
 
@@ -98,15 +147,15 @@ def _profile_args(parser: argparse.ArgumentParser, *, default_estimator: str = "
     group.add_argument("--ratios", type=_floats, help="order ratios, e.g. 0.1,0.5,0.9")
     group.add_argument("--estimator", default=default_estimator, choices=ESTIMATORS)
     group.add_argument("--pairs", choices=PAIR_MODES, help="pairs the sampled estimator uses")
-    group.add_argument("--num-pairs", type=int, default=0)
-    group.add_argument("--neighbor-radius", type=int, default=0)
-    group.add_argument("--contexts", type=int, default=0, help="sampled contexts per order")
+    group.add_argument("--num-pairs", type=_count(0), default=0)
+    group.add_argument("--neighbor-radius", type=_count(0), default=0)
+    group.add_argument("--contexts", type=_count(0), default=0, help="sampled contexts per order")
     group.add_argument(
         "--independent-contexts",
         action="store_true",
         help="separate contexts per pair (the paper's scheme): better per-order signed means",
     )
-    group.add_argument("--profile-seed", type=int, default=0)
+    group.add_argument("--profile-seed", type=_count(0), default=0)
 
 
 def _profile_options(args: argparse.Namespace, *, pairwise: bool = False) -> ProfileOptions:
@@ -115,7 +164,7 @@ def _profile_options(args: argparse.Namespace, *, pairwise: bool = False) -> Pro
         baseline = float(baseline)  # a constant baseline
     return ProfileOptions(
         grid=None if args.mask is not None else args.grid,
-        mask=np.load(args.mask) if args.mask is not None else None,
+        mask=_load_array(args.mask) if args.mask is not None else None,
         baseline=baseline,
         value=args.value,
         orders=args.orders,
@@ -135,19 +184,21 @@ def _attack_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("attack")
     group.add_argument("--attack", default="pgd", choices=ATTACKS)
     group.add_argument("--norm", default="linf", choices=NORMS)
-    group.add_argument("--eps", type=float, default=8 / 255, help="radius in raw input units")
-    group.add_argument("--steps", type=int, default=0, help="iterations (server default 10)")
-    group.add_argument("--step-size", type=float, default=0.0)
+    group.add_argument(
+        "--eps", type=_real(positive=True), default=8 / 255, help="radius in raw input units"
+    )
+    group.add_argument("--steps", type=_count(0), default=0, help="iterations (server default 10)")
+    group.add_argument("--step-size", type=_real(positive=False), default=0.0)
     group.add_argument(
         "--random-start",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="start at a random point in the ball (default: the attack's own choice)",
     )
-    group.add_argument("--restarts", type=int, default=0)
-    group.add_argument("--margin-threshold", type=float, default=0.0)
-    group.add_argument("--query-budget", type=int, default=0)
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--restarts", type=_count(0), default=0)
+    group.add_argument("--margin-threshold", type=_real(positive=False), default=0.0)
+    group.add_argument("--query-budget", type=_count(0), default=0)
+    group.add_argument("--seed", type=_count(0), default=0)
 
 
 def _attack_options(args: argparse.Namespace) -> AttackOptions:
@@ -166,13 +217,38 @@ def _attack_options(args: argparse.Namespace) -> AttackOptions:
 
 
 def _load_data(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path) as data:
-        if "x" not in data or "y" not in data:
-            raise SystemExit(f"{path}: needs arrays 'x' (inputs) and 'y' (labels)")
-        x, y = data["x"], data["y"]
+    """x and y from an .npz, or a CliError saying what was expected."""
+    expected = "an .npz with arrays x (inputs) and y (integer labels), as numpy.savez writes"
+    if not path.is_file():
+        raise CliError(f"{path}: no such file", expected)
+    if not zipfile.is_zipfile(path):
+        raise CliError(f"{path}: not an .npz archive", expected)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("x", "y") if k not in data]
+            if missing:
+                raise CliError(f"{path}: no array {' or '.join(missing)} in it", expected)
+            x, y = data["x"], data["y"]
+    except (ValueError, OSError, zipfile.BadZipFile) as error:
+        raise CliError(f"{path}: cannot read it ({error})", expected) from None
+    if len(x) != len(y):
+        raise CliError(f"{path}: x has {len(x)} rows but y has {len(y)}", expected)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise CliError(f"{path}: y holds {y.dtype}, not integer class labels", expected)
     if limit is not None:
         x, y = x[:limit], y[:limit]
     return np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)
+
+
+def _load_array(path: Path) -> np.ndarray:
+    """One .npy array (no pickles), or a CliError saying what was expected."""
+    expected = "an .npy file of one input or a batch, as numpy.save writes"
+    if not path.is_file():
+        raise CliError(f"{path}: no such file", expected)
+    try:
+        return np.asarray(np.load(path, allow_pickle=False))
+    except (ValueError, OSError) as error:
+        raise CliError(f"{path}: not a readable .npy array ({error})", expected) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,13 +256,43 @@ def build_parser() -> argparse.ArgumentParser:
         prog="interscope",
         description="Audit model robustness through multi-order interactions.",
     )
+    parser.add_argument("--version", action="version", version=f"interscope {_version()}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of a failure instead of one line (anywhere on the line)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     conn = _client_parent()
 
-    serve = sub.add_parser("serve", help="run a replica until SIGTERM/SIGINT")
-    for flag, _field, kind, text in _SERVE_FLAGS:
-        serve.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text)
-    serve.add_argument("--no-metrics", action="store_true", help="disable /metrics")
+    serve = sub.add_parser(
+        "serve",
+        help="run a replica until SIGTERM/SIGINT",
+        description="Run a replica until SIGTERM/SIGINT. Every flag mirrors a setting: a flag "
+        "given overrides its INTERSCOPE_* environment variable, which overrides the default.",
+    )
+    try:
+        flags = _serve_flags()
+    except ModuleNotFoundError:  # a client-only install: `serve` will say what to install
+        serve.set_defaults(server_missing=True)
+    else:
+        for flag, field, info in flags:
+            env = f"INTERSCOPE_{field.upper()}"
+            text = f"{info.description} (env {env}; default {info.default!r})".replace("%", "%%")
+            if _is_bool(info.annotation):
+                serve.add_argument(
+                    flag,
+                    action=argparse.BooleanOptionalAction,
+                    default=argparse.SUPPRESS,
+                    help=text,
+                )
+            else:
+                # Values go to Settings as text, so pydantic parses and checks them exactly as
+                # it does the environment variable (one rule, one message).
+                serve.add_argument(flag, default=argparse.SUPPRESS, metavar="VALUE", help=text)
+        serve.add_argument(
+            "--no-metrics", action="store_true", help="disable /metrics (unsets --metrics-port)"
+        )
 
     demo = sub.add_parser("demo", help="build the demo models, serve them, audit both, report")
     demo.add_argument("--workdir", type=Path, default=Path("demo-out"))
@@ -194,11 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--repository", type=Path, help="demo repository (default WORKDIR/repository)"
     )
-    demo.add_argument("--samples", type=int, default=48, help="digits audited per model")
+    demo.add_argument("--samples", type=_count(1), default=48, help="digits audited per model")
     demo.add_argument("--estimator", default="sampled", choices=ESTIMATORS)
-    demo.add_argument("--contexts", type=int, default=16)
-    demo.add_argument("--eps", type=float, default=0.1)
-    demo.add_argument("--steps", type=int, default=10)
+    demo.add_argument("--contexts", type=_count(1), default=16)
+    demo.add_argument("--eps", type=_real(positive=True), default=0.1)
+    demo.add_argument("--steps", type=_count(1), default=10)
     demo.add_argument("--json", action="store_true")
 
     repo = sub.add_parser("demo-repository", help="write the demo model repository into DIR")
@@ -221,30 +327,30 @@ def build_parser() -> argparse.ArgumentParser:
     profile = sub.add_parser("profile", parents=[conn], help="interaction profile of inputs")
     profile.add_argument("--model", required=True)
     profile.add_argument("--input", type=Path, required=True, help=".npy: one input or a batch")
-    profile.add_argument("--label", type=int, help="class y (default: the prediction)")
+    profile.add_argument("--label", type=_count(0), help="class y (default: the prediction)")
     profile.add_argument("--class-choice", choices=CLASS_CHOICES)
     profile.add_argument("--pairwise", action="store_true", help="return I^(m)(i,j) per pair")
     _profile_args(profile)
-    profile.add_argument("--seed", type=int, dest="profile_seed", help=argparse.SUPPRESS)
+    profile.add_argument("--seed", type=_count(0), dest="profile_seed", help=argparse.SUPPRESS)
 
     attack = sub.add_parser("attack", parents=[conn], help="adversarial attack on a batch")
     attack.add_argument("--model", required=True)
     attack.add_argument("--data", type=Path, required=True, help=".npz with arrays x and y")
-    attack.add_argument("--limit", type=int, help="first N examples only")
+    attack.add_argument("--limit", type=_count(1), help="first N examples only")
     attack.add_argument("--save", type=Path, help="write adversarial inputs to this .npz")
     _attack_args(attack)
 
     audit = sub.add_parser("audit", parents=[conn], help="resumable batch audit with a report")
     audit.add_argument("--model", required=True, help="model name; several separated by commas")
     audit.add_argument("--data", type=Path, required=True, help=".npz with arrays x and y")
-    audit.add_argument("--limit", type=int, help="first N examples only")
+    audit.add_argument("--limit", type=_count(1), help="first N examples only")
     audit.add_argument("--out", type=Path, help="write report.json, report.html and plots here")
     audit.add_argument(
         "--checkpoint",
         type=Path,
         help="JSON-lines checkpoint (default OUT/checkpoint-MODEL.jsonl with --out)",
     )
-    audit.add_argument("--streams-per-address", type=int, default=2)
+    audit.add_argument("--streams-per-address", type=_count(1), default=2)
     audit.add_argument("--no-plots", action="store_true")
     _attack_args(audit)
     _profile_args(audit, default_estimator="sampled")
@@ -259,7 +365,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    import os
 
     token = args.token or os.environ.get("INTERSCOPE_TOKEN") or None
     return Client(
@@ -273,22 +378,49 @@ def _client(args: argparse.Namespace) -> Client:
     )
 
 
+def _json_safe(data: Any) -> Any:
+    """`data` with every NaN or infinity replaced by None: JSON has no NaN, and a consumer that
+    parses strictly (jq, JavaScript's JSON.parse) must be able to read what we print."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _json_safe(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_json_safe(v) for v in data]
+    return data
+
+
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
     if getattr(args, "json", False):
-        json.dump(data, sys.stdout, indent=1)
+        json.dump(_json_safe(data), sys.stdout, indent=1, allow_nan=False)
         sys.stdout.write("\n")
     else:
         print(text)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from interscope_server.config import Settings
+    from interscope_server.errors import StartupError
     from interscope_server.server import serve
 
-    given = {field: getattr(args, field) for _, field, _, _ in _SERVE_FLAGS if field in args}
+    flags = {field: flag for flag, field, _ in _serve_flags()}
+    given = {field: getattr(args, field) for field in flags if field in args}
     if args.no_metrics:
         given["metrics_port"] = None
-    serve(Settings(**given))
+    try:
+        settings = Settings(**given)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        where = f"{flags[field]} / INTERSCOPE_{field.upper()}" if field in flags else "settings"
+        value = f", got {first['input']!r}" if field in flags else ""
+        raise CliError(f"{where}: {first['msg']}{value}", "see interscope serve --help") from None
+    try:
+        serve(settings)
+    except StartupError as error:
+        raise CliError(error.message, error.hint) from None
     return 0
 
 
@@ -351,7 +483,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    x = np.load(args.input).astype(np.float32)
+    x = _load_array(args.input).astype(np.float32)
     with _client(args) as client:
         bar = ProgressBar("profile")
         result = None
@@ -425,11 +557,62 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_header(args: argparse.Namespace, n: int) -> str:
+    """The settings that decide an audit's numbers, defaults included, in one line."""
+    attack = f"{args.attack} {args.norm} eps {args.eps:.4g}"
+    attack += f", {args.steps} steps" if args.steps else ", the attack's default steps"
+    if args.step_size:
+        attack += f" of {args.step_size:.4g}"
+    players = f"mask {args.mask}" if args.mask is not None else "{}x{} grid".format(*args.grid)
+    profile = f"{players}, {args.baseline} baseline, {args.value}, {args.estimator} estimator"
+    if args.contexts:
+        profile += f", {args.contexts} contexts"
+    return f"audit of {n} samples: attack {attack}; players {profile}"
+
+
+class _AuditWatch:
+    """Progress for one model's audit: says when it resumes, remembers how far it got."""
+
+    def __init__(self, label: str, checkpoint: Path | None) -> None:
+        self.bar = ProgressBar(label)
+        self.checkpoint = checkpoint
+        self.done = 0
+        self.total = 0
+        self._told = False
+
+    def __call__(self, progress: Any) -> None:
+        self.done, self.total = progress.done, progress.total
+        if not self._told:
+            self._told = True
+            if progress.resumed:
+                print(
+                    f"resuming: {progress.resumed} of {progress.total} samples from "
+                    f"{self.checkpoint}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        self.bar.audit_progress(progress)
+
+
+def _failure_lines(report: Any) -> list[str]:
+    """Failed samples grouped by status, each with the first message and the first ids."""
+    failed = [s for s in report.samples if s.error is not None]
+    by_code = Counter(s.error.code for s in failed)
+    lines = []
+    for code, count in by_code.most_common():
+        first = next(s for s in failed if s.error.code == code)
+        ids = [s.id for s in failed if s.error.code == code][:5]
+        more = ", ..." if count > len(ids) else ""
+        lines.append(f"  {count} x {code} (samples {', '.join(ids)}{more}): {first.error.message}")
+    return lines
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     from interscope.report import write_report
 
     x, y = _load_data(args.data, args.limit)
     models = [m.strip() for m in args.model.split(",") if m.strip()]
+    print(_audit_header(args, len(x)), file=sys.stderr, flush=True)
     reports = []
     with _client(args) as client:
         for model in models:
@@ -439,31 +622,58 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                 checkpoint = args.out / f"checkpoint-{model}.jsonl"
             if checkpoint is not None and len(models) > 1 and args.checkpoint is not None:
                 checkpoint = checkpoint.with_name(f"{checkpoint.stem}-{model}{checkpoint.suffix}")
-            with ProgressBar(f"audit {model}") as bar:
-                report = client.audit(
-                    model=model,
-                    x=x,
-                    y=y,
-                    attack=_attack_options(args),
-                    profile=_profile_options(args),
-                    checkpoint=checkpoint,
-                    streams_per_address=args.streams_per_address,
-                    on_progress=bar.audit_progress,
+            watch = _AuditWatch(f"audit {model}", checkpoint)
+            try:
+                with watch.bar:
+                    report = client.audit(
+                        model=model,
+                        x=x,
+                        y=y,
+                        attack=_attack_options(args),
+                        profile=_profile_options(args),
+                        checkpoint=checkpoint,
+                        streams_per_address=args.streams_per_address,
+                        on_progress=watch,
+                    )
+            except KeyboardInterrupt:
+                where = (
+                    f"rerun the same command to resume from {checkpoint}"
+                    if checkpoint is not None
+                    else "nothing was kept: pass --out or --checkpoint to make audits resumable"
                 )
+                raise CliError(
+                    f"interrupted with {watch.done} of {watch.total} samples of {model} done",
+                    where,
+                    exit_code=EXIT_INTERRUPTED,
+                ) from None
             reports.append(report)
     if args.out is not None:
         write_report(reports, args.out, plots=not args.no_plots)
     data: Any = reports[0].to_dict() if len(reports) == 1 else [r.to_dict() for r in reports]
-    text = "\n".join(
-        f"{r.model}: {r.summary.n_samples} samples, clean accuracy "
-        f"{r.summary.clean_accuracy:.3f}, robust accuracy {r.summary.robust_accuracy:.3f}"
-        + (f" ({r.resumed_samples} from the checkpoint)" if r.resumed_samples else "")
-        for r in reports
-    )
+    lines = []
+    for r in reports:
+        ok = r.summary.n_samples  # the samples that did not fail
+        line = f"{r.model}: {ok} of {len(r.samples)} samples audited"
+        if ok:
+            line += (
+                f", clean accuracy {r.summary.clean_accuracy:.3f}, robust accuracy "
+                f"{r.summary.robust_accuracy:.3f}"
+            )
+        if r.resumed_samples:
+            line += f" ({r.resumed_samples} from the checkpoint)"
+        lines.append(line)
     if args.out is not None:
-        text += f"\nreport: {args.out / 'report.html'}"
-    _emit(args, data, text)
-    return 0
+        lines.append(f"report: {args.out / 'report.html'}")
+    _emit(args, data, "\n".join(lines))
+    failed = [r for r in reports if r.summary.n_failed]
+    for r in failed:
+        print(
+            f"interscope audit: {r.summary.n_failed} of {len(r.samples)} samples of {r.model} "
+            "failed (fix them and rerun: finished samples are kept in the checkpoint):",
+            file=sys.stderr,
+        )
+        print("\n".join(_failure_lines(r)), file=sys.stderr)
+    return EXIT_ERROR if failed else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -494,17 +704,85 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("interscope")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown (not installed)"
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    if args.command == "models":
+        return f"models {args.models_command}"
+    return str(args.command)
+
+
+def _hint(error: InterscopeError, args: argparse.Namespace) -> str:
+    """What to do about a server's answer, where the status alone says it."""
+    address = getattr(args, "address", "")
+    return {
+        "UNAVAILABLE": f"is a replica running at {address}? `interscope serve` starts one"
+        if address
+        else "",
+        "UNAUTHENTICATED": "pass --token or set INTERSCOPE_TOKEN",
+        "NOT_FOUND": "`interscope models list` shows what the replica has",
+        "DEADLINE_EXCEEDED": "raise --timeout, or ask for less work",
+        "RESOURCE_EXHAUSTED": "ask for less work in one call, or raise the server's limit",
+        "INTERNAL": "a server bug: its log has the request id",
+    }.get(error.code, "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `interscope` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the `interscope` console script; returns the exit code.
+
+    Every failure is one line on stderr, `interscope <command>: <what> (<what to do>)`, and a
+    non-zero exit code; `--debug` shows the traceback instead.
+    """
+    words = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in words  # accepted after the command too, where people type it
+    parser = build_parser()
+    args, extra = parser.parse_known_args([w for w in words if w != "--debug"])
+    if extra and not getattr(args, "server_missing", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.debug = debug
+    name = _command_name(args)
     try:
         return _COMMANDS[args.command](args)
-    except InterscopeError as error:
-        print(f"interscope {args.command}: {error}", file=sys.stderr)
-        return EXIT_ERROR
-    except (ValueError, OSError) as error:
-        print(f"interscope {args.command}: {error}", file=sys.stderr)
-        return EXIT_ERROR
+    except BaseException as error:
+        if args.debug or isinstance(error, SystemExit):
+            raise
+        message, code = _one_line(error, args)
+        print(f"interscope {name}: {message}", file=sys.stderr)
+        return code
+
+
+def _one_line(error: BaseException, args: argparse.Namespace) -> tuple[str, int]:
+    """The message and exit code the CLI shows for an error escaping a command."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted", EXIT_INTERRUPTED
+    if isinstance(error, CliError):
+        return str(error), error.exit_code
+    if isinstance(error, InterscopeError):
+        hint = _hint(error, args)
+        return (f"{error} ({hint})" if hint else str(error)), EXIT_ERROR
+    if isinstance(error, ModuleNotFoundError):
+        missing = (error.name or "").split(".")[0]
+        if missing in _SERVER_MODULES:
+            return (
+                f"this needs the server, which is not installed (no module {missing!r}) "
+                '(pip install "interscope[server]")',
+                EXIT_ERROR,
+            )
+        if missing == "matplotlib":
+            return 'plots need matplotlib (pip install "interscope[plot]")', EXIT_ERROR
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror or error}", EXIT_ERROR
+    if isinstance(error, (ValueError, OSError)):
+        return str(error), EXIT_ERROR
+    detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+    return f"unexpected error: {detail} (rerun with --debug for the traceback)", EXIT_ERROR
 
 
 if __name__ == "__main__":

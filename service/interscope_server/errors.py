@@ -11,6 +11,9 @@
     ├── Cancelled            the caller cancelled             -> CANCELLED
     └── DeadlineExceeded     the caller's deadline passed     -> DEADLINE_EXCEEDED
 
+StartupError (not an InterscopeError: no request is involved) is a replica that cannot start,
+with a hint naming the setting to change; `interscope serve` prints it as one line.
+
 Anything else that escapes a request is a bug and becomes INTERNAL (logged with the request id).
 Messages say what was wrong and what is allowed; they are sent to the caller as they are.
 """
@@ -61,3 +64,13 @@ class Cancelled(InterscopeError):
 
 class DeadlineExceeded(InterscopeError):
     """The caller's deadline passed; computation stopped at a chunk boundary."""
+
+
+class StartupError(Exception):
+    """The replica cannot start as configured (a port taken, a missing repository)."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(f"{message} ({hint})")
+        self.message = message
+        #: What to change, naming the setting (flag and environment variable).
+        self.hint = hint

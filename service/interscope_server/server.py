@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +22,7 @@ from interscope_server.api.analysis_servicer import AnalysisServicer
 from interscope_server.api.interceptors import AuthInterceptor, ObservabilityInterceptor
 from interscope_server.api.model_servicer import ModelServicer
 from interscope_server.config import Settings
+from interscope_server.errors import StartupError
 from interscope_server.metrics import Metrics
 from interscope_server.models.backend import BackendOptions
 from interscope_server.models.batcher import BatcherOptions, ModelObserver
@@ -76,6 +79,12 @@ class InterscopeServer:
         else:
             self._scratch = None
             root = Path(settings.model_repository)
+            if not root.is_dir():
+                raise StartupError(
+                    f"model repository {str(root)!r} is not a directory",
+                    "set --model-repository / INTERSCOPE_MODEL_REPOSITORY to a folder with one "
+                    "subfolder per model; `interscope demo-repository DIR` writes an example",
+                )
         self.registry = ModelRegistry(
             ModelRepository(root, max_upload_bytes=settings.max_upload_bytes),
             backend_options=BackendOptions(
@@ -142,16 +151,35 @@ class InterscopeServer:
         reflection.enable_server_reflection(SERVICE_NAMES, server)
         address = f"{s.host}:{s.port}"
         credentials = self._credentials()
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
+        port = 0
+        # Checked before grpc tries, so the one line an operator reads is ours rather than
+        # C-core's log line; grpc's own failure (0 or RuntimeError) still covers the race.
+        if not s.port or _port_free(s.host, s.port):
+            try:
+                if credentials is None:
+                    port = server.add_insecure_port(address)
+                else:
+                    port = server.add_secure_port(address, credentials)
+            except RuntimeError:  # grpc's "Failed to bind to address"
+                port = 0
         if port == 0:
-            raise OSError(f"could not bind the gRPC port {address}")
+            raise StartupError(
+                f"cannot bind the gRPC port {address}: another process holds it, or the "
+                "address is not this machine's",
+                "pick another --port / INTERSCOPE_PORT (0 picks a free one) or --host",
+            )
         self.port = port
         self._server = server
         if s.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(s.metrics_host, s.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve_http(s.metrics_host, s.metrics_port)
+            except OSError as error:
+                raise StartupError(
+                    f"cannot bind the metrics port {s.metrics_host}:{s.metrics_port} "
+                    f"({error.strerror or error}); a second replica on one machine needs its own",
+                    "pick another --metrics-port / INTERSCOPE_METRICS_PORT (0 picks a free "
+                    "one), or --no-metrics",
+                ) from None
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         # Models load off the event loop so health answers (NOT_SERVING per model) meanwhile.
@@ -183,6 +211,25 @@ class InterscopeServer:
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self._scratch is not None:
             self._scratch.cleanup()
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether `host:port` can be bound now (a name that resolves nowhere counts as free: grpc
+    then reports it)."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return True
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            # As grpc binds: a port lingering in TIME_WAIT is free, one with a listener is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    return False
+    return True
 
 
 def _address_for_clients(host: str, port: int) -> str:

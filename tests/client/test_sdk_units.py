@@ -15,7 +15,7 @@ from interscope._checkpoint import Checkpoint, fingerprint
 from interscope._client import combined_target, service_config, split_addresses
 from interscope._exceptions import error_for_code, from_rpc_error
 from interscope._models import InteractionProfile, PerturbationProfile, SampleResult
-from interscope._progress import ProgressBar
+from interscope._progress import ProgressBar, format_duration
 from interscope._summary import Z95, summarize
 from interscope.report import band_means, load_report, render_html, write_report
 from interscope.v1 import analysis_pb2
@@ -243,13 +243,32 @@ def test_reports_write_json_pngs_and_a_self_contained_page(tmp_path: Path) -> No
     assert band_means(_report_dict("m1"), "clean_mean_abs") == pytest.approx((0.3, 0.2, 0.1))
 
 
-def test_progress_bar_is_quiet_when_piped() -> None:
+def test_progress_on_a_pipe_is_a_plain_line_at_every_tenth() -> None:
     piped = io.StringIO()
-    bar = ProgressBar("audit", stream=piped)
-    bar.update(1, 2)
+    bar = ProgressBar("audit", stream=piped, terminal=False)
+    for done in range(0, 41):
+        bar.update(done, 40)
     bar.close()
-    assert piped.getvalue() == ""
+    lines = piped.getvalue().splitlines()
+    # 0%, 10%, ..., 100%: eleven lines, no carriage returns, the last one complete.
+    assert len(lines) == 11 and "\r" not in piped.getvalue()
+    assert lines[0].startswith("audit: 0/40 (0%)") and lines[-1].startswith("audit: 40/40 (100%)")
+    assert all("/s" in line and "elapsed" in line for line in lines)
+    assert "eta" in lines[5] and "eta" not in lines[-1]
+
+
+def test_progress_on_a_terminal_redraws_one_line_with_rate_and_eta() -> None:
     shown = io.StringIO()
-    with ProgressBar("audit", stream=shown, enabled=True) as bar:
-        bar.update(2, 2)
-    assert "\raudit [" in shown.getvalue() and "2/2" in shown.getvalue()
+    with ProgressBar("audit", stream=shown, terminal=True) as bar:
+        bar.update(1, 4)
+        bar.update(4, 4)
+    text = shown.getvalue()
+    assert text.count("\raudit [") == 2 and text.endswith("\n")
+    assert "1/4 (25%)" in text and "elapsed" in text and "4/4 (100%)" in text
+    quiet = io.StringIO()
+    ProgressBar("audit", stream=quiet, enabled=False).update(1, 2)
+    assert quiet.getvalue() == ""
+
+
+def test_durations_read_as_people_write_them() -> None:
+    assert [format_duration(s) for s in (0, 42.4, 185, 3720)] == ["0s", "42s", "3m05s", "1h02m"]
