@@ -125,7 +125,9 @@ class ModelConfig(BaseModel):
         description="Model file, relative to the model folder; may not leave the folder. "
         "Required except for format oip, which has none.",
     )
-    input: TensorSpec
+    input: TensorSpec = Field(
+        default_factory=TensorSpec, description="The input; format oip may leave it out."
+    )
     output_name: str = Field(default="logits", description="Name of the logits output.")
     classes: list[str] = Field(description="Class labels, in logit order; at least two.")
     value_range: tuple[float, float] = Field(

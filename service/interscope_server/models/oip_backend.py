@@ -191,7 +191,8 @@ class OipBackend(Backend):
     def _watch(self) -> None:
         while not self._closed.wait(self.endpoint.health_interval_s):
             try:
-                self._require_ready(self.config.name)
+                # No retries: the next poll is the retry, and a poll must not outlast the interval.
+                self._require_ready(self.config.name, retries=0)
                 ready, message = True, ""
             except InterscopeError as exc:
                 ready, message = False, str(exc)
@@ -201,9 +202,9 @@ class OipBackend(Backend):
                 if self._on_ready is not None and not self._closed.is_set():
                     self._on_ready(ready, message)
 
-    def _require_ready(self, name: str) -> None:
+    def _require_ready(self, name: str, *, retries: int | None = None) -> None:
         request = pb.ModelReadyRequest(name=self.endpoint.model, version=self.endpoint.version)
-        answer = self._call(self._stub.ModelReady, request, "readiness", retries=0)
+        answer = self._call(self._stub.ModelReady, request, "readiness", retries=retries)
         if not answer.ready:
             raise Unavailable(
                 f"model {name!r}: the remote model {self._remote_name()} at "
@@ -246,7 +247,8 @@ class OipBackend(Backend):
         said = f"{code.name}: {detail}"
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return Unavailable(
-                f"{what} call to {where} failed after {tries} tries ({said}); retry later"
+                f"{what} call to {where} failed after {tries} "
+                f"{'try' if tries == 1 else 'tries'} ({said}); retry later"
             )
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
             return Unavailable(f"{where} is overloaded ({said}); retry later")
