@@ -17,6 +17,7 @@ from oip_mlserver import RemoteModel, mlserver
 from pydantic import ValidationError
 
 import interscope
+from interscope.v1 import models_pb2
 from interscope_server.config import Settings
 from interscope_server.errors import FailedPrecondition, InvalidArgument, Unavailable
 from interscope_server.models import ModelConfig, ModelRegistry, ModelRepository, ModelState
@@ -266,3 +267,15 @@ def test_oip_config_validation() -> None:
     for config, message in problems:
         with pytest.raises(ValidationError, match=message):
             ModelConfig.model_validate(config)
+
+
+def test_an_oip_model_cannot_be_uploaded(client: interscope.Client) -> None:
+    """A remote model comes only from the operator's repository, never over the wire."""
+    config = models_pb2.ModelConfig(
+        format=models_pb2.MODEL_FORMAT_OIP,
+        input=models_pb2.TensorInfo(name="input", shape=[1, 16, 16]),
+        classes=[str(d) for d in range(10)],
+        value_range_high=1.0,
+    )
+    with pytest.raises(interscope.InvalidArgumentError, match="MODEL_FORMAT_ONNX"):
+        client.load_model("uploaded-remote", model_bytes=b"\x00" * 16, config=config)
