@@ -12,15 +12,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-PACKAGE_DIR = Path("interscope") / "v1"
+# interscope's own API, and the Open Inference Protocol v2 the `oip` backend calls.
+PACKAGE_DIRS = (Path("interscope") / "v1", Path("interscope") / "oip" / "v2")
 OUT_ROOT = ROOT / "client"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 
 def generate(out_root: Path) -> list[Path]:
     """Run protoc (grpcio-tools) with the mypy-protobuf plugins into out_root; return the files."""
-    protos = sorted((PROTO_ROOT / PACKAGE_DIR).glob("*.proto"))
-    (out_root / PACKAGE_DIR).mkdir(parents=True, exist_ok=True)
+    protos = sorted(p for package in PACKAGE_DIRS for p in (PROTO_ROOT / package).glob("*.proto"))
+    for package in PACKAGE_DIRS:
+        (out_root / package).mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable,
         "-m",
@@ -38,7 +40,10 @@ def generate(out_root: Path) -> list[Path]:
     env = {**os.environ, "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")])}
     subprocess.run(command, check=True, cwd=PROTO_ROOT, env=env)
     return sorted(
-        p for p in (out_root / PACKAGE_DIR).iterdir() if p.name.endswith(GENERATED_SUFFIXES)
+        p
+        for package in PACKAGE_DIRS
+        for p in (out_root / package).iterdir()
+        if p.name.endswith(GENERATED_SUFFIXES)
     )
 
 
@@ -46,23 +51,28 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="fail if committed stubs are stale")
     args = parser.parse_args()
-    committed_dir = OUT_ROOT / PACKAGE_DIR
     if not args.check:
-        for old in committed_dir.iterdir():
-            if old.name.endswith(GENERATED_SUFFIXES):
-                old.unlink()
+        for package in PACKAGE_DIRS:
+            for old in (OUT_ROOT / package).iterdir():
+                if old.name.endswith(GENERATED_SUFFIXES):
+                    old.unlink()
         for path in generate(OUT_ROOT):
             print(f"wrote {path.relative_to(ROOT)}")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        fresh = {p.name: p for p in generate(Path(tmp))}
-        committed = {p.name for p in committed_dir.iterdir() if p.name.endswith(GENERATED_SUFFIXES)}
+        fresh = {p.relative_to(tmp): p for p in generate(Path(tmp))}
+        committed = {
+            p.relative_to(OUT_ROOT)
+            for package in PACKAGE_DIRS
+            for p in (OUT_ROOT / package).iterdir()
+            if p.name.endswith(GENERATED_SUFFIXES)
+        }
         stale = sorted(
-            name
+            str(name)
             for name in fresh.keys() | committed
             if name not in fresh
             or name not in committed
-            or not filecmp.cmp(fresh[name], committed_dir / name, shallow=False)
+            or not filecmp.cmp(fresh[name], OUT_ROOT / name, shallow=False)
         )
         if stale:
             print("stale generated stubs (run: python scripts/gen_protos.py):", *stale, sep="\n  ")

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _copy_tree(tmp_path: Path) -> Path:
     """The parts of the repository the generator reads and writes, in a scratch copy."""
     copy = tmp_path / "repo"
-    for part in ("proto", "scripts", "client/interscope/v1"):
+    for part in ("proto", "scripts", "client/interscope/v1", "client/interscope/oip/v2"):
         shutil.copytree(ROOT / part, copy / part)
     return copy
 

@@ -50,6 +50,7 @@ from interscope._exceptions import (
     UnavailableError,
     UnimplementedError,
 )
+from interscope._merge import merge_audits
 from interscope._models import (
     AttackResult,
     AttackSummary,
@@ -116,6 +117,7 @@ __all__ = [
     "UnavailableError",
     "UnimplementedError",
     "__version__",
+    "merge_audits",
 ]
 
 # Public names report this package as their home (as httpx does), so reprs and docs show

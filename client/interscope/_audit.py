@@ -8,6 +8,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -66,6 +67,9 @@ class AuditPlan:
     audit_id: str = ""
     on_progress: Callable[[AuditProgress], None] | None = None
     metadata: tuple[tuple[str, str], ...] = ()
+    #: (index, count, total): this plan holds shard `index` of `count` of a `total`-sample
+    #: dataset (samples index, index + count, ...); None for a whole dataset.
+    shard: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -137,7 +141,11 @@ async def run_audit(
     fp = fingerprint({"config": config_dict, "model_content_hash": info.content_hash})
     state = _State(total=len(plan.ids), queue=asyncio.Queue(), stop=asyncio.Event())
     wanted = set(plan.ids)
-    checkpoint = Checkpoint.open(plan.checkpoint, fp, config_dict) if plan.checkpoint else None
+    checkpoint = (
+        Checkpoint.open(plan.checkpoint, fp, config_dict, checkpoint_header(plan, info))
+        if plan.checkpoint
+        else None
+    )
     try:
         if checkpoint is not None:
             state.results = {k: v for k, v in checkpoint.done.items() if k in wanted}
@@ -191,6 +199,21 @@ async def run_audit(
         resumed_samples=state.resumed,
         server_summaries=[AuditSummary.from_proto(s) for s in state.summaries],
     )
+
+
+def checkpoint_header(plan: AuditPlan, info: models_pb2.ModelInfo) -> dict[str, Any]:
+    """What a checkpoint records beyond the config, so shards can be merged without a server."""
+    shard = None
+    if plan.shard is not None:
+        index, count, total = plan.shard
+        shard = {"index": index, "count": count, "total": total}
+    return {
+        "model": plan.model,
+        "model_content_hash": info.content_hash,
+        "classes": list(info.classes),
+        "shard": shard,
+        "sample_ids": list(plan.ids),
+    }
 
 
 def _report_progress(plan: AuditPlan, state: _State, last: SampleResult | None) -> None:

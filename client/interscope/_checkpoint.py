@@ -36,50 +36,32 @@ class Checkpoint:
         self.done = done
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], fp: str, config: dict[str, Any]) -> Checkpoint:
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        fp: str,
+        config: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+    ) -> Checkpoint:
         """Open or create the checkpoint at `path` for the audit with fingerprint `fp`.
 
-        Raises CheckpointError if the file belongs to another configuration or is not a
-        checkpoint at all (delete it, or pick another path, to start over).
+        `extra` goes into a new file's header (what `merge_audits` needs: the model, its classes,
+        the shard and its sample ids). Raises CheckpointError if the file belongs to another
+        configuration or is not a checkpoint at all (delete it, or pick another path, to start
+        over).
         """
         path = Path(path)
-        done: dict[str, analysis_pb2.SampleResult] = {}
-        good_end = 0
-        if path.exists() and path.stat().st_size > 0:
-            with path.open("rb") as f:
-                data = f.read()
-            lines = data.split(b"\n")
-            offset = 0
-            for number, raw in enumerate(lines):
-                complete = number < len(lines) - 1  # the part after the last newline is torn
-                if not complete:
-                    break
-                try:
-                    record = json.loads(raw)
-                except json.JSONDecodeError:
-                    if number == 0:
-                        raise CheckpointError(f"{path} is not an interscope checkpoint") from None
-                    raise CheckpointError(f"{path}: line {number + 1} is not JSON") from None
-                if number == 0:
-                    if not isinstance(record, dict) or record.get("format") != FORMAT:
-                        raise CheckpointError(f"{path} is not an interscope checkpoint")
-                    if record.get("fingerprint") != fp:
-                        raise CheckpointError(
-                            f"{path} belongs to an audit with another configuration "
-                            f"(fingerprint {record.get('fingerprint')}, this audit {fp}); "
-                            "remove it or choose another checkpoint path"
-                        )
-                else:
-                    result = json_format.ParseDict(
-                        record["sample"], analysis_pb2.SampleResult(), ignore_unknown_fields=True
-                    )
-                    done.setdefault(result.id, result)
-                offset += len(raw) + 1
-                good_end = offset
+        header, done, good_end = read_checkpoint(path)
+        if header is not None and header.get("fingerprint") != fp:
+            raise CheckpointError(
+                f"{path} belongs to an audit with another configuration "
+                f"(fingerprint {header.get('fingerprint')}, this audit {fp}); "
+                "remove it or choose another checkpoint path"
+            )
         handle = path.open("a+", encoding="utf-8")
         if good_end == 0:
             handle.truncate(0)
-            header = {"format": FORMAT, "fingerprint": fp, "config": config}
+            header = {**(extra or {}), "format": FORMAT, "fingerprint": fp, "config": config}
             handle.write(json.dumps(header, sort_keys=True) + "\n")
             handle.flush()
         else:
@@ -99,3 +81,41 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_checkpoint(
+    path: Path,
+) -> tuple[dict[str, Any] | None, dict[str, analysis_pb2.SampleResult], int]:
+    """A checkpoint's header (None for a missing or empty file), its results by sample id, and
+    the byte offset where its complete lines end (a torn last line lies beyond it)."""
+    done: dict[str, analysis_pb2.SampleResult] = {}
+    header: dict[str, Any] | None = None
+    good_end = 0
+    if not path.exists() or path.stat().st_size == 0:
+        return None, done, 0
+    with path.open("rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    offset = 0
+    for number, raw in enumerate(lines):
+        complete = number < len(lines) - 1  # the part after the last newline is torn
+        if not complete:
+            break
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError:
+            if number == 0:
+                raise CheckpointError(f"{path} is not an interscope checkpoint") from None
+            raise CheckpointError(f"{path}: line {number + 1} is not JSON") from None
+        if number == 0:
+            if not isinstance(record, dict) or record.get("format") != FORMAT:
+                raise CheckpointError(f"{path} is not an interscope checkpoint")
+            header = record
+        else:
+            result = json_format.ParseDict(
+                record["sample"], analysis_pb2.SampleResult(), ignore_unknown_fields=True
+            )
+            done.setdefault(result.id, result)
+        offset += len(raw) + 1
+        good_end = offset
+    return header, done, good_end

@@ -315,15 +315,33 @@ class BaseClient:
         return_adversarial: bool,
         audit_id: str,
         on_progress: Callable[[AuditProgress], None] | None,
+        shard: tuple[int, int] | None = None,
     ) -> AuditPlan:
         batch = _as_batch(x)
         n = len(batch)
+        labels = np.asarray(y, dtype=np.int64).reshape(-1)
+        goals = None if targets is None else np.asarray(targets, dtype=np.int64).reshape(-1)
+        names = [str(i) for i in ids] if ids is not None else [str(i) for i in range(n)]
+        placed: tuple[int, int, int] | None = None
+        if shard is not None:
+            index, count = shard
+            if count < 1 or not 0 <= index < count:
+                raise ValueError(
+                    f"shard must be (index, count) with 0 <= index < count, got {shard}"
+                )
+            if len(labels) != n or len(names) != n or (goals is not None and len(goals) != n):
+                raise ValueError(f"x, y, ids and targets must all have {n} entries to shard")
+            # Every count-th sample from index: ids stay the whole dataset's, so shards merge.
+            batch, labels, names = batch[index::count], labels[index::count], names[index::count]
+            goals = None if goals is None else goals[index::count]
+            placed = (index, count, n)
         return AuditPlan(
             model=model,
             x=batch,
-            y=np.asarray(y, dtype=np.int64).reshape(-1),
-            targets=None if targets is None else np.asarray(targets, dtype=np.int64).reshape(-1),
-            ids=[str(i) for i in ids] if ids is not None else [str(i) for i in range(n)],
+            y=labels,
+            targets=goals,
+            ids=names,
+            shard=placed,
             attack=AttackOptions.coerce(attack).to_proto(),
             profile=ProfileOptions.coerce(profile).to_proto(),
             checkpoint=Path(checkpoint) if checkpoint is not None else None,
@@ -537,9 +555,11 @@ class Client(BaseClient):
         return_adversarial: bool = False,
         audit_id: str = "",
         on_progress: Callable[[AuditProgress], None] | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> AuditReport:
         """Audit every sample exactly once over concurrent Audit streams; see AsyncClient.audit."""
         plan = self._audit_plan(
+            shard=shard,
             model=model,
             x=x,
             y=y,
@@ -730,6 +750,7 @@ class AsyncClient(BaseClient):
         return_adversarial: bool = False,
         audit_id: str = "",
         on_progress: Callable[[AuditProgress], None] | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> AuditReport:
         """Audit every sample of `x` (N, *input_shape) with labels `y` exactly once.
 
@@ -739,8 +760,13 @@ class AsyncClient(BaseClient):
         JSON-lines file) records finished samples as they arrive, so a rerun with the same
         configuration sends only what is missing. The summary is computed here from every
         sample's result. Sample ids default to "0" .. "N-1".
+
+        `shard=(index, count)` audits only samples index, index + count, ... (ids stay the whole
+        dataset's); `merge_audits` over the checkpoints of all `count` shards gives the report
+        of the whole dataset, as a Kubernetes Indexed Job does with JOB_COMPLETION_INDEX.
         """
         plan = self._audit_plan(
+            shard=shard,
             model=model,
             x=x,
             y=y,

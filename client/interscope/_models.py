@@ -61,6 +61,7 @@ def _i64(values: Sequence[int]) -> np.ndarray:
 _FORMATS = {
     models_pb2.MODEL_FORMAT_ONNX: "onnx",
     models_pb2.MODEL_FORMAT_TORCHSCRIPT: "torchscript",
+    models_pb2.MODEL_FORMAT_OIP: "oip",
 }
 _STATES = {
     models_pb2.MODEL_STATE_LOADING: "loading",

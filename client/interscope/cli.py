@@ -1,4 +1,5 @@
-"""The `interscope` command line: serve, demo, models, profile, attack, audit, report, health."""
+"""The `interscope` command line: serve, demo, models, profile, attack, audit, report,
+audit-merge, health."""
 
 from __future__ import annotations
 
@@ -352,12 +353,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--streams-per-address", type=_count(1), default=2)
     audit.add_argument("--no-plots", action="store_true")
+    audit.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="audit one of this many shards (samples I, I+N, ...); merge with audit-merge",
+    )
+    audit.add_argument(
+        "--shard-index",
+        type=int,
+        help="which shard, 0-based (default: env JOB_COMPLETION_INDEX, as in an Indexed Job)",
+    )
     _attack_args(audit)
     _profile_args(audit, default_estimator="sampled")
 
     report = sub.add_parser("report", help="combine report.json files into one report")
     report.add_argument("reports", nargs="+", type=Path, help="report.json files or dirs")
     report.add_argument("--out", type=Path, required=True)
+
+    merge = sub.add_parser(
+        "audit-merge", help="merge the checkpoints of sharded audits into one report per model"
+    )
+    merge.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint files or dirs")
+    merge.add_argument("--out", type=Path, required=True, help="report directory")
+    merge.add_argument("--no-plots", action="store_true")
+    merge.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
 
     health = sub.add_parser("health", parents=[conn], help="exit 0 if the server is SERVING")
     health.add_argument("--service", default="", help="a model name (default: the server)")
@@ -612,14 +632,19 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     x, y = _load_data(args.data, args.limit)
     models = [m.strip() for m in args.model.split(",") if m.strip()]
-    print(_audit_header(args, len(x)), file=sys.stderr, flush=True)
+    shard = _shard(args)
+    suffix = "" if shard is None else f"-shard-{shard[0]}-of-{shard[1]}"
+    header = _audit_header(args, len(x))
+    if shard is not None:
+        header += f"; shard {shard[0]} of {shard[1]}"
+    print(header, file=sys.stderr, flush=True)
     reports = []
     with _client(args) as client:
         for model in models:
             checkpoint = args.checkpoint
             if checkpoint is None and args.out is not None:
                 args.out.mkdir(parents=True, exist_ok=True)
-                checkpoint = args.out / f"checkpoint-{model}.jsonl"
+                checkpoint = args.out / f"checkpoint-{model}{suffix}.jsonl"
             if checkpoint is not None and len(models) > 1 and args.checkpoint is not None:
                 checkpoint = checkpoint.with_name(f"{checkpoint.stem}-{model}{checkpoint.suffix}")
             watch = _AuditWatch(f"audit {model}", checkpoint)
@@ -634,6 +659,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                         checkpoint=checkpoint,
                         streams_per_address=args.streams_per_address,
                         on_progress=watch,
+                        shard=shard,
                     )
             except KeyboardInterrupt:
                 where = (
@@ -676,6 +702,43 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_ERROR if failed else 0
 
 
+def _shard(args: argparse.Namespace) -> tuple[int, int] | None:
+    """(index, count) of a sharded audit, the index from --shard-index or JOB_COMPLETION_INDEX."""
+    import os
+
+    if args.shards < 1:
+        raise ValueError(f"--shards must be >= 1, got {args.shards}")
+    if args.shards == 1 and args.shard_index in (None, 0):
+        return None
+    index = args.shard_index
+    if index is None:
+        given = os.environ.get("JOB_COMPLETION_INDEX", "")
+        if not given.isdigit():
+            raise ValueError(
+                "--shards needs --shard-index or the env JOB_COMPLETION_INDEX (an Indexed Job's)"
+            )
+        index = int(given)
+    if not 0 <= index < args.shards:
+        raise ValueError(f"shard index {index} is outside 0..{args.shards - 1}")
+    return index, args.shards
+
+
+def _cmd_audit_merge(args: argparse.Namespace) -> int:
+    from interscope._merge import merge_audits
+    from interscope.report import write_report
+
+    reports = merge_audits(args.checkpoints)
+    write_report(reports, args.out, plots=not args.no_plots)
+    data: Any = reports[0].to_dict() if len(reports) == 1 else [r.to_dict() for r in reports]
+    text = "\n".join(
+        f"{r.model}: {r.summary.n_samples} samples merged, clean accuracy "
+        f"{r.summary.clean_accuracy:.3f}, robust accuracy {r.summary.robust_accuracy:.3f}"
+        for r in reports
+    )
+    _emit(args, data, text + f"\nreport: {args.out / 'report.html'}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from interscope.report import load_report, write_report
 
@@ -700,6 +763,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "attack": _cmd_attack,
     "audit": _cmd_audit,
     "report": _cmd_report,
+    "audit-merge": _cmd_audit_merge,
     "health": _cmd_health,
 }
 

@@ -65,6 +65,19 @@ class Metrics:
             ["model", "outcome"],
             registry=self.registry,
         )
+        self.remote_calls = Counter(
+            "interscope_remote_infer_calls",
+            "ModelInfer calls to remote (format oip) models, by outcome (ok or the error).",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
+        self.remote_latency = Histogram(
+            "interscope_remote_infer_seconds",
+            "Wall time of each ModelInfer call to a remote (format oip) model, retries included.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.gpu_memory = Gauge(
             "interscope_gpu_memory_bytes",
             "GPU memory allocated by torch on each CUDA device.",

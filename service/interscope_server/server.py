@@ -58,6 +58,10 @@ class MetricsObserver(ModelObserver):
     def on_load(self, model: str, outcome: str) -> None:
         self._metrics.model_loads.labels(model, outcome).inc()
 
+    def on_remote_call(self, model: str, seconds: float, outcome: str) -> None:
+        self._metrics.remote_calls.labels(model, outcome).inc()
+        self._metrics.remote_latency.labels(model).observe(seconds)
+
 
 class InterscopeServer:
     """One replica. Create it, `await start()`, then `await stop()` (or serve() does both)."""
@@ -119,7 +123,7 @@ class InterscopeServer:
         name = status.name
         serving = (
             health_pb2.HealthCheckResponse.SERVING
-            if status.state is ModelState.READY
+            if status.state is ModelState.READY and status.serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         loop = self._loop

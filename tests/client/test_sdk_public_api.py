@@ -13,7 +13,7 @@ def test_all_is_sorted_and_complete() -> None:
     for name in interscope.__all__:
         assert hasattr(interscope, name), name
     public = {n for n in dir(interscope) if not n.startswith("_") and n not in {"annotations"}}
-    modules = {"codec", "v1", "cli", "report", "errors"}
+    modules = {"codec", "v1", "oip", "cli", "report", "errors"}
     assert public - modules - set(interscope.__all__) == set()
 
 

@@ -26,6 +26,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 KUSTOMIZE_DIR = REPO_ROOT / "deploy" / "kubernetes"
 BASE = KUSTOMIZE_DIR / "base"
 CPU = KUSTOMIZE_DIR / "overlays" / "cpu"
+JOBS = KUSTOMIZE_DIR / "jobs"
+MERGE = JOBS / "merge"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 Obj = dict[str, Any]
@@ -79,7 +81,9 @@ def _kubectl_with_modern_kustomize() -> str | None:
     return kubectl if match and int(match.group(1)) >= 4 else None
 
 
-@pytest.mark.parametrize("directory", [BASE, CPU], ids=["base", "cpu"])
+@pytest.mark.parametrize(
+    "directory", [BASE, CPU, JOBS, MERGE], ids=["base", "cpu", "jobs", "merge"]
+)
 def test_fallback_renderer_matches_kubectl_kustomize(directory: Path) -> None:
     kubectl = _kubectl_with_modern_kustomize()
     if kubectl is None:
@@ -95,7 +99,9 @@ def test_fallback_renderer_matches_kubectl_kustomize(directory: Path) -> None:
     assert kustomize_lite.differences(kustomize_lite.render(directory), theirs) == []
 
 
-@pytest.mark.parametrize("directory", [BASE, CPU], ids=["base", "cpu"])
+@pytest.mark.parametrize(
+    "directory", [BASE, CPU, JOBS, MERGE], ids=["base", "cpu", "jobs", "merge"]
+)
 def test_every_object_validates_offline(directory: Path) -> None:
     objects = kustomize_lite.render(directory)
     assert validate_manifests.validate(objects, "1.29.0") == []
@@ -266,3 +272,62 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _expanded(args: list[str], env: dict[str, str]) -> list[str]:
+    """Container args with $(VAR) replaced as the kubelet does."""
+    return [re.sub(r"\$\(([A-Z_]+)\)", lambda m: env[m.group(1)], arg) for arg in args]
+
+
+def test_audit_job_shards_over_completions_and_checkpoints_on_the_claim(
+    base: dict[str, Obj],
+) -> None:
+    """The Indexed Job runs `interscope audit` on shard JOB_COMPLETION_INDEX of as many shards
+    as it has completions, against the base's headless Service, checkpointing on the claim."""
+    from interscope.cli import _shard, build_parser
+
+    jobs = {obj["kind"]: obj for obj in kustomize_lite.render(JOBS)}
+    job, config = jobs["Job"], jobs["ConfigMap"]["data"]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == int(config["AUDIT_SHARDS"])
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {key: value for key, value in config.items()}
+    env.update(JOB_COMPLETION_INDEX="2", POD_NAMESPACE="team")
+    declared = {v["name"] for v in container["env"]}
+    used = set(re.findall(r"\$\(([A-Z_]+)\)", " ".join(container["args"])))
+    assert used <= declared, f"$(VAR) not declared in env: {sorted(used - declared)}"
+    args = build_parser().parse_args(_expanded(container["args"], env))
+    assert args.command == "audit"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JOB_COMPLETION_INDEX", "2")
+        assert _shard(args) == (2, int(config["AUDIT_SHARDS"]))
+    service = base["Service"]
+    port = service["spec"]["ports"][0]["port"]
+    assert args.address == f"dns:///{service['metadata']['name']}.team.svc.cluster.local:{port}"
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "audit")
+    assert str(args.checkpoint) == f"{mount['mountPath']}/checkpoints/shard-2.jsonl"
+    assert str(args.data).startswith(mount["mountPath"] + "/")
+    claim = next(v for v in pod["volumes"] if v["name"] == "audit")
+    assert (
+        claim["persistentVolumeClaim"]["claimName"]
+        == jobs["PersistentVolumeClaim"]["metadata"]["name"]
+    )
+    assert "ReadWriteMany" in jobs["PersistentVolumeClaim"]["spec"]["accessModes"]
+    # A pod that dies is retried per index (a fresh pod resuming from its checkpoint).
+    assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimitPerIndex"] >= 1
+
+    (merge,) = kustomize_lite.render(MERGE)
+    (merger,) = merge["spec"]["template"]["spec"]["containers"]
+    merged = build_parser().parse_args(merger["args"])
+    assert merged.command == "audit-merge"
+    assert [str(p) for p in merged.checkpoints] == [str(args.checkpoint.parent)]
+
+
+def test_checker_catches_a_missing_config_key_in_a_job() -> None:
+    broken = yaml.safe_load(yaml.safe_dump(kustomize_lite.render(JOBS)))
+    config = next(obj for obj in broken if obj["kind"] == "ConfigMap")
+    del config["data"]["AUDIT_EPS"]
+    problems = "\n".join(validate_manifests.check_references(broken))
+    assert "interscope-audit-config/AUDIT_EPS" in problems
+    assert list(validate_manifests.check_references(kustomize_lite.render(JOBS))) == []

@@ -30,6 +30,11 @@ class _ModelFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelForm
     """ONNX Runtime (CUDA execution provider on a GPU, CPU otherwise)."""
     MODEL_FORMAT_TORCHSCRIPT: _ModelFormat.ValueType  # 2
     """TorchScript, loaded with torch.jit.load only (never pickle)."""
+    MODEL_FORMAT_OIP: _ModelFormat.ValueType  # 3
+    """A model served elsewhere over the Open Inference Protocol v2 (Triton, KServe, MLServer,
+    TorchServe): forward passes only, so black-box analyses and attacks. Repository config only;
+    it cannot be uploaded.
+    """
 
 class ModelFormat(_ModelFormat, metaclass=_ModelFormatEnumTypeWrapper):
     """How a model file is run."""
@@ -39,6 +44,11 @@ MODEL_FORMAT_ONNX: ModelFormat.ValueType  # 1
 """ONNX Runtime (CUDA execution provider on a GPU, CPU otherwise)."""
 MODEL_FORMAT_TORCHSCRIPT: ModelFormat.ValueType  # 2
 """TorchScript, loaded with torch.jit.load only (never pickle)."""
+MODEL_FORMAT_OIP: ModelFormat.ValueType  # 3
+"""A model served elsewhere over the Open Inference Protocol v2 (Triton, KServe, MLServer,
+TorchServe): forward passes only, so black-box analyses and attacks. Repository config only;
+it cannot be uploaded.
+"""
 Global___ModelFormat: _TypeAlias = ModelFormat  # noqa: Y015
 
 class _ModelState:

@@ -28,8 +28,10 @@ from interscope_server.models.registry import (
 _FORMAT_TO_PROTO = {
     "onnx": models_pb2.MODEL_FORMAT_ONNX,
     "torchscript": models_pb2.MODEL_FORMAT_TORCHSCRIPT,
+    "oip": models_pb2.MODEL_FORMAT_OIP,
 }
-_FORMAT_FROM_PROTO = {value: key for key, value in _FORMAT_TO_PROTO.items()}
+# A remote (oip) model has no file to upload: it comes only from a repository config.json.
+_FORMAT_FROM_PROTO = {value: key for key, value in _FORMAT_TO_PROTO.items() if key != "oip"}
 _STATE_TO_PROTO = {
     ModelState.LOADING: models_pb2.MODEL_STATE_LOADING,
     ModelState.READY: models_pb2.MODEL_STATE_READY,

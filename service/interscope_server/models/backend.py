@@ -84,23 +84,24 @@ class Backend(ABC):
     `forward` is thread-safe: the batcher's worker calls it, and so may tests and benchmarks.
     """
 
-    def __init__(self, config: ModelConfig, path: Path) -> None:
+    def __init__(self, config: ModelConfig, path: Path, *, content_hash: str | None = None) -> None:
         self.config = config
         self.path = path
-        #: sha256 of the model file bytes; reported in metadata and in result provenance.
-        self.content_hash = file_sha256(path)
+        #: sha256 of the model file bytes (or, for a remote model without a file, of what
+        #: identifies it); reported in metadata and in result provenance.
+        self.content_hash = file_sha256(path) if content_hash is None else content_hash
         #: Why gradients are unavailable ("" when they are); shown in model metadata.
         self.gradient_note = ""
 
     @property
     @abstractmethod
     def format(self) -> str:
-        """ "onnx" or "torchscript"."""
+        """ "onnx", "torchscript" or "oip"."""
 
     @property
     @abstractmethod
     def device(self) -> str:
-        """Where forward passes run: "cpu" or "cuda" (plus the provider for ONNX, e.g. "cuda")."""
+        """Where forward passes run: "cpu", "cuda", or "remote:host:port" for format oip."""
 
     @property
     @abstractmethod

@@ -48,6 +48,10 @@ class ModelObserver:
     def on_load(self, model: str, outcome: str) -> None:
         """A load of `model` ended: outcome "success" or "failure"."""
 
+    def on_remote_call(self, model: str, seconds: float, outcome: str) -> None:
+        """One ModelInfer call of a remote (format oip) model took `seconds`; outcome "ok" or
+        the error class it ended in."""
+
 
 @dataclass(frozen=True)
 class BatcherOptions:

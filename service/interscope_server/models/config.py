@@ -35,8 +35,14 @@ class TensorSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="Input name inside the model file (ONNX graph input).")
-    shape: list[int] = Field(description="Per-example shape, without the batch dimension.")
+    name: str = Field(
+        default="", description="Input name inside the model file (ONNX graph input)."
+    )
+    shape: list[int] = Field(
+        default_factory=list,
+        description="Per-example shape, without the batch dimension. Format oip only: may be "
+        "left out (with the name) to take both from the remote's ModelMetadata.",
+    )
     datatype: Literal["FP32"] = Field(
         default="FP32", description="Open Inference Protocol datatype; only FP32 for now."
     )
@@ -44,9 +50,65 @@ class TensorSpec(BaseModel):
     @field_validator("shape")
     @classmethod
     def _positive(cls, shape: list[int]) -> list[int]:
-        if not shape or any(d <= 0 for d in shape):
-            raise ValueError(f"input shape must be non-empty with positive sizes, got {shape}")
+        # Empty means "ask the remote" (format oip); ModelConfig refuses it for local files.
+        if any(d <= 0 for d in shape):
+            raise ValueError(f"input shape must have positive sizes, got {shape}")
         return shape
+
+
+class OipEndpoint(BaseModel):
+    """Where a format-oip model runs: an Open Inference Protocol v2 gRPC server, and how to call it.
+
+    Secrets stay out of config.json: a bearer token is read from the environment variable named
+    by `token_env`, and TLS files are paths (mounted secrets in Kubernetes).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        pattern=r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$",
+        description="host:port of the remote's gRPC endpoint (no scheme), e.g. triton:8001.",
+    )
+    model: str = Field(min_length=1, description="The model's name on the remote server.")
+    version: str = Field(default="", description="Remote model version; empty: its default.")
+    tls: bool = Field(default=False, description="Use TLS (implied by any TLS file).")
+    ca_file: str | None = Field(
+        default=None, description="PEM roots to trust instead of the system's."
+    )
+    cert_file: str | None = Field(default=None, description="PEM client certificate (mutual TLS).")
+    key_file: str | None = Field(default=None, description="PEM client key (mutual TLS).")
+    server_name: str = Field(default="", description="TLS name to verify, if not the url's host.")
+    token_env: str = Field(
+        default="", description="Environment variable holding a bearer token to send, if any."
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra gRPC metadata sent with every call."
+    )
+    max_batch_size: int = Field(
+        default=64, ge=1, le=65536, description="Rows per ModelInfer call: the remote's limit."
+    )
+    max_concurrency: int = Field(
+        default=4, ge=1, le=256, description="ModelInfer calls in flight at once."
+    )
+    timeout_s: float = Field(default=30.0, gt=0, le=3600, description="Deadline of each call.")
+    retries: int = Field(
+        default=3, ge=0, le=20, description="Retries of a call that failed with UNAVAILABLE."
+    )
+    health_interval_s: float = Field(
+        default=5.0, gt=0, le=3600, description="How often ModelReady is polled for health."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> OipEndpoint:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("oip cert_file and key_file go together (mutual TLS needs both)")
+        if any(k.lower() != k or not k for k in self.headers):
+            raise ValueError("oip header names must be non-empty and lower case (gRPC metadata)")
+        return self
+
+    @property
+    def secure(self) -> bool:
+        return self.tls or any(f is not None for f in (self.ca_file, self.cert_file))
 
 
 class ModelConfig(BaseModel):
@@ -55,11 +117,17 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=MODEL_NAME_PATTERN, description="Model name; equals its folder.")
-    format: Literal["onnx", "torchscript"] = Field(description="Backend that loads the file.")
-    file: str = Field(
-        description="Model file, relative to the model folder; may not leave the folder."
+    format: Literal["onnx", "torchscript", "oip"] = Field(
+        description="Backend that loads the file; oip calls a remote server instead."
     )
-    input: TensorSpec
+    file: str = Field(
+        default="",
+        description="Model file, relative to the model folder; may not leave the folder. "
+        "Required except for format oip, which has none.",
+    )
+    input: TensorSpec = Field(
+        default_factory=TensorSpec, description="The input; format oip may leave it out."
+    )
     output_name: str = Field(default="logits", description="Name of the logits output.")
     classes: list[str] = Field(description="Class labels, in logit order; at least two.")
     value_range: tuple[float, float] = Field(
@@ -72,11 +140,16 @@ class ModelConfig(BaseModel):
         default=256, ge=1, le=65536, description="Largest batch the backend is given at once."
     )
     description: str = Field(default="", description="Free text shown in model metadata.")
+    oip: OipEndpoint | None = Field(
+        default=None, description="The remote endpoint; required with format oip, else absent."
+    )
 
     @field_validator("file")
     @classmethod
     def _relative(cls, file: str) -> str:
-        if not file or file.startswith(("/", "\\")) or ".." in file.replace("\\", "/").split("/"):
+        if not file:
+            return file  # only format oip goes without; _check says so for the others
+        if file.startswith(("/", "\\")) or ".." in file.replace("\\", "/").split("/"):
             raise ValueError(f"model file must be a path inside the model folder, got {file!r}")
         return file
 
@@ -89,15 +162,36 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        self._check_format()
         low, high = self.value_range
         if not low < high:
             raise ValueError(f"value_range must have low < high, got {self.value_range}")
-        if self.normalization is not None and len(self.normalization.mean) not in (
-            1,
-            self.input.shape[0],
+        if (
+            self.normalization is not None
+            and self.input.shape
+            and len(self.normalization.mean) not in (1, self.input.shape[0])
         ):
             raise ValueError(
                 "normalization needs one entry per channel (the first input dimension, "
                 f"{self.input.shape[0]}) or a single entry, got {len(self.normalization.mean)}"
             )
         return self
+
+    def _check_format(self) -> None:
+        if self.format == "oip":
+            if self.oip is None:
+                raise ValueError("format oip needs an oip section: the remote url and model")
+            if self.file:
+                raise ValueError("format oip runs remotely and takes no file")
+            if bool(self.input.name) != bool(self.input.shape):
+                raise ValueError(
+                    "format oip: give both input.name and input.shape, or neither (both then "
+                    "come from the remote's ModelMetadata)"
+                )
+            return
+        if self.oip is not None:
+            raise ValueError(f"an oip section only goes with format oip, not {self.format}")
+        if not self.file:
+            raise ValueError(f"format {self.format} needs the model file")
+        if not self.input.name or not self.input.shape:
+            raise ValueError(f"format {self.format} needs input.name and a non-empty input.shape")

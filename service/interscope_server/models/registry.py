@@ -22,6 +22,7 @@ from interscope_server.errors import (
 from interscope_server.models.backend import Backend, BackendOptions, check_batch
 from interscope_server.models.batcher import BatcherOptions, DynamicBatcher, ModelObserver
 from interscope_server.models.config import ModelConfig
+from interscope_server.models.oip_backend import OipBackend
 from interscope_server.models.onnx_backend import OnnxBackend
 from interscope_server.models.repository import ModelRepository, validate_model_name
 from interscope_server.models.torchscript_backend import TorchScriptBackend
@@ -45,14 +46,25 @@ class ModelStatus:
     name: str
     state: ModelState
     message: str = ""
+    #: False while a READY remote (format oip) model's server says it is not ready: health then
+    #: reports NOT_SERVING, and calls fail with UNAVAILABLE until it recovers.
+    serving: bool = True
 
 
 #: Called with every state change (name, state, message); the server feeds health status from it.
 StateListener = Callable[[ModelStatus], None]
 
 
-def open_backend(config: ModelConfig, path: Path, options: BackendOptions) -> Backend:
-    """The backend for `config.format`, loaded from `path`."""
+def open_backend(
+    config: ModelConfig,
+    path: Path,
+    options: BackendOptions,
+    *,
+    observer: ModelObserver | None = None,
+) -> Backend:
+    """The backend for `config.format`, loaded from `path` (for oip: the model's folder)."""
+    if config.format == "oip":
+        return OipBackend(config, path, on_remote_call=(observer or ModelObserver()).on_remote_call)
     if config.format == "onnx":
         return OnnxBackend(config, path, options)
     return TorchScriptBackend(config, path, options)
@@ -143,9 +155,12 @@ class ModelRegistry:
             self._set(ModelStatus(name, ModelState.LOADING))
         try:
             config = self.repository.read_config(name)
-            backend = open_backend(
-                config, self.repository.model_file(config), self._backend_options
+            path = (
+                self.repository.model_dir(name)
+                if config.format == "oip"
+                else self.repository.model_file(config)
             )
+            backend = open_backend(config, path, self._backend_options, observer=self._observer)
             self._probe(backend)
         except Exception as exc:
             message = (
@@ -182,6 +197,10 @@ class ModelRegistry:
             self._set(ModelStatus(name, ModelState.READY))
         if previous is not None:
             previous.close(drain=True)  # requests already queued on the old version finish
+        if isinstance(backend, OipBackend):
+            backend.watch_readiness(
+                lambda ready, message: self._remote_readiness(model, ready, message)
+            )
         self._observer.on_load(name, "success")
         logger.info(
             "model %s ready: %s on %s, gradients %s, sha256 %s",
@@ -192,6 +211,14 @@ class ModelRegistry:
             backend.content_hash[:12],
         )
         return model
+
+    def _remote_readiness(self, model: LoadedModel, ready: bool, message: str) -> None:
+        """A remote model's ModelReady answer changed: mirror it in the status (and health)."""
+        with self._lock:
+            if self._models.get(model.name) is not model:
+                return  # unloaded or replaced since: its status is no longer this backend's
+            text = "" if ready else f"remote not ready: {message}"
+            self._set(ModelStatus(model.name, ModelState.READY, text, serving=ready))
 
     @staticmethod
     def _probe(backend: Backend) -> None:

@@ -1,0 +1,1 @@
+"""The Open Inference Protocol (v2) stubs the `oip` model backend calls."""
