@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from interscope_server.config import Settings
 from interscope_server.demo import TEST_DATA_FILE, build_demo_repository
+from interscope_server.server import BackgroundServer
 
 #: Gitignored; reused across sessions, rebuilt when the demo recipe changes (see its stamp file).
 DEMO_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "demo-repository"
@@ -24,3 +27,18 @@ def demo_test_data(demo_repository: Path) -> tuple[np.ndarray, np.ndarray]:
     """Held-out digits: x float32 (N, 1, 16, 16) in [0, 1], y int64 (N,)."""
     with np.load(demo_repository / TEST_DATA_FILE) as data:
         return data["x"], data["y"]
+
+
+@pytest.fixture(scope="module")
+def address(demo_repository: Path) -> Iterator[str]:
+    """A replica serving digits-cnn on a free loopback port, for the CLI tests of a module."""
+    settings = Settings(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=None,
+        model_repository=demo_repository,
+        load_models=["digits-cnn"],
+        worker_threads=2,
+    )
+    with BackgroundServer(settings) as srv:
+        yield srv.address

@@ -7,29 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from interscope.cli import main
-from interscope_server.config import Settings
-from interscope_server.server import BackgroundServer
-
-
-@pytest.fixture(scope="module")
-def address(demo_repository: Path) -> Iterator[str]:
-    settings = Settings(
-        host="127.0.0.1",
-        port=0,
-        metrics_port=None,
-        model_repository=demo_repository,
-        load_models=["digits-cnn"],
-        worker_threads=2,
-    )
-    with BackgroundServer(settings) as srv:
-        yield srv.address
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import pytest
 
 from interscope.cli import build_parser, main
 from interscope_server.config import Settings
-from interscope_server.server import BackgroundServer
 
 #: Hides the server extra's packages from a CLI subprocess: a client-only install.
 CLIENT_ONLY = """
@@ -155,20 +154,6 @@ def test_out_of_range_numbers_name_the_flag(
     with pytest.raises(SystemExit):
         main(["audit", "--model", "m", "--data", "d.npz", "--eps", "nan"])
     assert "argument --eps: must be a finite number > 0, got nan" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def address(demo_repository: Path) -> Iterator[str]:
-    settings = Settings(
-        host="127.0.0.1",
-        port=0,
-        metrics_port=None,
-        model_repository=demo_repository,
-        load_models=["digits-cnn"],
-        worker_threads=2,
-    )
-    with BackgroundServer(settings) as srv:
-        yield srv.address
 
 
 def test_data_that_is_not_an_npz_is_refused_saying_what_is_expected(
