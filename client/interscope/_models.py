@@ -62,6 +62,7 @@ _FORMATS = {
     models_pb2.MODEL_FORMAT_ONNX: "onnx",
     models_pb2.MODEL_FORMAT_TORCHSCRIPT: "torchscript",
     models_pb2.MODEL_FORMAT_OIP: "oip",
+    models_pb2.MODEL_FORMAT_TORCH_EXPORT: "torch_export",
 }
 _STATES = {
     models_pb2.MODEL_STATE_LOADING: "loading",

@@ -35,6 +35,11 @@ class _ModelFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelForm
     TorchServe): forward passes only, so black-box analyses and attacks. Repository config only;
     it cannot be uploaded.
     """
+    MODEL_FORMAT_TORCH_EXPORT: _ModelFormat.ValueType  # 4
+    """A torch.export ExportedProgram (.pt2, torch.export.save). Loaded only when the archive
+    holds nothing that would be unpickled (raw tensor weights, JSON graph) and the graph calls
+    only ATen/prims operators; gradients are native.
+    """
 
 class ModelFormat(_ModelFormat, metaclass=_ModelFormatEnumTypeWrapper):
     """How a model file is run."""
@@ -48,6 +53,11 @@ MODEL_FORMAT_OIP: ModelFormat.ValueType  # 3
 """A model served elsewhere over the Open Inference Protocol v2 (Triton, KServe, MLServer,
 TorchServe): forward passes only, so black-box analyses and attacks. Repository config only;
 it cannot be uploaded.
+"""
+MODEL_FORMAT_TORCH_EXPORT: ModelFormat.ValueType  # 4
+"""A torch.export ExportedProgram (.pt2, torch.export.save). Loaded only when the archive
+holds nothing that would be unpickled (raw tensor weights, JSON graph) and the graph calls
+only ATen/prims operators; gradients are native.
 """
 Global___ModelFormat: _TypeAlias = ModelFormat  # noqa: Y015
 

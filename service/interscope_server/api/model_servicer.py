@@ -29,9 +29,12 @@ _FORMAT_TO_PROTO = {
     "onnx": models_pb2.MODEL_FORMAT_ONNX,
     "torchscript": models_pb2.MODEL_FORMAT_TORCHSCRIPT,
     "oip": models_pb2.MODEL_FORMAT_OIP,
+    "torch_export": models_pb2.MODEL_FORMAT_TORCH_EXPORT,
 }
 # A remote (oip) model has no file to upload: it comes only from a repository config.json.
 _FORMAT_FROM_PROTO = {value: key for key, value in _FORMAT_TO_PROTO.items() if key != "oip"}
+#: The file name an upload is saved under, by format.
+_UPLOAD_FILES = {"onnx": "model.onnx", "torchscript": "model.pt", "torch_export": "model.pt2"}
 _STATE_TO_PROTO = {
     ModelState.LOADING: models_pb2.MODEL_STATE_LOADING,
     ModelState.READY: models_pb2.MODEL_STATE_READY,
@@ -92,7 +95,9 @@ def model_info(registry: ModelRegistry, status: ModelStatus) -> models_pb2.Model
 def config_from_proto(name: str, message: models_pb2.ModelConfig) -> ModelConfig:
     """The repository config of an upload (pydantic ValidationError -> INVALID_ARGUMENT)."""
     if message.format not in _FORMAT_FROM_PROTO:
-        raise errors.InvalidArgument("config.format must be MODEL_FORMAT_ONNX or _TORCHSCRIPT")
+        raise errors.InvalidArgument(
+            "config.format must be MODEL_FORMAT_ONNX, _TORCHSCRIPT or _TORCH_EXPORT"
+        )
     low, high = message.value_range_low, message.value_range_high
     normalization = None
     if message.HasField("normalization"):
@@ -103,7 +108,7 @@ def config_from_proto(name: str, message: models_pb2.ModelConfig) -> ModelConfig
     return ModelConfig(
         name=name,
         format=model_format,  # type: ignore[arg-type]
-        file="model.onnx" if model_format == "onnx" else "model.pt",
+        file=_UPLOAD_FILES[model_format],
         input=TensorSpec(
             name=message.input.name or "input",
             shape=list(message.input.shape),

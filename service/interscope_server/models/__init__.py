@@ -1,4 +1,4 @@
-"""Model backends (onnxruntime, TorchScript), repository, registry and dynamic batcher."""
+"""Model backends (onnxruntime, TorchScript, torch.export), repository, registry, batcher."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from interscope_server.models.registry import (
     open_backend,
 )
 from interscope_server.models.repository import ModelRepository, validate_model_name
+from interscope_server.models.torch_export_backend import TorchExportBackend
 from interscope_server.models.torchscript_backend import TorchScriptBackend
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "OnnxModule",
     "StateListener",
     "TensorSpec",
+    "TorchExportBackend",
     "TorchScriptBackend",
     "UnsupportedOnnxGraph",
     "open_backend",

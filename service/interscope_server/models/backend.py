@@ -54,7 +54,8 @@ class NormalizedModule(torch.nn.Module):
     """Raw-range input -> (x - mean) / std -> inner network -> float32 logits.
 
     Casts the normalised input to `dtype` (FP16 models) and the logits back to float32, so
-    attacks always work in FP32 raw space whatever the model runs in.
+    attacks always work in FP32 raw space whatever the model runs in. A float64 input stays
+    float64 end to end: the load-time gradient check runs a float64 copy.
     """
 
     def __init__(
@@ -74,6 +75,8 @@ class NormalizedModule(torch.nn.Module):
             mean: torch.Tensor = self.mean  # type: ignore[assignment]  # buffers type as Module
             std: torch.Tensor = self.std  # type: ignore[assignment]
             x = (x - mean) / std
+        if x.dtype == torch.float64:
+            return self.inner(x).double()
         out: torch.Tensor = self.inner(x.to(self.dtype))
         return out.float()
 

@@ -117,8 +117,9 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=MODEL_NAME_PATTERN, description="Model name; equals its folder.")
-    format: Literal["onnx", "torchscript", "oip"] = Field(
-        description="Backend that loads the file; oip calls a remote server instead."
+    format: Literal["onnx", "torchscript", "torch_export", "oip"] = Field(
+        description="Backend that loads the file (torch_export: a torch.export .pt2); oip "
+        "calls a remote server instead."
     )
     file: str = Field(
         default="",

@@ -18,6 +18,7 @@ from interscope_server.models.backend import (
     normalization_arrays,
 )
 from interscope_server.models.config import ModelConfig
+from interscope_server.models.gradient_check import check_gradients
 from interscope_server.models.onnx_to_torch import OnnxModule, UnsupportedOnnxGraph
 
 logger = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ class OnnxBackend(Backend):
             logger.info("model %s: no gradients: %s", self.config.name, self.gradient_note)
             return
         try:
-            inner = OnnxModule(model)
+            inner = OnnxModule(model, output=self.config.output_name)
         except UnsupportedOnnxGraph as exc:
             self.gradient_note = f"the ONNX->torch converter does not support it: {exc}"
             logger.info("model %s: no gradients: %s", self.config.name, self.gradient_note)
@@ -223,7 +224,10 @@ class OnnxBackend(Backend):
         # Check the conversion against onnxruntime on inputs spread over the whole value range.
         low, high = self.config.value_range
         rng = np.random.default_rng(0)
-        probe = rng.uniform(low, high, size=(4, *self.config.input.shape)).astype(np.float32)
+        # A graph with a fixed batch size takes only that many rows.
+        rows = self._session.get_inputs()[0].shape[0]
+        rows = rows if isinstance(rows, int) and rows > 0 else 4
+        probe = rng.uniform(low, high, size=(rows, *self.config.input.shape)).astype(np.float32)
         probe[0] = low
         expected = self._forward(probe)
         try:
@@ -241,6 +245,11 @@ class OnnxBackend(Backend):
                 f"the converted module disagrees with onnxruntime (max abs diff {diff:.3g})"
             )
             logger.warning("model %s: no gradients: %s", self.config.name, self.gradient_note)
+            return
+        note = check_gradients(module, tuple(self.config.input.shape), (low, high), device)
+        if note:
+            self.gradient_note = note
+            logger.warning("model %s: no gradients: %s", self.config.name, note)
             return
         self._module = module
         self._torch_device = device

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.inliner
 import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
@@ -584,7 +585,7 @@ def _split(inp: list[torch.Tensor | None], attrs: _Attrs) -> list[torch.Tensor]:
     elif "split" in attrs:
         sizes = [int(s) for s in attrs["split"]]  # opset < 13
     else:
-        parts = int(attrs.get("num_outputs", attrs["_outputs"]))
+        parts = int(attrs["num_outputs"] if "num_outputs" in attrs else attrs["_outputs"])
         # Opset 18's num_outputs allows a smaller last chunk: ceil-sized chunks, as torch.split.
         return list(torch.split(x, math.ceil(x.shape[axis] / parts), dim=axis))
     return list(torch.split(x, sizes, dim=axis))

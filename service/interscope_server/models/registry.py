@@ -25,6 +25,7 @@ from interscope_server.models.config import ModelConfig
 from interscope_server.models.oip_backend import OipBackend
 from interscope_server.models.onnx_backend import OnnxBackend
 from interscope_server.models.repository import ModelRepository, validate_model_name
+from interscope_server.models.torch_export_backend import TorchExportBackend
 from interscope_server.models.torchscript_backend import TorchScriptBackend
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ def open_backend(
         return OipBackend(config, path, on_remote_call=(observer or ModelObserver()).on_remote_call)
     if config.format == "onnx":
         return OnnxBackend(config, path, options)
+    if config.format == "torch_export":
+        return TorchExportBackend(config, path, options)
     return TorchScriptBackend(config, path, options)
 
 

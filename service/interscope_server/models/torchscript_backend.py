@@ -1,4 +1,9 @@
-"""TorchScript backend: torch.jit.load only (never pickle), eval and inference mode, CUDA, FP16."""
+"""TorchScript backend: torch.jit.load only (never pickle), eval and inference mode, CUDA, FP16.
+
+Gradients are native, but not every graph has them: a traced model may keep ops without a
+derivative (`aten::_native_multi_head_attention` from nn.MultiheadAttention's fast path), so
+the backward pass is checked at load and the model serves without gradients if it fails.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,13 @@ import torch
 from interscope_server.errors import InvalidArgument
 from interscope_server.models.backend import Backend, BackendOptions, NormalizedModule
 from interscope_server.models.config import ModelConfig
+from interscope_server.models.gradient_check import check_gradients
 
 logger = logging.getLogger(__name__)
 
 
 class TorchScriptBackend(Backend):
-    """A TorchScript archive; gradients are native."""
+    """A TorchScript archive; gradients are native once the load-time check passes."""
 
     def __init__(
         self, config: ModelConfig, path: Path, options: BackendOptions | None = None
@@ -41,10 +47,18 @@ class TorchScriptBackend(Backend):
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
             ) from None
         inner.eval()
+        module = NormalizedModule(inner, config).to(self._device).eval()
+        module.requires_grad_(False)
+        # Checked in float32, before any FP16 conversion: the question is whether the graph's
+        # ops have (correct) derivatives, which precision does not change.
+        shape, value_range = tuple(config.input.shape), config.value_range
+        self.gradient_note = check_gradients(module, shape, value_range, self._device)
+        if self.gradient_note:
+            logger.warning("model %s: no gradients: %s", config.name, self.gradient_note)
         if dtype == torch.float16:
             inner = inner.half()
-        module = NormalizedModule(inner, config, dtype=dtype).to(self._device).eval()
-        module.requires_grad_(False)
+            module = NormalizedModule(inner, config, dtype=dtype).to(self._device).eval()
+            module.requires_grad_(False)
         self._module = module
 
     @property
@@ -57,14 +71,14 @@ class TorchScriptBackend(Backend):
 
     @property
     def gradients_available(self) -> bool:
-        return True
+        return not self.gradient_note
 
     @property
     def torch_device(self) -> torch.device:
         return self._device
 
-    def torch_module(self) -> torch.nn.Module:
-        return self._module
+    def torch_module(self) -> torch.nn.Module | None:
+        return None if self.gradient_note else self._module
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -42,7 +42,7 @@ class SmallCNN(nn.Module):
         h = torch.relu(self.bn(self.conv1(x)))
         h = nn.functional.max_pool2d(h, 2)
         h = nn.functional.gelu(self.inorm(self.gn(self.conv2(h))))
-        h = torch.sigmoid(self.up(h)) * torch.tanh(h).mean()
+        h = torch.sigmoid(self.up(h)) * torch.tanh(h).mean(dim=(1, 2, 3), keepdim=True)
         h = nn.functional.interpolate(h, scale_factor=0.5, mode="bilinear", align_corners=False)
         h = nn.functional.pad(h, (1, 1, 1, 1), mode="reflect")
         h = nn.functional.avg_pool2d(h, 2, stride=1)
