@@ -139,10 +139,11 @@ FAMILIES = {
 
 #: Opsets each exporter is tested at. The classic exporter cannot write the ViT's attention
 #: (scaled_dot_product_attention) below opset 14, so the ViT uses 14 there instead of 13.
-#: The dynamo exporter writes opset 18 and converts down: it reaches 17 for every family here
-#: but not 13 (it silently writes 18 instead), so its range is 17, 18, 20.
+#: The dynamo exporter writes opset 18 and converts down: asked for 13 it silently writes 18,
+#: so 13 is not tested; asked for 17 it writes 17 for the MLP and the ViT but 18 for the CNN
+#: (its down-conversion gives up on InstanceNormalization/Resize and keeps 18).
 CLASSIC_OPSETS = (13, 17, 20)
-DYNAMO_OPSETS = (17, 18, 20)
+DYNAMO_OPSETS = (17, 20)
 
 
 def classic_opset(family: str, opset: int) -> int:
@@ -206,10 +207,16 @@ def script(module: nn.Module, path: Path) -> Path:
     return path
 
 
-def trace(module: nn.Module, shape: tuple[int, ...], path: Path) -> Path:
-    """A TorchScript archive made by torch.jit.trace, traced without grad as serving code is."""
-    with _quiet_exporter(), torch.no_grad():
-        torch.jit.trace(module, torch.rand(2, *shape)).save(str(path))
+def trace(module: nn.Module, shape: tuple[int, ...], path: Path, *, no_grad: bool = False) -> Path:
+    """A TorchScript archive made by torch.jit.trace.
+
+    With `no_grad` (as inference code often traces), nn.MultiheadAttention and
+    nn.TransformerEncoderLayer take their fused fast path, whose ops have no derivative.
+    """
+    with _quiet_exporter(), torch.set_grad_enabled(not no_grad):
+        # check_trace re-traces and compares graphs; TransformerEncoder's differ only in
+        # TorchScript's name mangling, which the check reports as a divergence.
+        torch.jit.trace(module, torch.rand(2, *shape), check_trace=False).save(str(path))
     return path
 
 
