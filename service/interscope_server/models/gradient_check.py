@@ -89,7 +89,7 @@ def check_gradients(
             out32 = module(x32)
     except Exception as exc:
         return f"the differentiable module fails a forward pass ({_first_line(exc)})"
-    if out32.dim() != 2 or out32.shape[0] != 1:
+    if out32.dim() != 2 or out32.shape[0] != 1 or out32.shape[1] == 0:
         return f"the differentiable module returns shape {list(out32.shape)}, not (1, classes)"
     checked = _precise_copy(module, x32, out32)
     dtype = torch.float64 if checked is not None else torch.float32

@@ -587,8 +587,10 @@ def _split(inp: list[torch.Tensor | None], attrs: _Attrs) -> list[torch.Tensor]:
         sizes = [int(s) for s in attrs["split"]]  # opset < 13
     else:
         parts = int(attrs["num_outputs"] if "num_outputs" in attrs else attrs["_outputs"])
-        # Opset 18's num_outputs allows a smaller last chunk: ceil-sized chunks, as torch.split.
-        return list(torch.split(x, math.ceil(x.shape[axis] / parts), dim=axis))
+        # Ceil-sized chunks; opset 18's num_outputs lets the last be smaller, even empty
+        # (onnxruntime splits 4 in 3 as 2, 2, 0), so the sizes are spelled out.
+        size, chunk = x.shape[axis], math.ceil(x.shape[axis] / parts)
+        sizes = [min(chunk, max(size - i * chunk, 0)) for i in range(parts)]
     return list(torch.split(x, sizes, dim=axis))
 
 
