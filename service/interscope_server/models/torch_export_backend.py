@@ -67,6 +67,15 @@ def check_archive(data: bytes, name: str) -> None:
     """InvalidArgument unless `data` is a .pt2 archive that torch.export.load opens unpickling
     nothing but plain tensors with the safe unpickler."""
     try:
+        _check_archive(data, name)
+    except InvalidArgument:
+        raise
+    except Exception as exc:  # a damaged zip fails in many ways (zlib, EOF, bad headers)
+        raise _refuse(name, f"the archive is damaged ({type(exc).__name__})") from None
+
+
+def _check_archive(data: bytes, name: str) -> None:
+    try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:
         raise _refuse(name, "the file is not a zip archive, as torch.export.save writes") from None
