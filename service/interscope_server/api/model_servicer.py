@@ -96,7 +96,8 @@ def config_from_proto(name: str, message: models_pb2.ModelConfig) -> ModelConfig
     """The repository config of an upload (pydantic ValidationError -> INVALID_ARGUMENT)."""
     if message.format not in _FORMAT_FROM_PROTO:
         raise errors.InvalidArgument(
-            "config.format must be MODEL_FORMAT_ONNX, _TORCHSCRIPT or _TORCH_EXPORT"
+            "config.format must be MODEL_FORMAT_ONNX, _TORCHSCRIPT or _TORCH_EXPORT (an oip "
+            "model comes from a repository config.json, never an upload)"
         )
     low, high = message.value_range_low, message.value_range_high
     normalization = None

@@ -521,7 +521,7 @@ SINE_CONFIG = models_pb2.ModelConfig(
 def model_configs(draw: st.DrawFn, p: int) -> models_pb2.ModelConfig:
     config = models_pb2.ModelConfig()
     config.CopyFrom(SINE_CONFIG)
-    config.format = pick(draw, p, st.sampled_from([1, 2]), st.one_of(st.just(0), unknown_enum(4)))
+    config.format = pick(draw, p, st.sampled_from([1, 2]), st.one_of(st.just(0), unknown_enum(5)))
     config.output_name = pick(draw, p, st.sampled_from(["", "logits"]), st.just("nope"))
     config.value_range_low = pick(draw, p, st.just(0.0), st.sampled_from([2.0, math.nan, -1e38]))
     config.value_range_high = pick(draw, p, st.just(1.0), st.sampled_from([-1.0, math.nan, 1e38]))
