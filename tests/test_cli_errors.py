@@ -35,6 +35,14 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _env() -> dict[str, str]:
+    """This process's environment with PYTHONPATH made absolute, so a subprocess in another
+    folder imports the same interscope as the tests (a source tree, or the installed one)."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    absolute = os.pathsep.join(str(Path(p).resolve()) for p in paths)
+    return {**os.environ, "PYTHONPATH": absolute, "INTERSCOPE_LOG_LEVEL": "WARNING"}
+
+
 def _cli(
     *argv: str, timeout: float = 120, code: str | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -44,7 +52,7 @@ def _cli(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "INTERSCOPE_LOG_LEVEL": "WARNING"},
+        env=_env(),
     )
 
 
@@ -134,6 +142,7 @@ def test_server_commands_in_a_client_only_install_say_what_to_install(
         text=True,
         timeout=120,
         cwd=tmp_path,
+        env=_env(),
     )
     line = _one_line_failure(done, command)
     assert 'pip install "interscope[server]"' in line
