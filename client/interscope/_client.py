@@ -455,9 +455,13 @@ class Client(BaseClient):
         request = self._load_request(name, model_bytes, config, replace)
         return ModelInfo.from_proto(self._unary(self._models.LoadModel, request, timeout).model)
 
-    def unload_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
-        """Unload a model; NotFoundError if unknown."""
-        self._unary(self._models.UnloadModel, models_pb2.UnloadModelRequest(name=name), timeout)
+    def unload_model(
+        self, name: str, *, delete: bool = False, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> None:
+        """Unload a model; NotFoundError if unknown. `delete` also removes an uploaded model's
+        folder from the server's repository."""
+        request = models_pb2.UnloadModelRequest(name=name, delete=delete)
+        self._unary(self._models.UnloadModel, request, timeout)
 
     def health(self, service: str = "", *, timeout: Timeout = USE_CLIENT_DEFAULT) -> str:
         """grpc.health.v1 status name ("SERVING", ...) of the server ("") or a model name."""
@@ -662,9 +666,12 @@ class AsyncClient(BaseClient):
         response = await self._unary(self._models.LoadModel, request, timeout)
         return ModelInfo.from_proto(response.model)
 
-    async def unload_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
-        """Unload a model; NotFoundError if unknown."""
-        request = models_pb2.UnloadModelRequest(name=name)
+    async def unload_model(
+        self, name: str, *, delete: bool = False, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> None:
+        """Unload a model; NotFoundError if unknown. `delete` also removes an uploaded model's
+        folder from the server's repository."""
+        request = models_pb2.UnloadModelRequest(name=name, delete=delete)
         await self._unary(self._models.UnloadModel, request, timeout)
 
     async def health(self, service: str = "", *, timeout: Timeout = USE_CLIENT_DEFAULT) -> str:

@@ -55,6 +55,21 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         default=256 * MiB, ge=1, description="Largest model file LoadModel accepts as upload."
     )
+    allow_uploads: bool = Field(
+        default=False,
+        description=(
+            "Whether LoadModel accepts uploaded model files. Off by default: a model file is "
+            "code the server runs, so a replica takes uploads only when its operator says so."
+        ),
+    )
+    model_memory_budget_bytes: int = Field(
+        default=2048 * MiB,
+        ge=1,
+        description=(
+            "Most bytes a model's weights and the constants its graph folds at load may take; "
+            "checked from the file before any runtime session is built."
+        ),
+    )
 
     # -- request limits --------------------------------------------------------------------
     max_players: int = Field(default=4096, ge=2, description="Most players in one profile.")
@@ -73,6 +88,16 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         default=128 * MiB, ge=1024, description="Largest gRPC message sent or received."
     )
+    max_attack_forwards_per_request: int = Field(
+        default=20_000_000,
+        ge=1,
+        description="Most forward passes (queries) one Attack request or audit sample may plan.",
+    )
+    max_attack_gradients_per_request: int = Field(
+        default=2_000_000,
+        ge=1,
+        description="Most input-gradient passes (rows x steps) one Attack request may plan.",
+    )
     max_concurrent_calls: int = Field(
         default=64, ge=1, description="Analysis calls running at once; more get RESOURCE_EXHAUSTED."
     )
@@ -80,10 +105,34 @@ class Settings(BaseSettings):
         default=16, ge=1, description="Threads that run engine and attack work off the event loop."
     )
 
+    audit_idle_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description=(
+            "An Audit stream that sends nothing (no config, no sample, no half-close) for this "
+            "long while it has no sample in work is ended with DEADLINE_EXCEEDED."
+        ),
+    )
+    send_stall_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "A call whose client stops reading for this long (its next event cannot be sent) "
+            "is cancelled and its slot and buffers freed."
+        ),
+    )
+
     # -- security --------------------------------------------------------------------------
     auth_tokens: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated bearer tokens; when set every RPC but health needs one.",
+    )
+    admin_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated bearer tokens for LoadModel uploads and UnloadModel; when "
+            "auth_tokens is set those two need one of these (analysis tokens do not suffice)."
+        ),
     )
     tls_cert: Path | None = Field(default=None, description="PEM server certificate (TLS).")
     tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert.")
@@ -99,7 +148,7 @@ class Settings(BaseSettings):
         default="INFO", description="Logging level."
     )
 
-    @field_validator("auth_tokens", "load_models", mode="before")
+    @field_validator("auth_tokens", "admin_tokens", "load_models", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -112,4 +161,6 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.auth_tokens and set(self.auth_tokens) & set(self.admin_tokens):
+            raise ValueError("admin_tokens must differ from auth_tokens")
         return self

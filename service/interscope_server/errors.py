@@ -4,6 +4,7 @@
     ├── InvalidArgument      bad spec or tensor               -> INVALID_ARGUMENT
     ├── NotFound             unknown model                    -> NOT_FOUND
     ├── AlreadyExists        loading a name already loaded    -> ALREADY_EXISTS
+    ├── PermissionDenied     uploads off, no admin token      -> PERMISSION_DENIED
     ├── FailedPrecondition   e.g. white-box attack, no grads  -> FAILED_PRECONDITION
     ├── ResourceExhausted    limits, full queue               -> RESOURCE_EXHAUSTED
     ├── Unavailable          model loading, shutting down     -> UNAVAILABLE
@@ -35,6 +36,10 @@ class NotFound(InterscopeError):
 
 class AlreadyExists(InterscopeError):
     """A resource with that name exists and the request did not ask to replace it."""
+
+
+class PermissionDenied(InterscopeError):
+    """The caller is known but may not do this (uploads off, or no admin token)."""
 
 
 class FailedPrecondition(InterscopeError):

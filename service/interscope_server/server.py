@@ -19,7 +19,11 @@ from grpc_reflection.v1alpha import reflection
 
 from interscope.v1 import analysis_pb2, analysis_pb2_grpc, models_pb2, models_pb2_grpc
 from interscope_server.api.analysis_servicer import AnalysisServicer
-from interscope_server.api.interceptors import AuthInterceptor, ObservabilityInterceptor
+from interscope_server.api.interceptors import (
+    AuthInterceptor,
+    ObservabilityInterceptor,
+    WireInterceptor,
+)
 from interscope_server.api.model_servicer import ModelServicer
 from interscope_server.config import Settings
 from interscope_server.errors import StartupError
@@ -90,7 +94,11 @@ class InterscopeServer:
                     "subfolder per model; `interscope demo-repository DIR` writes an example",
                 )
         self.registry = ModelRegistry(
-            ModelRepository(root, max_upload_bytes=settings.max_upload_bytes),
+            ModelRepository(
+                root,
+                max_upload_bytes=settings.max_upload_bytes,
+                memory_budget_bytes=settings.model_memory_budget_bytes,
+            ),
             backend_options=BackendOptions(
                 device=settings.device,
                 half_precision=settings.half_precision,
@@ -134,9 +142,12 @@ class InterscopeServer:
         """Bind, load models, and start serving; returns the gRPC port."""
         s = self.settings
         self._loop = asyncio.get_running_loop()
-        interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(self.metrics)]
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            ObservabilityInterceptor(self.metrics),
+            WireInterceptor(),
+        ]
         if s.auth_tokens:
-            interceptors.insert(0, AuthInterceptor(s.auth_tokens))
+            interceptors.insert(0, AuthInterceptor([*s.auth_tokens, *s.admin_tokens]))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -149,7 +160,7 @@ class InterscopeServer:
         )
         analysis_pb2_grpc.add_AnalysisServiceServicer_to_server(self.analysis, server)
         models_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelServicer(self.registry, self.executor), server
+            ModelServicer(self.registry, self.executor, s), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(SERVICE_NAMES, server)

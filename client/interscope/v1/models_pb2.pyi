@@ -463,16 +463,22 @@ class UnloadModelRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    DELETE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Model name; NOT_FOUND if unknown. Requests in flight on it finish or get UNAVAILABLE."""
+    delete: _builtins.bool
+    """Also delete the model's folder from the repository; only for uploaded models
+    (FAILED_PRECONDITION for a folder the operator provisioned). Needs an admin token.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        delete: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

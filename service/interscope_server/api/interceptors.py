@@ -1,8 +1,9 @@
-"""Cross-cutting concerns as aio server interceptors: request ids, auth, metrics, call limits."""
+"""Cross-cutting concerns as aio server interceptors: request ids, auth, metrics, wire checks."""
 
 from __future__ import annotations
 
 import hmac
+import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -11,6 +12,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from interscope_server.api.errors import request_id
+from interscope_server.errors import InvalidArgument
 from interscope_server.metrics import Metrics
 
 #: grpc ships no type information; handlers are grpc.RpcMethodHandler at run time.
@@ -25,50 +27,80 @@ def _short_method(full_method: str) -> str:
     return f"{service.rsplit('.', 1)[-1]}/{method}"
 
 
-def _wrap(handler: Handler, around: Callable[..., Any]) -> Handler:
-    """Rebuild `handler` with its behaviour wrapped by `around(kind, behaviour)`."""
+def _kind(behaviour: Callable[..., Any], streaming: bool) -> str:
+    """'unary' for coroutine behaviours, 'stream' for async generators.
+
+    A server-streaming handler may be either: ours yield events, but grpc's own health servicer
+    (Watch) is a coroutine that calls `context.write`. Wrapping that as a generator made every
+    Watch answer UNKNOWN, so the kind follows what the function is, not what the RPC is.
+    """
+    if streaming and inspect.isasyncgenfunction(behaviour):
+        return "stream"
+    return "unary"
+
+
+def _wrap(
+    handler: Handler,
+    around: Callable[..., Any],
+    deserializer: Callable[[Callable[..., Any] | None], Any] | None = None,
+) -> Handler:
+    """Rebuild `handler` with its behaviour wrapped by `around(kind, behaviour)` (and its
+    request deserializer by `deserializer`, when given)."""
+    decode = handler.request_deserializer
+    if deserializer is not None:
+        decode = deserializer(decode)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            around("unary", handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
+            around(_kind(handler.unary_unary, False), handler.unary_unary),
+            request_deserializer=decode,
             response_serializer=handler.response_serializer,
         )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            around("stream", handler.unary_stream),
-            request_deserializer=handler.request_deserializer,
+            around(_kind(handler.unary_stream, True), handler.unary_stream),
+            request_deserializer=decode,
             response_serializer=handler.response_serializer,
         )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
-            around("unary", handler.stream_unary),
-            request_deserializer=handler.request_deserializer,
+            around(_kind(handler.stream_unary, False), handler.stream_unary),
+            request_deserializer=decode,
             response_serializer=handler.response_serializer,
         )
     return grpc.stream_stream_rpc_method_handler(
-        around("stream", handler.stream_stream),
-        request_deserializer=handler.request_deserializer,
+        around(_kind(handler.stream_stream, True), handler.stream_stream),
+        request_deserializer=decode,
         response_serializer=handler.response_serializer,
     )
+
+
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> bytes | None:
+    """The token of the call's 'authorization: Bearer <token>' metadata, if it has one."""
+    for key, value in metadata or ():
+        if key.lower() != "authorization":
+            continue
+        text = value.decode() if isinstance(value, bytes) else value
+        scheme, _, token = text.partition(" ")
+        return token.strip().encode() if scheme.lower() == "bearer" else None
+    return None
+
+
+def token_matches(token: bytes | None, tokens: Sequence[str]) -> bool:
+    """Whether `token` is one of `tokens`, compared against every one in constant time."""
+    if token is None:
+        return False
+    return any([hmac.compare_digest(token, t.encode()) for t in tokens])
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Bearer tokens ("authorization: Bearer <token>") on every RPC except health checks."""
 
     def __init__(self, tokens: Sequence[str]) -> None:
-        self._tokens = [t.encode() for t in tokens]
+        # Admin tokens (uploads, unloads) are valid callers too; the servicer checks the role.
+        self._tokens = list(tokens)
 
     def _allowed(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
-        for key, value in metadata or ():
-            if key.lower() != "authorization":
-                continue
-            text = value.decode() if isinstance(value, bytes) else value
-            scheme, _, token = text.partition(" ")
-            if scheme.lower() != "bearer":
-                return False
-            # Compare against every token in constant time so timing leaks nothing.
-            return any(hmac.compare_digest(token.strip().encode(), t) for t in self._tokens)
-        return False
+        return token_matches(bearer_token(metadata), self._tokens)
 
     async def intercept_service(
         self,
@@ -163,6 +195,90 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             return stream
 
         return _wrap(handler, around)
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse, so the handler can refuse it."""
+
+    def __init__(self, error: Exception) -> None:
+        self.message = (
+            f"request bytes could not be decoded as this method's message: {error or 'invalid'}"
+        )
+
+
+def _safe_deserializer(decode: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if decode is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return decode(data)
+        except Exception as exc:  # any parse failure is the caller's bytes, not our bug
+            return _Undecodable(exc)
+
+    return deserialize
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for item in requests:
+        if isinstance(item, _Undecodable):
+            raise InvalidArgument(item.message)
+        yield item
+
+
+class WireInterceptor(grpc.aio.ServerInterceptor):
+    """Undecodable request bytes end the call with INVALID_ARGUMENT on every method.
+
+    grpc itself answers a request its deserializer cannot parse with UNKNOWN (unary) or
+    INTERNAL (streams); neither tells the caller that its bytes were wrong.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        streaming_requests = bool(handler.stream_unary or handler.stream_stream)
+
+        def around(kind: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+            if streaming_requests:
+                # A bad message mid-stream raises InvalidArgument where the handler reads it,
+                # so the handler's own error mapping ends the call with that status.
+                if kind == "unary":
+
+                    async def unary_in(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                        return await behaviour(_checked(requests), context)
+
+                    return unary_in
+
+                async def stream_in(
+                    requests: Any, context: grpc.aio.ServicerContext
+                ) -> AsyncIterator[Any]:
+                    async for item in behaviour(_checked(requests), context):
+                        yield item
+
+                return stream_in
+            if kind == "unary":
+
+                async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                    if isinstance(request, _Undecodable):
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                    return await behaviour(request, context)
+
+                return unary
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                async for item in behaviour(request, context):
+                    yield item
+
+            return stream
+
+        return _wrap(handler, around, _safe_deserializer)
 
 
 def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> str:

@@ -12,6 +12,8 @@ import grpc
 from interscope.v1 import models_pb2, models_pb2_grpc
 from interscope_server import errors
 from interscope_server.api.errors import unary_errors
+from interscope_server.api.interceptors import bearer_token, token_matches
+from interscope_server.config import Settings
 from interscope_server.models.config import (
     MODEL_NAME_PATTERN,
     ModelConfig,
@@ -127,9 +129,24 @@ def config_from_proto(name: str, message: models_pb2.ModelConfig) -> ModelConfig
 class ModelServicer(models_pb2_grpc.ModelServiceServicer):
     """Lists, describes, loads and unloads models; loading runs off the event loop."""
 
-    def __init__(self, registry: ModelRegistry, executor: Executor) -> None:
+    def __init__(
+        self, registry: ModelRegistry, executor: Executor, settings: Settings | None = None
+    ) -> None:
         self._registry = registry
         self._executor = executor
+        self._settings = settings or Settings()
+
+    def _require_admin(self, context: grpc.aio.ServicerContext, what: str) -> None:
+        """Uploads and unloads change what the server runs: with tokens configured, they need
+        an admin token (INTERSCOPE_ADMIN_TOKENS); an analysis token is not enough."""
+        s = self._settings
+        if not (s.auth_tokens or s.admin_tokens):
+            return
+        if not token_matches(bearer_token(context.invocation_metadata()), s.admin_tokens):
+            raise errors.PermissionDenied(
+                f"{what} needs an admin token (INTERSCOPE_ADMIN_TOKENS); this caller's token "
+                "may only run analysis and read models"
+            )
 
     @unary_errors
     async def ListModels(
@@ -165,12 +182,13 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
                 )
             await loop.run_in_executor(self._executor, self._registry.load, request.name)
         elif source == "upload":
-            if not request.replace and request.name in self._registry.repository.names():
-                # The documented status for "that name is taken and replace is false".
-                raise errors.AlreadyExists(
-                    f"model {request.name!r} already exists; set replace to overwrite it, or "
-                    "choose another name"
+            if not self._settings.allow_uploads:
+                raise errors.PermissionDenied(
+                    "this server does not accept uploaded models (INTERSCOPE_ALLOW_UPLOADS is "
+                    "off); load a model from its repository instead"
                 )
+            self._require_admin(context, "LoadModel with an upload")
+            # Whether the name is taken is decided under the repository's per-name lock.
             config = config_from_proto(request.name, request.upload.config)
             if not request.upload.model:
                 raise errors.InvalidArgument("upload.model is empty: send the model file's bytes")
@@ -193,6 +211,10 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
     async def UnloadModel(
         self, request: models_pb2.UnloadModelRequest, context: grpc.aio.ServicerContext
     ) -> models_pb2.UnloadModelResponse:
+        self._require_admin(context, "UnloadModel")
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._registry.unload, request.name)
+        await loop.run_in_executor(
+            self._executor,
+            functools.partial(self._registry.unload, request.name, delete=request.delete),
+        )
         return models_pb2.UnloadModelResponse()

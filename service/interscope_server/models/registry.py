@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import threading
@@ -27,6 +28,7 @@ from interscope_server.models.onnx_backend import OnnxBackend
 from interscope_server.models.repository import ModelRepository, validate_model_name
 from interscope_server.models.torch_export_backend import TorchExportBackend
 from interscope_server.models.torchscript_backend import TorchScriptBackend
+from interscope_server.models.vetting import vet_model_file
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +165,7 @@ class ModelRegistry:
                 if config.format == "oip"
                 else self.repository.model_file(config)
             )
+            vet_model_file(config, path, self.repository.memory_budget_bytes)
             backend = open_backend(config, path, self._backend_options, observer=self._observer)
             self._probe(backend)
         except Exception as exc:
@@ -232,17 +235,37 @@ class ModelRegistry:
     def upload(
         self, name: str, model_bytes: bytes, config: ModelConfig, *, replace: bool = False
     ) -> LoadedModel:
-        """Save an uploaded model into the repository (size-limited, atomic) and load it."""
-        with self._lock:
-            state = self._status.get(name)
-            if replace and state is not None and state.state is ModelState.LOADING:
-                raise Unavailable(f"model {name!r} is loading; retry the upload shortly")
-        self.repository.save_upload(name, model_bytes, config, replace=replace)
-        return self.load(name)
+        """Save an uploaded model into the repository (size-limited, atomic) and load it; one
+        upload per name at a time, and a refused one leaves the repository as it was."""
+        with self.repository.name_lock(name):
+            with self._lock:
+                state = self._status.get(name)
+                if replace and state is not None and state.state is ModelState.LOADING:
+                    raise Unavailable(f"model {name!r} is loading; retry the upload shortly")
+            staged = self.repository.save_upload(name, model_bytes, config, replace=replace)
+            try:
+                model = self.load(name)
+            except BaseException:
+                staged.rollback()
+                raise
+            staged.commit()
+            return model
 
-    def unload(self, name: str) -> None:
-        """Stop serving `name`; calls already queued finish first. NotFound if not loaded."""
+    def unload(self, name: str, *, delete: bool = False) -> None:
+        """Stop serving `name`; calls already queued finish first. NotFound if not loaded.
+
+        With `delete`, an uploaded model's folder is removed from the repository as well.
+        """
         validate_model_name(name)
+        if delete:
+            with self.repository.name_lock(name):
+                self.repository.is_upload(name)  # NotFound before anything changes
+                with contextlib.suppress(NotFound):
+                    self.unload(name)
+                self.repository.delete_upload(name)
+                with self._lock:
+                    self._status.pop(name, None)
+            return
         with self._lock:
             model = self._models.pop(name, None)
             status = self._status.get(name)

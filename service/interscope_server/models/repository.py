@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from interscope_server.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -22,6 +26,9 @@ from interscope_server.models.config import CONFIG_FILE, MODEL_NAME_PATTERN, Mod
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 256 * 1024 * 1024
+DEFAULT_MEMORY_BUDGET_BYTES = 2048 * 1024 * 1024
+#: Marks a folder as written by an upload, so UnloadModel may delete it (never an operator's).
+UPLOAD_MARKER = ".uploaded"
 _NAME = re.compile(MODEL_NAME_PATTERN)
 
 
@@ -50,11 +57,32 @@ class ModelRepository:
     a config's `file`, nor a symlink can reach outside it.
     """
 
-    def __init__(self, root: Path, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    ) -> None:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise InvalidArgument(f"model repository {str(root)!r} is not a directory")
         self.max_upload_bytes = max_upload_bytes
+        self.memory_budget_bytes = memory_budget_bytes
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    @contextlib.contextmanager
+    def name_lock(self, name: str) -> Iterator[None]:
+        """Serialises writers of one model name (uploads, deletes): check, write, load, commit.
+
+        Without it two uploads of one name raced between the exists-check and the rename
+        (`Directory not empty`, a non-replace upload replacing another, leftover folders).
+        """
+        with self._locks_guard:
+            lock = self._locks.setdefault(name, threading.Lock())
+        with lock:
+            yield
 
     def names(self) -> list[str]:
         """Sorted names of the folders that hold a config file (valid names only)."""
@@ -118,11 +146,13 @@ class ModelRepository:
 
     def save_upload(
         self, name: str, model_bytes: bytes, config: ModelConfig, *, replace: bool = False
-    ) -> Path:
-        """Write an uploaded model and its config as a new folder, atomically; returns the folder.
+    ) -> StagedUpload:
+        """Write an uploaded model and its config into place; `commit()` or `rollback()` it.
 
-        The folder appears complete or not at all: it is written to a hidden staging folder and
-        renamed into place. An existing model is replaced only with `replace=True`.
+        Call under `name_lock(name)`. The folder appears complete or not at all: it is written to
+        a hidden staging folder and renamed into place; a replaced folder is kept aside until
+        the new model has loaded, so a rejected upload leaves the repository as it was.
+        An existing model is replaced only with `replace=True` (else AlreadyExists).
         """
         validate_model_name(name)
         if config.name != name:
@@ -134,11 +164,12 @@ class ModelRepository:
             )
         target = self._confined(self.root / name, f"model {name!r}")
         if target.exists() and not replace:
-            raise FailedPrecondition(
-                f"model {name!r} already exists in the repository; unload it and upload with "
-                "replace, or choose another name"
+            raise AlreadyExists(
+                f"model {name!r} already exists in the repository; set replace to overwrite it, "
+                "or choose another name"
             )
         staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.root))
+        aside: Path | None = None
         try:
             model_path = (staging / config.file).resolve()
             if not model_path.is_relative_to(staging.resolve()):
@@ -146,18 +177,63 @@ class ModelRepository:
             model_path.parent.mkdir(parents=True, exist_ok=True)
             _write_synced(model_path, model_bytes)
             _write_synced(staging / CONFIG_FILE, (config.model_dump_json(indent=2) + "\n").encode())
+            _write_synced(staging / UPLOAD_MARKER, b"")
             if target.exists():
                 # Swap via a hidden name so the old folder never mixes with the new one.
-                old = Path(tempfile.mkdtemp(prefix=".replaced-", dir=self.root))
-                os.replace(target, old / name)
-                os.replace(staging, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, target)
+                aside = Path(tempfile.mkdtemp(prefix=".replaced-", dir=self.root))
+                os.replace(target, aside / name)
+            os.replace(staging, target)
+        except BaseException:
+            if aside is not None and (aside / name).exists() and not target.exists():
+                os.replace(aside / name, target)
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
+            raise
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
-        return target
+        return StagedUpload(target, aside)
+
+    def is_upload(self, name: str) -> bool:
+        """Whether the model's folder was written by an upload (and so may be deleted)."""
+        return (self.model_dir(name) / UPLOAD_MARKER).is_file()
+
+    def delete_upload(self, name: str) -> None:
+        """Remove an uploaded model's folder (call under `name_lock`); FailedPrecondition for a
+        folder the operator put there, which the server never deletes."""
+        folder = self.model_dir(name)
+        if not (folder / UPLOAD_MARKER).is_file():
+            raise FailedPrecondition(
+                f"model {name!r} was not uploaded (its folder belongs to the operator); "
+                "only uploaded models can be deleted"
+            )
+        # Rename first so the name disappears at once, then remove at leisure.
+        hidden = Path(tempfile.mkdtemp(prefix=".deleted-", dir=self.root))
+        os.replace(folder, hidden / name)
+        shutil.rmtree(hidden, ignore_errors=True)
+
+
+class StagedUpload:
+    """An upload in place whose fate waits on its load: commit keeps it, rollback undoes it."""
+
+    def __init__(self, folder: Path, aside: Path | None) -> None:
+        self.folder = folder
+        self._aside = aside
+
+    def commit(self) -> None:
+        """The new model loaded: drop the replaced folder."""
+        if self._aside is not None:
+            shutil.rmtree(self._aside, ignore_errors=True)
+
+    def rollback(self) -> None:
+        """The new model was refused: remove it, and put back what it replaced."""
+        hidden = Path(tempfile.mkdtemp(prefix=".rejected-", dir=self.folder.parent))
+        if self.folder.exists():
+            os.replace(self.folder, hidden / self.folder.name)
+        if self._aside is not None:
+            os.replace(self._aside / self.folder.name, self.folder)
+            shutil.rmtree(self._aside, ignore_errors=True)
+        shutil.rmtree(hidden, ignore_errors=True)
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -18,6 +18,7 @@ from interscope_server.errors import InvalidArgument
 from interscope_server.models.backend import Backend, BackendOptions, NormalizedModule
 from interscope_server.models.config import ModelConfig
 from interscope_server.models.gradient_check import check_gradients
+from interscope_server.models.vetting import vet_torchscript_module
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class TorchScriptBackend(Backend):
                 f"model {config.name!r}: {path.name} is not a loadable TorchScript archive "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
             ) from None
+        # Before anything of the model runs (the registry's probe forward is next).
+        vet_torchscript_module(config.name, inner)
         inner.eval()
         module = NormalizedModule(inner, config).to(self._device).eval()
         module.requires_grad_(False)

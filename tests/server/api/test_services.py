@@ -230,7 +230,7 @@ def test_attack_streams_examples_and_summary_with_perturbation_profiles(
 def test_white_box_attack_without_gradients_fails_precondition(tmp_path) -> None:
     # A server of its own: the upload must not land in the shared demo repository.
     with (
-        BackgroundServer(server_settings(tmp_path, metrics_port=None)) as srv,
+        BackgroundServer(server_settings(tmp_path, metrics_port=None, allow_uploads=True)) as srv,
         grpc.insecure_channel(srv.address) as channel,
     ):
         _check_upload_and_black_box_fallback(
@@ -377,7 +377,7 @@ def test_a_model_failing_in_a_gradient_pass_gives_unavailable(tmp_path) -> None:
         classes=["a", "b", "c"],
     )
     with (
-        BackgroundServer(server_settings(tmp_path, metrics_port=None)) as srv,
+        BackgroundServer(server_settings(tmp_path, metrics_port=None, allow_uploads=True)) as srv,
         grpc.insecure_channel(srv.address) as channel,
     ):
         models_pb2_grpc.ModelServiceStub(channel).LoadModel(

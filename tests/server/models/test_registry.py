@@ -13,6 +13,7 @@ import onnx
 import pytest
 
 from interscope_server.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -171,7 +172,7 @@ def test_upload_limits_atomicity_and_replace(
         np.testing.assert_allclose(
             model.evaluate(x[:4]), registry.get("digits-cnn").evaluate(x[:4]), rtol=1e-6
         )
-        with pytest.raises(FailedPrecondition, match="already exists"):
+        with pytest.raises(AlreadyExists, match="already exists"):
             registry.upload("uploaded", model_bytes, config)
         # A corrupt replacement fails its load; the registry keeps serving the previous version.
         registry.upload("uploaded", b"garbage", config, replace=True)
@@ -180,6 +181,9 @@ def test_upload_limits_atomicity_and_replace(
         assert registry.status("uploaded").state is ModelState.READY
         assert "reload failed" in registry.status("uploaded").message
         _serves(registry, "uploaded", demo_test_data[0][:3])
+        # ... and the repository holds the previous version again, so a restart serves it too.
+        assert (repo_root / "uploaded" / config.file).read_bytes() == model_bytes
+        assert not [p for p in repo_root.iterdir() if p.name.startswith(".")]
     else:
         pytest.fail("the corrupt replacement should have failed to load")
     finally:

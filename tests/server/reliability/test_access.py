@@ -47,7 +47,9 @@ def sandbox(tmp_path: Path, demo_repository: Path) -> Path:
 
 @pytest.fixture()
 def models(sandbox: Path) -> Iterator[models_pb2_grpc.ModelServiceStub]:
-    settings = server_settings(sandbox / "repo", metrics_port=None, max_upload_bytes=UPLOAD_LIMIT)
+    settings = server_settings(
+        sandbox / "repo", metrics_port=None, max_upload_bytes=UPLOAD_LIMIT, allow_uploads=True
+    )
     with BackgroundServer(settings) as srv, grpc.insecure_channel(srv.address) as channel:
         yield models_pb2_grpc.ModelServiceStub(channel)
 

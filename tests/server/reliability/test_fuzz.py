@@ -110,6 +110,7 @@ def fuzz_server(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory)
         max_tensor_bytes=64 * 1024,
         max_forwards_per_request=8000,
         max_upload_bytes=8192,
+        allow_uploads=True,
         # Sequential attacks (Square) make one small forward per query: no batching delay.
         max_batch_delay_ms=0.0,
     )
