@@ -22,6 +22,7 @@ from interscope_server.api.analysis_servicer import AnalysisServicer
 from interscope_server.api.interceptors import (
     AuthInterceptor,
     ObservabilityInterceptor,
+    StallInterceptor,
     WireInterceptor,
 )
 from interscope_server.api.model_servicer import ModelServicer
@@ -145,6 +146,7 @@ class InterscopeServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [
             ObservabilityInterceptor(self.metrics),
             WireInterceptor(),
+            StallInterceptor(s.send_stall_seconds),
         ]
         if s.auth_tokens:
             interceptors.insert(0, AuthInterceptor([*s.auth_tokens, *s.admin_tokens]))

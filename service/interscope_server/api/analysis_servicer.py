@@ -24,7 +24,7 @@ from interscope_server.analysis.profile import (
     run_perturbation,
 )
 from interscope_server.analysis.values import ClassChoice
-from interscope_server.api import convert, specs
+from interscope_server.api import admission, convert, numerics, specs
 from interscope_server.api.errors import stream_errors
 from interscope_server.api.streaming import iterate_in_thread
 from interscope_server.attacks.base import AttackSpec
@@ -59,6 +59,8 @@ class GuardedModule(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
             return self.inner(x)
+        except errors.InterscopeError:
+            raise  # already says what is wrong (a wrong output shape)
         except Exception as exc:
             raise errors.BackendFailed(
                 f"model {self._name!r} failed in a forward/backward pass: {exc}"
@@ -169,16 +171,23 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             x = self._inputs(model, request.inputs, "inputs")
             choice = specs.class_choice(request.class_choice)
             classes = self._classes(request.labels, choice, len(x), model)
-            spec, _ = specs.profile_spec(
+            spec, n_players = specs.profile_spec(
                 request.spec, choice, x, self._settings, n_evaluations=len(x)
+            )
+            # The final result carries every input's profile in one message.
+            admission.admit_result_bytes(
+                f"the ProfileResult of {len(x)} input(s)",
+                len(x) * admission.profile_message_bytes(spec, n_players),
+                self._settings,
             )
             evaluate = self._evaluator(model, call.cancel)
 
             def events() -> Iterator[tuple[int, int, object]]:
                 for index in range(len(x)):
-                    prediction = int(np.argmax(evaluate(x[index : index + 1])[0]))
+                    checked = numerics.finite_evaluator(evaluate, model.name, index)
+                    prediction = int(np.argmax(checked(x[index : index + 1])[0]))
                     cls = None if classes is None else int(classes[index])
-                    for event in profile_events(evaluate, x[index], spec, cls, call.cancel):
+                    for event in profile_events(checked, x[index], spec, cls, call.cancel):
                         yield index, prediction, event
 
             throttle = _Throttle()
@@ -246,7 +255,10 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                 f"({model.backend.gradient_note or 'no differentiable form'}); "
                 f"use a black-box attack: {', '.join(attacks.BLACK_BOX_ATTACKS)}"
             )
-        return domain, None if torch_model is None else GuardedModule(torch_model, model.name)
+        if torch_model is None:
+            return domain, None
+        checked = numerics.ShapeCheckedModule(torch_model, model.name, len(model.config.classes))
+        return domain, GuardedModule(checked, model.name)
 
     @stream_errors
     async def Attack(
@@ -268,14 +280,21 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             elif request.targets:
                 raise errors.InvalidArgument("targets given but attack.targeted is false")
             domain, torch_model = self._attack_setup(model, request.attack, targets)
+            admission.admit_attack(domain, len(x), self._settings)
             profile: ProfileSpec | None = None
             if request.HasField("perturbation_profile"):
-                profile, _ = specs.profile_spec(
+                profile, n_players = specs.profile_spec(
                     request.perturbation_profile,
                     ClassChoice.LABEL,
                     x,
                     self._settings,
                     n_evaluations=2 * len(x),
+                )
+                # Each example's event carries its clean and adversarial profiles.
+                admission.admit_result_bytes(
+                    "one example's result with its perturbation profile",
+                    2 * admission.profile_message_bytes(profile, n_players) + x[0].nbytes,
+                    self._settings,
                 )
             evaluate = self._evaluator(model, call.cancel)
 
@@ -288,11 +307,13 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                     evaluate,
                     call.cancel,
                 ):
+                    if isinstance(event, attacks.ExampleResult):
+                        numerics.check_example(event, model.name, event.index)
                     if isinstance(event, attacks.ExampleResult) and profile is not None:
                         yield (
                             event,
                             run_perturbation(
-                                evaluate,
+                                numerics.finite_evaluator(evaluate, model.name, event.index),
                                 x[event.index],
                                 event.x_adv,
                                 profile,

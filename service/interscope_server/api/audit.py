@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -17,7 +17,7 @@ from interscope.v1 import analysis_pb2
 from interscope_server import attacks, errors
 from interscope_server.analysis.profile import ProfileSpec, run_perturbation
 from interscope_server.analysis.values import ClassChoice
-from interscope_server.api import convert, specs
+from interscope_server.api import admission, convert, numerics, specs
 from interscope_server.api.errors import status_of
 from interscope_server.attacks.base import AttackSpec
 from interscope_server.cancel import CancelToken
@@ -56,7 +56,8 @@ async def _audit(
 ) -> AsyncIterator[analysis_pb2.AuditEvent]:
     settings = servicer._settings
     async with servicer._admit(context) as call:
-        first = await anext(aiter(requests), None)
+        incoming = _IdleLimitedReader(requests, settings.audit_idle_seconds)
+        first = await incoming.next(busy=lambda: False)
         if first is None:
             raise errors.InvalidArgument("empty Audit stream: send an AuditConfig first")
         if first.WhichOneof("message") != "config":
@@ -75,9 +76,15 @@ async def _audit(
         attack, torch_model = servicer._attack_setup(
             model, config.attack, [0] if config.attack.targeted else []
         )
+        admission.admit_attack(attack, 1, settings)
         reference = np.zeros((1, *input_shape), dtype=np.float32)
         profile, n_players = specs.profile_spec(
             config.profile, ClassChoice.LABEL, reference, settings, n_evaluations=2
+        )
+        admission.admit_result_bytes(
+            "one audit sample's result",
+            2 * admission.profile_message_bytes(profile, n_players) + reference.nbytes,
+            settings,
         )
         per_sample_baseline = (
             config.profile.baseline.WhichOneof("kind") == "mean"
@@ -153,7 +160,7 @@ async def _audit(
         async def read() -> None:
             seen: set[str] = set()
             try:
-                async for message in requests:
+                while (message := await incoming.next(busy=lambda: bool(pending))) is not None:
                     if message.WhichOneof("message") != "sample":
                         raise errors.InvalidArgument(
                             "an Audit stream takes one AuditConfig, first; then only samples"
@@ -188,6 +195,7 @@ async def _audit(
         finally:
             call.cancel.cancel()
             reader.cancel()
+            incoming.close()
             for task in list(pending):
                 task.cancel()
             await asyncio.gather(reader, *pending, return_exceptions=True)
@@ -203,6 +211,46 @@ async def _audit(
             )
         )
         yield analysis_pb2.AuditEvent(summary=summary)
+
+
+class _IdleLimitedReader:
+    """Reads an Audit request stream, ending it when the client goes quiet.
+
+    An idle stream used to hold its call slot for ever: 64 streams that never sent a config
+    locked every analysis call out. A stream that sends nothing for `idle_seconds` while none
+    of its samples is in work ends with DEADLINE_EXCEEDED. The read is never cancelled (that
+    could lose a message); it stays pending across waits.
+    """
+
+    def __init__(self, requests: AsyncIterator[analysis_pb2.AuditRequest], idle: float) -> None:
+        self._requests = aiter(requests)
+        self._idle = idle
+        self._next: asyncio.Future[analysis_pb2.AuditRequest] | None = None
+
+    async def next(self, busy: Callable[[], bool]) -> analysis_pb2.AuditRequest | None:
+        """The next message, None at the end of the stream."""
+        if self._next is None:
+            self._next = asyncio.ensure_future(anext(self._requests))
+        while True:
+            done, _ = await asyncio.wait({self._next}, timeout=self._idle)
+            if done:
+                break
+            if not busy():
+                self._next.cancel()
+                raise errors.DeadlineExceeded(
+                    f"the Audit stream sent nothing for {self._idle:.0f} s with no sample in "
+                    "work (audit_idle_seconds); send the config and samples, then half-close"
+                )
+        future, self._next = self._next, None
+        try:
+            return future.result()
+        except StopAsyncIteration:
+            return None
+
+    def close(self) -> None:
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
 
 
 def _failed(
@@ -233,15 +281,18 @@ def _audit_sample(
     """Attack one sample, then profile it clean and adversarial on the same contexts (a thread)."""
     forwards = 0
 
-    def evaluate(batch: np.ndarray) -> np.ndarray:
+    def count(batch: np.ndarray) -> np.ndarray:
         nonlocal forwards
         forwards += len(batch)
         return model.evaluate(batch, cancel)
+
+    evaluate = numerics.finite_evaluator(count, model.name, sample_id)
 
     spec = replace(attack, target_classes=(target,)) if target is not None else attack
     (outcome,) = attacks.run_attack(
         spec, x[None], np.array([label]), torch_model, evaluate, cancel
     ).results
+    numerics.check_example(outcome, model.name, sample_id)
     perturbation = run_perturbation(evaluate, x, outcome.x_adv, profile, label, cancel)
     result = analysis_pb2.SampleResult(
         id=sample_id,

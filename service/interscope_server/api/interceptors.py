@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import inspect
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -14,6 +16,8 @@ import grpc
 from interscope_server.api.errors import request_id
 from interscope_server.errors import InvalidArgument
 from interscope_server.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 #: grpc ships no type information; handlers are grpc.RpcMethodHandler at run time.
 Handler: TypeAlias = Any
@@ -279,6 +283,59 @@ class WireInterceptor(grpc.aio.ServerInterceptor):
             return stream
 
         return _wrap(handler, around, _safe_deserializer)
+
+
+class StallInterceptor(grpc.aio.ServerInterceptor):
+    """Cancels a streaming call whose client stops reading, freeing its slot and buffers.
+
+    A server-streaming handler's events are written with a time limit: when the client has not
+    taken the previous ones (HTTP/2 flow control holds the write) for `stall_seconds`, the
+    handler is closed, which ends its computation and releases its admission slot, and the call
+    ends with DEADLINE_EXCEEDED.
+    """
+
+    def __init__(self, stall_seconds: float) -> None:
+        self._stall = stall_seconds
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(details)
+        if handler is None or not (handler.unary_stream or handler.stream_stream):
+            return handler
+        stall = self._stall
+        method = details.method
+
+        def around(kind: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+            if kind == "unary":
+                return behaviour  # a coroutine handler (health Watch) writes by itself
+
+            async def write_with_limit(request: Any, context: grpc.aio.ServicerContext) -> None:
+                events = behaviour(request, context)
+                try:
+                    async for item in events:
+                        try:
+                            await asyncio.wait_for(context.write(item), timeout=stall)
+                        except asyncio.TimeoutError:
+                            log.warning(
+                                "%s: the client read nothing for %.0f s; cancelling the call",
+                                method,
+                                stall,
+                            )
+                            await events.aclose()  # stops the work, frees the call's slot
+                            await context.abort(
+                                grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"the client stopped reading: no event could be sent for "
+                                f"{stall:.0f} s (send_stall_seconds); the call was cancelled",
+                            )
+                finally:
+                    await events.aclose()
+
+            return write_with_limit
+
+        return _wrap(handler, around)
 
 
 def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> str:

@@ -1,0 +1,76 @@
+"""Cost admission before work starts: forwards, gradient passes and result bytes per request.
+
+Every estimate is an upper bound computed from the validated spec alone, so a request over a
+limit is refused with RESOURCE_EXHAUSTED naming the limit before any model runs, instead of
+holding worker threads for minutes or computing a result that cannot be sent.
+"""
+
+from __future__ import annotations
+
+from interscope_server import errors
+from interscope_server.analysis.profile import PairSelection, ProfileSpec, resolve_orders
+from interscope_server.attacks.base import AttackSpec
+from interscope_server.config import Settings
+
+#: Protobuf framing and the scalar fields of one profile or example message, generously.
+_MESSAGE_OVERHEAD = 4096
+#: Bytes of one double on the wire (packed repeated / FP64 tensor).
+_F64 = 8
+
+
+def attack_cost(spec: AttackSpec, n_inputs: int) -> tuple[int, int]:
+    """(forward passes, input-gradient passes) an attack on `n_inputs` inputs may spend."""
+    if spec.white_box:
+        restarts = max(1, spec.restarts)
+        gradients = n_inputs * spec.resolved_steps * restarts
+        # A clean prediction, a check per restart and the final prediction per input.
+        forwards = n_inputs * (restarts + 2)
+        return forwards, gradients
+    return n_inputs * spec.max_queries, 0
+
+
+def admit_attack(spec: AttackSpec, n_inputs: int, settings: Settings) -> None:
+    """Refuse an attack whose planned forwards or gradient passes exceed the server's limits."""
+    forwards, gradients = attack_cost(spec, n_inputs)
+    if forwards > settings.max_attack_forwards_per_request:
+        raise errors.ResourceExhausted(
+            f"{spec.name} on {n_inputs} input(s) plans up to {forwards} forward passes, over "
+            f"this server's limit of {settings.max_attack_forwards_per_request} "
+            "(max_attack_forwards_per_request); lower query_budget or send fewer inputs"
+        )
+    if gradients > settings.max_attack_gradients_per_request:
+        raise errors.ResourceExhausted(
+            f"{spec.name} on {n_inputs} input(s) plans {gradients} gradient passes "
+            f"(inputs x steps x restarts), over this server's limit of "
+            f"{settings.max_attack_gradients_per_request} (max_attack_gradients_per_request); "
+            "lower steps or restarts, or send fewer inputs"
+        )
+
+
+def profile_message_bytes(spec: ProfileSpec, n_players: int) -> int:
+    """Upper bound of one InteractionProfile message's size for `spec` over `n_players`."""
+    orders = len(resolve_orders(spec, n_players))
+    size = _MESSAGE_OVERHEAD + 8 * orders * _F64  # the per-order arrays
+    if spec.return_pairs:
+        if spec.pairs is PairSelection.ALL:
+            pairs = n_players * (n_players - 1) // 2
+        elif spec.pairs is PairSelection.NEIGHBOURS:
+            # Each cell has at most (2r+1)^2 - 1 neighbours; each pair is counted once.
+            pairs = n_players * ((2 * spec.neighbour_radius + 1) ** 2 - 1) // 2
+        else:
+            pairs = spec.n_random_pairs
+        # (k, 2) int64 pairs, (orders, k) interactions and their standard errors.
+        size += pairs * 2 * 8 + 2 * orders * pairs * _F64
+        if n_players <= spec.max_exact_players:  # exact may run: it adds the Shapley tables
+            size += (n_players * n_players + n_players) * _F64  # Shapley matrix and values
+    return size
+
+
+def admit_result_bytes(what: str, size: int, settings: Settings) -> None:
+    """Refuse up front a message that would be larger than the server may send."""
+    if size > settings.max_message_bytes:
+        raise errors.ResourceExhausted(
+            f"{what} would be about {size} bytes, over the largest message this server sends "
+            f"({settings.max_message_bytes} bytes, max_message_bytes); send fewer inputs or "
+            "set return_pairs to false"
+        )
