@@ -15,7 +15,7 @@ import grpc.aio
 import numpy as np
 from google.protobuf import json_format
 
-from interscope._checkpoint import Checkpoint, fingerprint
+from interscope._checkpoint import Checkpoint, data_fingerprint, fingerprint
 from interscope._exceptions import InterscopeError, UnavailableError, from_rpc_error
 from interscope._models import AuditReport, AuditSummary, SampleResult
 from interscope._summary import summarize
@@ -141,11 +141,11 @@ async def run_audit(
     fp = fingerprint({"config": config_dict, "model_content_hash": info.content_hash})
     state = _State(total=len(plan.ids), queue=asyncio.Queue(), stop=asyncio.Event())
     wanted = set(plan.ids)
-    checkpoint = (
-        Checkpoint.open(plan.checkpoint, fp, config_dict, checkpoint_header(plan, info))
-        if plan.checkpoint
-        else None
-    )
+    checkpoint = None
+    if plan.checkpoint:
+        data_fp = data_fingerprint(plan.ids, plan.x, plan.y, plan.targets)
+        extra = checkpoint_header(plan, info)
+        checkpoint = Checkpoint.open(plan.checkpoint, fp, config_dict, extra, data_fp)
     try:
         if checkpoint is not None:
             state.results = {k: v for k, v in checkpoint.done.items() if k in wanted}

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 from google.protobuf import json_format
 
 from interscope._exceptions import CheckpointError
@@ -20,6 +22,26 @@ def fingerprint(config: dict[str, Any]) -> str:
     """sha256 of the config as canonical JSON: equal configs, equal fingerprints."""
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def data_fingerprint(
+    ids: Sequence[str], x: np.ndarray, y: np.ndarray, targets: np.ndarray | None
+) -> str:
+    """sha256 of the audit's data: ids, inputs (as the float32 sent), labels and targets.
+
+    Without it a rerun with other inputs under the same config reused the old results and
+    reported a wrong robust accuracy.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(list(ids)).encode())
+    inputs = np.ascontiguousarray(x, dtype=np.float32)
+    digest.update(json.dumps(list(inputs.shape)).encode())
+    digest.update(inputs.tobytes())
+    digest.update(np.ascontiguousarray(y, dtype=np.int64).tobytes())
+    if targets is not None:
+        digest.update(b"targets")
+        digest.update(np.ascontiguousarray(targets, dtype=np.int64).tobytes())
+    return "sha256:" + digest.hexdigest()
 
 
 class Checkpoint:
@@ -42,8 +64,10 @@ class Checkpoint:
         fp: str,
         config: dict[str, Any],
         extra: dict[str, Any] | None = None,
+        data_fp: str = "",
     ) -> Checkpoint:
-        """Open or create the checkpoint at `path` for the audit with fingerprint `fp`.
+        """Open or create the checkpoint at `path` for the audit with fingerprint `fp` (config
+        and model) over the data with fingerprint `data_fp` (see `data_fingerprint`).
 
         `extra` goes into a new file's header (what `merge_audits` needs: the model, its classes,
         the shard and its sample ids). Raises CheckpointError if the file belongs to another
@@ -58,10 +82,23 @@ class Checkpoint:
                 f"(fingerprint {header.get('fingerprint')}, this audit {fp}); "
                 "remove it or choose another checkpoint path"
             )
+        if header is not None and header.get("data_fingerprint", "") != data_fp:
+            raise CheckpointError(
+                f"{path} belongs to an audit of other data: the inputs, labels, targets or "
+                f"sample ids differ from this run's (data fingerprint "
+                f"{header.get('data_fingerprint')}, this run {data_fp}); its results would be "
+                "wrong for these samples: remove it or choose another checkpoint path"
+            )
         handle = path.open("a+", encoding="utf-8")
         if good_end == 0:
             handle.truncate(0)
-            header = {**(extra or {}), "format": FORMAT, "fingerprint": fp, "config": config}
+            header = {
+                **(extra or {}),
+                "format": FORMAT,
+                "fingerprint": fp,
+                "data_fingerprint": data_fp,
+                "config": config,
+            }
             handle.write(json.dumps(header, sort_keys=True) + "\n")
             handle.flush()
         else:

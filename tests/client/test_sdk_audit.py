@@ -78,6 +78,30 @@ def test_interrupted_audit_resumes_from_its_checkpoint(
                 profile=AUDIT_PROFILE,
                 checkpoint=checkpoint,
             )
+        before = checkpoint.read_bytes()
+        # Other data under the same config and ids: the old results would be wrong for it.
+        other_inputs = x[::-1].copy()
+        other_labels = (y + 1) % 10
+        for changed in ({"x": other_inputs, "y": y}, {"x": x, "y": other_labels}):
+            with pytest.raises(interscope.CheckpointError, match="other data"):
+                client.audit(
+                    model="digits-cnn",
+                    attack=AUDIT_ATTACK,
+                    profile=AUDIT_PROFILE,
+                    checkpoint=checkpoint,
+                    **changed,
+                )
+        with pytest.raises(interscope.CheckpointError, match="other data"):
+            client.audit(
+                model="digits-cnn",
+                x=x,
+                y=y,
+                ids=[f"s{i}" for i in range(len(x))],
+                attack=AUDIT_ATTACK,
+                profile=AUDIT_PROFILE,
+                checkpoint=checkpoint,
+            )
+        assert checkpoint.read_bytes() == before, "a refused rerun changed the checkpoint"
 
 
 def _assert_same_summary(a: interscope.AuditReport, b: interscope.AuditReport) -> None:
@@ -125,7 +149,9 @@ def test_audit_over_three_replicas_survives_one_stopping(
         assert halfway.is_set()
         ids = [s.id for s in report.samples]
         assert ids == [str(i) for i in range(len(x))]
-        assert all(s.error is None for s in report.samples)
+        assert all(s.error is None for s in report.samples), [
+            s.error for s in report.samples if s.error
+        ]
         with interscope.Client(server.address) as single:
             alone = single.audit(
                 model="digits-cnn", x=x, y=y, attack=AUDIT_ATTACK, profile=AUDIT_PROFILE
