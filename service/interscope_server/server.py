@@ -79,6 +79,11 @@ class InterscopeServer:
         self.executor = ThreadPoolExecutor(
             max_workers=settings.worker_threads, thread_name_prefix="interscope-work"
         )
+        # ModelService work (loads, unloads) gets threads of its own, so control RPCs never
+        # queue behind analysis work that holds every worker thread.
+        self.control_executor = ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="interscope-control"
+        )
         if settings.model_repository is None:
             # Without a repository, uploads still need a home: a private temporary one.
             self._scratch: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(
@@ -162,7 +167,7 @@ class InterscopeServer:
         )
         analysis_pb2_grpc.add_AnalysisServiceServicer_to_server(self.analysis, server)
         models_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelServicer(self.registry, self.executor, s), server
+            ModelServicer(self.registry, self.control_executor, s), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(SERVICE_NAMES, server)
@@ -226,6 +231,7 @@ class InterscopeServer:
         self.registry.close()
         self.metrics.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.control_executor.shutdown(wait=False, cancel_futures=True)
         if self._scratch is not None:
             self._scratch.cleanup()
 

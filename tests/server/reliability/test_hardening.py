@@ -26,7 +26,7 @@ from interscope.codec import to_tensor
 from interscope.v1 import analysis_pb2, analysis_pb2_grpc, models_pb2, models_pb2_grpc
 from interscope_server.server import BackgroundServer
 from tests.server.api.conftest import grid, server_settings, sine_onnx_model
-from tests.server.reliability.conftest import Outcomes, copy_models
+from tests.server.reliability.conftest import Outcomes, copy_models, in_flight_total, wait_until
 
 C = grpc.StatusCode
 SINE_CONFIG = models_pb2.ModelConfig(
@@ -513,3 +513,40 @@ def test_health_watch_streams_the_status(
         stream.cancel()
         outcomes.record("wire: Health/Watch", C.OK)
         assert first.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_control_rpcs_answer_while_attacks_hold_every_worker(
+    demo_repository: Path, tmp_path: Path, demo_test_data: Any, outcomes: Outcomes
+) -> None:
+    repository = copy_models(demo_repository, tmp_path / "repo", ["digits-cnn", "digits-cnn-ts"])
+    settings = server_settings(repository, metrics_port=None, worker_threads=2)
+    x, y = demo_test_data
+    with BackgroundServer(settings) as srv, grpc.insecure_channel(srv.address) as channel:
+        analysis = analysis_pb2_grpc.AnalysisServiceStub(channel)
+        long_attack = analysis_pb2.AttackRequest(
+            model="digits-cnn",
+            inputs=to_tensor(x[:8]),
+            labels=[int(v) for v in y[:8]],
+            attack=analysis_pb2.AttackSpec(
+                kind=analysis_pb2.ATTACK_KIND_SQUARE, eps=0.01, query_budget=100_000
+            ),
+        )
+        attacks = [analysis.Attack(long_attack, timeout=60) for _ in range(2)]
+        try:
+            # Both running: each holds one of the two worker threads for about a minute.
+            assert wait_until(lambda: in_flight_total(srv) >= 2, timeout=10)
+            models = models_pb2_grpc.ModelServiceStub(channel)
+            code, details = call(
+                models.UnloadModel, models_pb2.UnloadModelRequest(name="digits-cnn-ts"), timeout=5
+            )
+            outcomes.record("scheduling: UnloadModel behind attacks", code)
+            assert code == C.OK, details
+            code, _ = call(models.ListModels, models_pb2.ListModelsRequest(), timeout=5)
+            assert code == C.OK
+            check = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            for stream in attacks:
+                stream.cancel()
