@@ -71,7 +71,13 @@ def repo(
 @pytest.fixture(scope="module")
 def server(repo: Path) -> Iterator[BackgroundServer]:
     settings = Settings(
-        host="127.0.0.1", port=0, metrics_port=0, metrics_host="127.0.0.1", model_repository=repo
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        metrics_host="127.0.0.1",
+        model_repository=repo,
+        # Uploads on, so the OIP upload test meets the format refusal, not the uploads switch.
+        allow_uploads=True,
     )
     with BackgroundServer(settings) as srv:
         yield srv
