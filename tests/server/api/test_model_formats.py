@@ -48,7 +48,9 @@ def test_uploaded_program_and_traced_attention_over_grpc(tmp_path: Path) -> None
     x = np.random.default_rng(0).uniform(0, 1, (3, *IMAGE)).astype(np.float32)
     (tmp_path / "repo").mkdir()
     with (
-        BackgroundServer(server_settings(tmp_path / "repo", metrics_port=None)) as srv,
+        BackgroundServer(
+            server_settings(tmp_path / "repo", metrics_port=None, allow_uploads=True)
+        ) as srv,
         grpc.insecure_channel(srv.address) as channel,
     ):
         models = models_pb2_grpc.ModelServiceStub(channel)
