@@ -98,6 +98,11 @@ async def _audit(
         outbox: asyncio.Queue[analysis_pb2.AuditEvent | BaseException | None] = asyncio.Queue()
         slots = asyncio.Semaphore(AUDIT_PARALLELISM)
         results: list[analysis_pb2.SampleResult] = []
+        # Ids in flight or answered in this stream: a second copy is refused. An id answered
+        # with an error leaves `seen`: the SDK retries retryable errors, possibly on this same
+        # stream, and then the retry's result replaces the failure in the summary.
+        seen: set[str] = set()
+        failures: dict[str, analysis_pb2.SampleResult] = {}
         pending: set[asyncio.Task[None]] = set()
 
         async def work(sample: analysis_pb2.AuditSample) -> None:
@@ -150,6 +155,8 @@ async def _audit(
                     # One bad sample must not end the audit.
                     failed = _failed(sample, *status_of(exc))
                     results.append(failed.sample)
+                    failures[sample.id] = failed.sample
+                    seen.discard(sample.id)
                     await outbox.put(failed)
                     return
                 results.append(result)
@@ -158,7 +165,6 @@ async def _audit(
                 slots.release()
 
         async def read() -> None:
-            seen: set[str] = set()
             try:
                 while (message := await incoming.next(busy=lambda: bool(pending))) is not None:
                     if message.WhichOneof("message") != "sample":
@@ -173,6 +179,8 @@ async def _audit(
                         await outbox.put(failed)
                         continue
                     seen.add(sample.id)
+                    if sample.id in failures:  # a retry: its new result counts instead
+                        results.remove(failures.pop(sample.id))
                     await slots.acquire()  # backpressure: read no further than we can work
                     task = asyncio.create_task(work(sample))
                     pending.add(task)

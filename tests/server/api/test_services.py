@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 
 import grpc
@@ -338,6 +339,35 @@ def test_audit_answers_every_sample_once_and_reports_bad_ones(analysis, demo_tes
     assert (low <= np.array(summary.delta_mean.mean)).all() and (high >= low).all()
     assert summary.clean_accuracy == np.mean([s.clean_correct for s in good])
     assert sum(c.n for c in summary.per_class) == 5
+
+
+def test_a_sample_resent_after_its_error_is_a_retry_not_a_duplicate(
+    analysis, demo_test_data
+) -> None:
+    """The SDK resends a sample whose answer was a retryable error, maybe on the same stream:
+    the server takes it, and the summary counts its new result instead of the failure."""
+    x, y = demo_test_data
+    answered = threading.Event()
+
+    def requests():
+        yield from _audit_requests(x[:1], y[:1], [])
+        bad = analysis_pb2.AuditSample(id="r", input=to_tensor(x[1][:, :4]), label=int(y[1]))
+        yield analysis_pb2.AuditRequest(sample=bad)
+        assert answered.wait(60), "the failed sample was never answered"
+        good = analysis_pb2.AuditSample(id="r", input=to_tensor(x[1]), label=int(y[1]))
+        yield analysis_pb2.AuditRequest(sample=good)
+
+    samples, summary = [], None
+    for event in analysis.Audit(requests()):
+        if event.WhichOneof("event") == "sample":
+            samples.append(event.sample)
+            if event.sample.id == "r" and event.sample.HasField("error"):
+                answered.set()
+        elif event.WhichOneof("event") == "summary":
+            summary = event.summary
+    by_id = [(s.id, s.HasField("error")) for s in samples]
+    assert sorted(by_id) == [("r", False), ("r", True), ("s0", False)]
+    assert summary is not None and (summary.n_samples, summary.n_failed) == (2, 0)
 
 
 def test_audit_sample_before_config_is_invalid(analysis, demo_test_data) -> None:
