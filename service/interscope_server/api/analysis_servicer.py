@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,7 +24,7 @@ from interscope_server.analysis.profile import (
     profile_events,
     run_perturbation,
 )
-from interscope_server.analysis.values import ClassChoice
+from interscope_server.analysis.values import ClassChoice, check_defined
 from interscope_server.api import convert, specs
 from interscope_server.api.errors import stream_errors
 from interscope_server.api.streaming import iterate_in_thread
@@ -172,6 +173,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             spec, _ = specs.profile_spec(
                 request.spec, choice, x, self._settings, n_evaluations=len(x)
             )
+            check_defined(spec.value, model.backend.output_kind, model.name)
             evaluate = self._evaluator(model, call.cancel)
 
             def events() -> Iterator[tuple[int, int, object]]:
@@ -239,6 +241,8 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     ) -> tuple[AttackSpec, torch.nn.Module | None]:
         low, high = model.config.value_range
         domain = specs.attack_spec(spec, targets, (low, high))
+        if model.backend.integer_inputs:
+            domain = dataclasses.replace(domain, integer_inputs=True)
         torch_model = model.backend.torch_module() if domain.white_box else None
         if domain.white_box and torch_model is None:
             raise errors.FailedPrecondition(
@@ -277,6 +281,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                     self._settings,
                     n_evaluations=2 * len(x),
                 )
+                check_defined(profile.value, model.backend.output_kind, model.name)
             evaluate = self._evaluator(model, call.cancel)
 
             def events() -> Iterator[tuple[object, engine.PerturbationProfile | None]]:

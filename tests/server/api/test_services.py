@@ -352,14 +352,15 @@ def test_audit_sample_before_config_is_invalid(analysis, demo_test_data) -> None
 
 
 class _FailsOnBrightInputs(torch.nn.Module):
-    """A TorchScript model that loads (its probe input is dark) but raises on bright inputs."""
+    """A TorchScript model whose forwards work (the load probes them over the whole value
+    range) but that raises in a gradient pass on bright inputs."""
 
     def __init__(self) -> None:
         super().__init__()
         self.linear = torch.nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bool(x.max() > 0.5):
+        if x.requires_grad and bool(x.max() > 0.5):
             raise RuntimeError("simulated device fault")
         return self.linear(x.flatten(1))
 

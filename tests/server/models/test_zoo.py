@@ -1,0 +1,154 @@
+"""The real-model zoo end to end over gRPC: each model loaded from a repository and by upload
+with a minimal config.json, exact profile values against the original model, attacks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+import interscope
+from interscope_server.server import BackgroundServer
+from tests.server.api.conftest import server_settings
+from tests.zoo import ZooModel, build_zoo
+
+#: Four players: a 2x2 grid on images, four blocks of 16 features on tabular inputs.
+FEATURE_GROUPS = [list(range(16 * g, 16 * (g + 1))) for g in range(4)]
+NAMES = [
+    "sk-logreg",
+    "sk-forest",
+    "sk-mlp-zipmap",
+    "sk-mlp-tensor",
+    "xgboost",
+    "lightgbm",
+    "softmax-mlp-classic",
+    "softmax-mlp-dynamo",
+    "ts-tuple",
+    "ts-dict",
+    "uint8-cnn",
+    "fixed-batch-1",
+    "two-output",
+]
+
+
+@pytest.fixture(scope="session")
+def zoo() -> dict[str, ZooModel]:
+    return build_zoo()
+
+
+@pytest.fixture(scope="module")
+def zoo_server(
+    zoo: dict[str, ZooModel], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BackgroundServer]:
+    root = tmp_path_factory.mktemp("zoo-repository")
+    for model in zoo.values():
+        model.write(root)
+    with BackgroundServer(server_settings(root)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(zoo_server: BackgroundServer) -> Iterator[interscope.Client]:
+    with interscope.Client(zoo_server.address) as c:
+        yield c
+
+
+def _players(model: ZooModel) -> dict[str, object]:
+    return {"grid": (2, 2)} if model.image else {"features": FEATURE_GROUPS}
+
+
+def _check_profile(client: interscope.Client, name: str, model: ZooModel) -> None:
+    """v(N) = log p(y | x) and v(empty) = log p(y | baseline), from the original model."""
+    result = client.profile(
+        model=name,
+        x=model.x,
+        label=model.y,
+        baseline="zero",
+        value="log-prob",
+        estimator="exact",
+        **_players(model),
+    )
+    p_full = model.probabilities(model.x)[np.arange(len(model.y)), model.y]
+    p_empty = model.probabilities(np.zeros_like(model.x))[np.arange(len(model.y)), model.y]
+    got_full = np.array([p.value_full for p in result.profiles])
+    got_empty = np.array([p.value_empty for p in result.profiles])
+    np.testing.assert_allclose(got_full, np.log(p_full), atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        got_empty, np.log(np.maximum(p_empty, 1.1754944e-38)), atol=2e-4, rtol=1e-4
+    )
+    # The probability value function reads p itself.
+    prob = client.profile(
+        model=name,
+        x=model.x[:1],
+        label=model.y[:1],
+        baseline="zero",
+        value="prob",
+        estimator="exact",
+        **_players(model),
+    )
+    np.testing.assert_allclose(prob.profiles[0].value_full, p_full[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_repository_model_loads_with_minimal_config_and_profiles_exactly(
+    client: interscope.Client, zoo: dict[str, ZooModel], name: str
+) -> None:
+    model = zoo[name]
+    info = client.get_model(name)
+    assert info.state == "ready", info.state_message
+    assert info.output_kind == model.kind
+    assert list(info.input.shape) == list(model.x.shape[1:])
+    assert len(info.classes) == 10
+    assert info.value_range == model.value_range
+    _check_profile(client, name, model)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_uploaded_model_with_its_config_json_matches(
+    client: interscope.Client, zoo: dict[str, ZooModel], name: str
+) -> None:
+    model = zoo[name]
+    upload = f"{name}-up"
+    config = {k: v for k, v in model.config_json().items() if k not in ("name", "file")}
+    info = client.load_model(upload, model_bytes=model.model_bytes, config=json.dumps(config))
+    try:
+        assert info.state == "ready" and info.output_kind == model.kind
+        _check_profile(client, upload, model)
+    finally:
+        client.unload_model(upload)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_attacks(client: interscope.Client, zoo: dict[str, ZooModel], name: str) -> None:
+    """A white-box attack wherever gradients are offered; square on every image model."""
+    model = zoo[name]
+    info = client.get_model(name)
+    low, high = model.value_range
+    eps = 0.3 * (high - low)
+    if info.gradients_available:
+        result = client.attack(
+            model=name, x=model.x, y=model.y, attack="pgd", norm="linf", eps=eps, steps=10
+        )
+        _check_attack(model, result, eps)
+    else:
+        with pytest.raises(interscope.FailedPreconditionError, match="square"):
+            client.attack(model=name, x=model.x, y=model.y, attack="pgd", eps=eps)
+    if model.image:
+        result = client.attack(
+            model=name, x=model.x, y=model.y, attack="square", eps=eps, query_budget=200
+        )
+        _check_attack(model, result, eps)
+
+
+def _check_attack(model: ZooModel, result: interscope.AttackResult, eps: float) -> None:
+    adv = result.adversarial
+    assert adv is not None
+    assert np.abs(adv - model.x).max() <= eps + 1e-5
+    # Predictions reported for the adversarial examples are the original model's own.
+    predicted = model.probabilities(adv).argmax(axis=1)
+    assert [e.adversarial_prediction for e in result.examples] == predicted.tolist()
+    assert result.success_rate > 0
+    if model.value_range == (0.0, 255.0):  # UINT8: examples lie on the model's grid
+        np.testing.assert_array_equal(adv, np.rint(adv))
