@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from interscope_server.demo import TEST_DATA_FILE, build_demo_repository
+from tests.zoo import ZooModel, build_zoo
 
 #: Gitignored; reused across sessions, rebuilt when the demo recipe changes (see its stamp file).
 DEMO_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "demo-repository"
@@ -24,3 +25,9 @@ def demo_test_data(demo_repository: Path) -> tuple[np.ndarray, np.ndarray]:
     """Held-out digits: x float32 (N, 1, 16, 16) in [0, 1], y int64 (N,)."""
     with np.load(demo_repository / TEST_DATA_FILE) as data:
         return data["x"], data["y"]
+
+
+@pytest.fixture(scope="session")
+def zoo() -> dict[str, ZooModel]:
+    """The real-model zoo (tests/zoo.py), trained and exported once per session."""
+    return build_zoo()

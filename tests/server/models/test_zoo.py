@@ -12,7 +12,7 @@ import pytest
 import interscope
 from interscope_server.server import BackgroundServer
 from tests.server.api.conftest import server_settings
-from tests.zoo import ZooModel, build_zoo
+from tests.zoo import ZooModel
 
 #: Four players: a 2x2 grid on images, four blocks of 16 features on tabular inputs.
 FEATURE_GROUPS = [list(range(16 * g, 16 * (g + 1))) for g in range(4)]
@@ -31,11 +31,6 @@ NAMES = [
     "fixed-batch-1",
     "two-output",
 ]
-
-
-@pytest.fixture(scope="session")
-def zoo() -> dict[str, ZooModel]:
-    return build_zoo()
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +147,37 @@ def _check_attack(model: ZooModel, result: interscope.AttackResult, eps: float) 
     assert result.success_rate > 0
     if model.value_range == (0.0, 255.0):  # UINT8: examples lie on the model's grid
         np.testing.assert_array_equal(adv, np.rint(adv))
+
+
+def test_logit_value_is_refused_for_a_probability_model(
+    client: interscope.Client, zoo: dict[str, ZooModel]
+) -> None:
+    model = zoo["softmax-mlp-classic"]
+    with pytest.raises(interscope.FailedPreconditionError, match="use log_prob, log_odds or prob"):
+        client.profile(
+            model=model.name,
+            x=model.x[:1],
+            label=model.y[:1],
+            grid=(2, 2),
+            value="logit",
+            estimator="exact",
+        )
+    # The same value function on a logits model is the raw logit z_y.
+    logits_model = zoo["two-output"]
+    result = client.profile(
+        model=logits_model.name,
+        x=logits_model.x[:1],
+        label=logits_model.y[:1],
+        grid=(2, 2),
+        value="logit",
+        estimator="exact",
+    )
+    import torch
+
+    from tests.zoo import TupleOutput, load_data, trained_cnn
+
+    with torch.no_grad():
+        z = TupleOutput(trained_cnn(load_data()))(torch.from_numpy(logits_model.x[:1]))[1]
+    np.testing.assert_allclose(
+        result.profiles[0].value_full, float(z[0, logits_model.y[0]]), atol=1e-4
+    )
