@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,3 +182,25 @@ def test_logit_value_is_refused_for_a_probability_model(
     np.testing.assert_allclose(
         result.profiles[0].value_full, float(z[0, logits_model.y[0]]), atol=1e-4
     )
+
+
+def test_cli_uploads_a_repository_config_json_as_it_is(
+    zoo_server: BackgroundServer,
+    zoo: dict[str, ZooModel],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from interscope.cli import main
+
+    folder = zoo["sk-forest"].write(tmp_path)  # config.json names the model "sk-forest"
+    argv = ["models", "load", "sk-forest", "--address", zoo_server.address, "--replace"]
+    argv += ["--file", str(folder / "model.onnx"), "--config", str(folder / "config.json")]
+    assert main([*argv, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["state"] == "ready" and info["output_kind"] == "probabilities"
+    assert info["classes"] == [str(c) for c in range(10)]
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"name": "other", "format": "onnx"}))
+    argv[-1] = str(wrong)
+    assert main(argv) == 1
+    assert "names the model 'other'" in capsys.readouterr().err
