@@ -372,10 +372,11 @@ class OnnxBackend(Backend):
                     "output": config.output.model_copy(update={"name": output}),
                 }
             )
+            # _raw_scores reads names, dtype and normalisation from self.config: stage them.
             self.config = staged
-            self._norm = normalization_arrays(staged) if staged.normalization else None
             low = config.value_range[0] if "value_range" in config.model_fields_set else 0.0
             try:
+                self._norm = normalization_arrays(staged)
                 k = self._raw_scores(np.full((1, *shape), low, dtype=np.float32)).shape[1]
             except Exception as exc:  # reported below, after the config's own mismatches
                 failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
