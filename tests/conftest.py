@@ -11,6 +11,7 @@ import pytest
 from interscope_server.config import Settings
 from interscope_server.demo import TEST_DATA_FILE, build_demo_repository
 from interscope_server.server import BackgroundServer
+from tests.zoo import ZooModel, build_zoo
 
 #: Gitignored; reused across sessions, rebuilt when the demo recipe changes (see its stamp file).
 DEMO_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "demo-repository"
@@ -42,3 +43,9 @@ def address(demo_repository: Path) -> Iterator[str]:
     )
     with BackgroundServer(settings) as srv:
         yield srv.address
+
+
+@pytest.fixture(scope="session")
+def zoo() -> dict[str, ZooModel]:
+    """The real-model zoo (tests/zoo.py), trained and exported once per session."""
+    return build_zoo()

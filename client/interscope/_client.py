@@ -235,7 +235,7 @@ class BaseClient:
     def _load_request(
         name: str,
         model_bytes: bytes | None,
-        config: models_pb2.ModelConfig | Mapping[str, Any] | None,
+        config: models_pb2.ModelConfig | Mapping[str, Any] | str | None,
         replace: bool,
     ) -> models_pb2.LoadModelRequest:
         request = models_pb2.LoadModelRequest(name=name, replace=replace)
@@ -245,13 +245,14 @@ class BaseClient:
             request.repository.SetInParent()
             return request
         if config is None:
-            raise ValueError("an upload needs config= (a ModelConfig or its JSON as a dict)")
-        if not isinstance(config, models_pb2.ModelConfig):
-            from google.protobuf import json_format
-
-            config = json_format.ParseDict(dict(config), models_pb2.ModelConfig())
+            raise ValueError("an upload needs config= (config.json as a dict or its text)")
         request.upload.model = model_bytes
-        request.upload.config.CopyFrom(config)
+        if isinstance(config, models_pb2.ModelConfig):
+            request.upload.config.CopyFrom(config)  # the deprecated typed form
+        elif isinstance(config, str):
+            request.upload.config_json = config
+        else:
+            request.upload.config_json = json.dumps(dict(config))
         return request
 
     @staticmethod
@@ -447,11 +448,16 @@ class Client(BaseClient):
         name: str,
         *,
         model_bytes: bytes | None = None,
-        config: models_pb2.ModelConfig | Mapping[str, Any] | None = None,
+        config: models_pb2.ModelConfig | Mapping[str, Any] | str | None = None,
         replace: bool = False,
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> ModelInfo:
-        """Load `name` from the server's repository, or upload `model_bytes` with `config`."""
+        """Load `name` from the server's repository, or upload `model_bytes` with `config`.
+
+        `config` is the model's config.json, as a dict or as its JSON text, exactly as a
+        repository folder holds it ("name" and "file" may be left out). A typed
+        `models_pb2.ModelConfig` is still accepted but deprecated.
+        """
         request = self._load_request(name, model_bytes, config, replace)
         return ModelInfo.from_proto(self._unary(self._models.LoadModel, request, timeout).model)
 
@@ -657,11 +663,16 @@ class AsyncClient(BaseClient):
         name: str,
         *,
         model_bytes: bytes | None = None,
-        config: models_pb2.ModelConfig | Mapping[str, Any] | None = None,
+        config: models_pb2.ModelConfig | Mapping[str, Any] | str | None = None,
         replace: bool = False,
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> ModelInfo:
-        """Load `name` from the server's repository, or upload `model_bytes` with `config`."""
+        """Load `name` from the server's repository, or upload `model_bytes` with `config`.
+
+        `config` is the model's config.json, as a dict or as its JSON text, exactly as a
+        repository folder holds it ("name" and "file" may be left out). A typed
+        `models_pb2.ModelConfig` is still accepted but deprecated.
+        """
         request = self._load_request(name, model_bytes, config, replace)
         response = await self._unary(self._models.LoadModel, request, timeout)
         return ModelInfo.from_proto(response.model)

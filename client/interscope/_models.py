@@ -104,6 +104,8 @@ class ModelInfo(_DictMixin):
     max_batch_size: int
     device: str
     description: str
+    #: "logits", "probabilities" or "log_probabilities"; "logit" values need "logits".
+    output_kind: str = ""
 
     @classmethod
     def from_proto(cls, m: models_pb2.ModelInfo) -> ModelInfo:
@@ -128,6 +130,7 @@ class ModelInfo(_DictMixin):
             max_batch_size=m.max_batch_size,
             device=m.device,
             description=m.description,
+            output_kind=m.output_kind,
         )
 
 

@@ -491,7 +491,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
             _emit(args, info.to_dict(), json.dumps(info.to_dict(), indent=1))
         elif action == "load":
             data = args.file.read_bytes() if args.file else None
-            config = json.loads(args.config.read_text()) if args.config else None
+            # config.json goes as it is: the server validates it as a repository folder's.
+            config = args.config.read_text() if args.config else None
             info = client.load_model(
                 args.name, model_bytes=data, config=config, replace=args.replace
             )

@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from interscope_server.models.config import CONFIG_FILE, ModelConfig, Normalization, TensorSpec
+from interscope_server.models.config import (
+    CONFIG_FILE,
+    ModelConfig,
+    Normalization,
+    OutputSpec,
+    TensorSpec,
+)
 
 #: Models written by `build_demo_repository`, in the order they are written.
 DEMO_MODEL_NAMES = ("digits-cnn", "digits-cnn-adv", "digits-cnn-ts", "digits-cnn-adv-ts")
@@ -328,7 +334,7 @@ def _export(out: Path, name: str, net: Any, fmt: str, recipe: DemoRecipe, note: 
         format="onnx" if fmt == "onnx" else "torchscript",
         file=file,
         input=TensorSpec(name="input", shape=[1, recipe.image_size, recipe.image_size]),
-        output_name="logits",
+        output=OutputSpec(name="logits", kind="logits"),
         classes=[str(d) for d in range(10)],
         value_range=(0.0, 1.0),
         normalization=DEMO_NORMALIZATION,

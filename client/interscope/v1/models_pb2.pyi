@@ -157,8 +157,9 @@ Global___Normalization: _TypeAlias = Normalization  # noqa: Y015
 
 @_typing.final
 class ModelConfig(_message.Message):
-    """The contents of a model folder's config.json, as a typed message (used for uploads).
-    Invalid values get INVALID_ARGUMENT naming the field and what is allowed.
+    """Deprecated: the typed form of a model folder's config.json, for uploads written before
+    `UploadSource.config_json`; it cannot say an output's kind or leave fields to the model file.
+    Send config_json instead. Invalid values get INVALID_ARGUMENT naming the field.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -238,6 +239,7 @@ class ModelInfo(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    OUTPUT_KIND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name on this replica: [A-Za-z0-9][A-Za-z0-9_.-]{0,127}."""
     format: Global___ModelFormat.ValueType
@@ -259,6 +261,11 @@ class ModelInfo(_message.Message):
     """Where forwards run: "cpu", "cuda:0", or the ONNX Runtime execution provider in use."""
     description: _builtins.str
     """Free text from the model config."""
+    output_kind: _builtins.str
+    """What `output` holds: "logits", "probabilities" or "log_probabilities" (declared in
+    config.json or read from the model file). Every value function is defined for each kind
+    except VALUE_FUNCTION_LOGIT, which only a "logits" model has.
+    """
     @_builtins.property
     def input(self) -> Global___TensorInfo: ...
     @_builtins.property
@@ -290,10 +297,11 @@ class ModelInfo(_message.Message):
         max_batch_size: _builtins.int = ...,
         device: _builtins.str = ...,
         description: _builtins.str = ...,
+        output_kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "normalization", b"normalization", "output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "content_hash", b"content_hash", "description", b"description", "device", b"device", "format", b"format", "gradients_available", b"gradients_available", "gradients_message", b"gradients_message", "input", b"input", "max_batch_size", b"max_batch_size", "name", b"name", "normalization", b"normalization", "output", b"output", "state", b"state", "state_message", b"state_message", "value_range_high", b"value_range_high", "value_range_low", b"value_range_low"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "content_hash", b"content_hash", "description", b"description", "device", b"device", "format", b"format", "gradients_available", b"gradients_available", "gradients_message", b"gradients_message", "input", b"input", "max_batch_size", b"max_batch_size", "name", b"name", "normalization", b"normalization", "output", b"output", "output_kind", b"output_kind", "state", b"state", "state_message", b"state_message", "value_range_high", b"value_range_high", "value_range_low", b"value_range_low"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -384,19 +392,28 @@ class UploadSource(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    CONFIG_JSON_FIELD_NUMBER: _builtins.int
     model: _builtins.bytes
     """The model file's bytes (ONNX protobuf or a TorchScript archive)."""
+    config_json: _builtins.str
+    """The model's config.json exactly as a repository folder holds it (UTF-8 JSON, the same
+    fields and validation). "name" may be left out (it is the request's name; a different one
+    is INVALID_ARGUMENT), and so may "file" (default model.onnx / model.pt by format).
+    """
     @_builtins.property
-    def config(self) -> Global___ModelConfig: ...
+    def config(self) -> Global___ModelConfig:
+        """Deprecated typed config; ignored when config_json is set."""
+
     def __init__(
         self,
         *,
         model: _builtins.bytes = ...,
         config: Global___ModelConfig | None = ...,
+        config_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "config_json", b"config_json", "model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

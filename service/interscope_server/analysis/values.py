@@ -6,7 +6,7 @@ import enum
 
 import numpy as np
 
-from interscope_server.errors import InvalidArgument
+from interscope_server.errors import FailedPrecondition, InvalidArgument
 
 
 class ValueFunction(enum.Enum):
@@ -28,6 +28,22 @@ class ValueFunction(enum.Enum):
             raise InvalidArgument(
                 f"value function {name!r} is not known; allowed: {allowed}"
             ) from None
+
+
+def check_defined(value: ValueFunction, output_kind: str, model: str) -> None:
+    """Refuse a value function the model's output kind does not define.
+
+    Backends hand the engine canonical scores (logits, or log p for probability models), on
+    which log-prob, log-odds and prob equal the model's own; the raw logit z_y of a model that
+    emits probabilities is not recoverable (any per-row shift gives the same p), so it is an
+    error rather than log p passed off as a logit.
+    """
+    if value is ValueFunction.LOGIT and output_kind != "logits":
+        raise FailedPrecondition(
+            f"value function 'logit' needs a model that outputs logits; model {model!r} outputs "
+            f"{output_kind.replace('_', '-')}, whose raw logits are not defined: use log_prob, "
+            "log_odds or prob"
+        )
 
 
 class ClassChoice(enum.Enum):

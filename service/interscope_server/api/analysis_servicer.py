@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,7 +24,7 @@ from interscope_server.analysis.profile import (
     profile_events,
     run_perturbation,
 )
-from interscope_server.analysis.values import ClassChoice
+from interscope_server.analysis.values import ClassChoice, check_defined
 from interscope_server.api import admission, convert, numerics, specs
 from interscope_server.api.errors import stream_errors
 from interscope_server.api.streaming import iterate_in_thread
@@ -180,6 +181,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                 len(x) * admission.profile_message_bytes(spec, n_players),
                 self._settings,
             )
+            check_defined(spec.value, model.backend.output_kind, model.name)
             evaluate = self._evaluator(model, call.cancel)
 
             def events() -> Iterator[tuple[int, int, object]]:
@@ -248,6 +250,8 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     ) -> tuple[AttackSpec, torch.nn.Module | None]:
         low, high = model.config.value_range
         domain = specs.attack_spec(spec, targets, (low, high))
+        if model.backend.integer_inputs:
+            domain = dataclasses.replace(domain, integer_inputs=True)
         torch_model = model.backend.torch_module() if domain.white_box else None
         if domain.white_box and torch_model is None:
             raise errors.FailedPrecondition(
@@ -296,6 +300,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                     2 * admission.profile_message_bytes(profile, n_players) + x[0].nbytes,
                     self._settings,
                 )
+                check_defined(profile.value, model.backend.output_kind, model.name)
             evaluate = self._evaluator(model, call.cancel)
 
             def events() -> Iterator[tuple[object, engine.PerturbationProfile | None]]:

@@ -16,7 +16,7 @@ from interscope.codec import to_tensor
 from interscope.v1 import analysis_pb2
 from interscope_server import attacks, errors
 from interscope_server.analysis.profile import ProfileSpec, run_perturbation
-from interscope_server.analysis.values import ClassChoice
+from interscope_server.analysis.values import ClassChoice, check_defined
 from interscope_server.api import admission, convert, numerics, specs
 from interscope_server.api.errors import status_of
 from interscope_server.attacks.base import AttackSpec
@@ -86,6 +86,7 @@ async def _audit(
             2 * admission.profile_message_bytes(profile, n_players) + reference.nbytes,
             settings,
         )
+        check_defined(profile.value, model.backend.output_kind, model.name)
         per_sample_baseline = (
             config.profile.baseline.WhichOneof("kind") == "mean"
             and not config.profile.baseline.mean.values

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import re
 from concurrent.futures import Executor
 
 import grpc
+from pydantic import ValidationError
 
 from interscope.v1 import models_pb2, models_pb2_grpc
 from interscope_server import errors
@@ -15,9 +17,11 @@ from interscope_server.api.errors import unary_errors
 from interscope_server.api.interceptors import bearer_token, token_matches
 from interscope_server.config import Settings
 from interscope_server.models.config import (
+    CONFIG_FILE,
     MODEL_NAME_PATTERN,
     ModelConfig,
     Normalization,
+    OutputSpec,
     TensorSpec,
 )
 from interscope_server.models.registry import (
@@ -26,6 +30,7 @@ from interscope_server.models.registry import (
     ModelState,
     ModelStatus,
 )
+from interscope_server.models.repository import config_error_message
 
 _FORMAT_TO_PROTO = {
     "onnx": models_pb2.MODEL_FORMAT_ONNX,
@@ -67,14 +72,17 @@ def model_info(registry: ModelRegistry, status: ModelStatus) -> models_pb2.Model
         info.format = _FORMAT_TO_PROTO[config.format]
         info.input.CopyFrom(
             models_pb2.TensorInfo(
-                name=config.input.name, datatype=config.input.datatype, shape=config.input.shape
+                name=config.input.name,
+                datatype=config.input.datatype or "",
+                shape=config.input.shape,
             )
         )
         info.output.CopyFrom(
             models_pb2.TensorInfo(
-                name=config.output_name, datatype="FP32", shape=[len(config.classes)]
+                name=config.output.name, datatype="FP32", shape=[len(config.classes)]
             )
         )
+        info.output_kind = config.output.kind or ""
         info.classes.extend(config.classes)
         info.value_range_low, info.value_range_high = config.value_range
         if config.normalization is not None:
@@ -94,8 +102,33 @@ def model_info(registry: ModelRegistry, status: ModelStatus) -> models_pb2.Model
     return info
 
 
+def config_from_json(name: str, text: str) -> ModelConfig:
+    """An upload's config.json, validated exactly as a repository folder's is."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise errors.InvalidArgument(f"upload.config_json is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise errors.InvalidArgument(f"upload.config_json must be a JSON object ({CONFIG_FILE})")
+    if data.setdefault("name", name) != name:
+        raise errors.InvalidArgument(
+            f"upload.config_json names the model {data['name']!r} but the request names it "
+            f"{name!r}; drop the name or make them equal"
+        )
+    if data.get("format") == "oip":
+        raise errors.InvalidArgument(
+            "an oip model comes from a repository config.json, never an upload"
+        )
+    if data.get("format") in _UPLOAD_FILES:
+        data.setdefault("file", _UPLOAD_FILES[data["format"]])
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        raise errors.InvalidArgument(config_error_message(name, exc)) from None
+
+
 def config_from_proto(name: str, message: models_pb2.ModelConfig) -> ModelConfig:
-    """The repository config of an upload (pydantic ValidationError -> INVALID_ARGUMENT)."""
+    """The repository config of a typed (deprecated) upload config."""
     if message.format not in _FORMAT_FROM_PROTO:
         raise errors.InvalidArgument(
             "config.format must be MODEL_FORMAT_ONNX, _TORCHSCRIPT or _TORCH_EXPORT (an oip "
@@ -108,6 +141,11 @@ def config_from_proto(name: str, message: models_pb2.ModelConfig) -> ModelConfig
             mean=list(message.normalization.mean), std=list(message.normalization.std)
         )
     model_format = _FORMAT_FROM_PROTO[message.format]
+    fields: dict[str, object] = {}
+    if message.max_batch_size:
+        fields["max_batch_size"] = message.max_batch_size  # unset: the model file may fix it
+    if message.description:
+        fields["description"] = message.description
     return ModelConfig(
         name=name,
         format=model_format,  # type: ignore[arg-type]
@@ -117,12 +155,11 @@ def config_from_proto(name: str, message: models_pb2.ModelConfig) -> ModelConfig
             shape=list(message.input.shape),
             datatype=message.input.datatype or "FP32",  # type: ignore[arg-type]
         ),
-        output_name=message.output_name or "logits",
+        output=OutputSpec(name=message.output_name or "logits"),
         classes=list(message.classes),
         value_range=(low, high) if (low, high) != (0.0, 0.0) else (0.0, 1.0),
         normalization=normalization,
-        max_batch_size=message.max_batch_size or 256,
-        description=message.description,
+        **fields,  # type: ignore[arg-type]
     )
 
 
@@ -189,7 +226,12 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
                 )
             self._require_admin(context, "LoadModel with an upload")
             # Whether the name is taken is decided under the repository's per-name lock.
-            config = config_from_proto(request.name, request.upload.config)
+            upload = request.upload
+            config = (
+                config_from_json(request.name, upload.config_json)
+                if upload.config_json
+                else config_from_proto(request.name, upload.config)
+            )
             if not request.upload.model:
                 raise errors.InvalidArgument("upload.model is empty: send the model file's bytes")
             await loop.run_in_executor(

@@ -86,6 +86,9 @@ class AttackSpec:
         p_init: square's initial fraction of the input changed by one square.
         seed: makes every random choice reproducible.
         value_range: (low, high) valid input range; every result lies inside it.
+        integer_inputs: the model reads its inputs rounded to integers (UINT8): the attack
+            runs in float, then each adversarial example is moved onto the integer grid inside
+            the ball (see `attacks.runner.on_integer_grid`) and its scores re-checked there.
     """
 
     name: AttackName
@@ -103,6 +106,7 @@ class AttackSpec:
     p_init: float = 0.8
     seed: int = 0
     value_range: tuple[float, float] = (0.0, 1.0)
+    integer_inputs: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in ATTACK_NAMES:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -152,10 +153,21 @@ def attack_events(
             else:
                 assert isinstance(attack, BlackBoxAttack) and evaluate is not None
                 out = attack.perturb(evaluate, ball, goal.subset(todo), token, generator)
-            x_adv[todo] = out.x_adv
-            adv[todo] = out.logits
+            found, scores, spent = out.x_adv, out.logits, out.queries.cpu()
+            if spec.integer_inputs:
+                # The model sees rounded inputs: what counts is the example on the grid.
+                found = on_integer_grid(xb[todo], found, spec)
+                if isinstance(attack, WhiteBoxAttack):
+                    assert model is not None
+                    scores = forward(model, found)
+                else:
+                    assert evaluate is not None
+                    scores = evaluate_tensor(evaluate, found, tuple(xb.shape[1:]))
+                spent = spent + 1
+            x_adv[todo] = found
+            adv[todo] = scores
             steps[todo.cpu()] = out.steps.cpu()
-            queries[todo.cpu()] = out.queries.cpu()
+            queries[todo.cpu()] = spent
         attacked = torch.zeros(hi - lo, dtype=torch.bool)
         attacked[todo.cpu()] = True
         for result in _results(lo, xb, x_adv, clean, adv, goal, attacked, steps, queries):
@@ -163,6 +175,22 @@ def attack_events(
             yield result
         yield Progress(hi, n, b + 1, batches)
     yield totals.summary()
+
+
+def on_integer_grid(x: Tensor, x_adv: Tensor, spec: AttackSpec) -> Tensor:
+    """x_adv moved onto the integer grid without leaving the eps-ball or the value range.
+
+    L-inf: each coordinate rounds to the nearest integer, clipped to [ceil(x - eps),
+    floor(x + eps)] (x is itself on the grid, so the interval holds an integer). L2: each
+    coordinate of delta rounds toward zero, which can only shrink the norm.
+    """
+    low, high = spec.value_range
+    if spec.norm == "linf":
+        lo = torch.clamp(torch.ceil(x - spec.eps), min=math.ceil(low))
+        hi = torch.clamp(torch.floor(x + spec.eps), max=math.floor(high))
+        return torch.minimum(torch.maximum(torch.round(x_adv), lo), hi)
+    grid = x + torch.trunc(x_adv - x)
+    return torch.clamp(grid, math.ceil(low), math.floor(high))
 
 
 def _validate(
@@ -190,6 +218,10 @@ def _validate(
     if x_min < low or x_max > high:
         raise InvalidArgument(
             f"inputs span [{x_min}, {x_max}] (as float32), outside value_range [{low}, {high}]"
+        )
+    if spec.integer_inputs and not np.array_equal(x32, np.rint(x32)):
+        raise InvalidArgument(
+            "this model takes integer (UINT8) inputs: send inputs whose values are integers"
         )
     labels = y.astype(np.int64)
     if (labels < 0).any():

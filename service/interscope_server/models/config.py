@@ -30,30 +30,53 @@ class Normalization(BaseModel):
         return self
 
 
+#: Input datatypes a model may take; the engine works in float and casts at the backend edge.
+InputDatatype = Literal["FP32", "FP16", "UINT8"]
+#: What a model's output means; the backend turns each into canonical scores (see OutputSpec).
+OutputKind = Literal["logits", "probabilities", "log_probabilities"]
+
+
 class TensorSpec(BaseModel):
-    """One model input: its name in the model file, per-example shape (no batch dim), dtype."""
+    """One model input: its name in the model file, per-example shape (no batch dim), dtype.
+
+    Every field may be left out (empty): the backend reads it from the model file, and a value
+    that is given must agree with the file.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(
-        default="", description="Input name inside the model file (ONNX graph input)."
-    )
+    name: str = Field(default="", description="Input name in the model file; empty: read it.")
     shape: list[int] = Field(
         default_factory=list,
-        description="Per-example shape, without the batch dimension. Format oip only: may be "
-        "left out (with the name) to take both from the remote's ModelMetadata.",
+        description="Per-example shape, without the batch dimension; empty: read it.",
     )
-    datatype: Literal["FP32"] = Field(
-        default="FP32", description="Open Inference Protocol datatype; only FP32 for now."
+    datatype: InputDatatype | None = Field(
+        default=None, description="FP32, FP16 or UINT8; None: read it from the model file."
     )
 
     @field_validator("shape")
     @classmethod
     def _positive(cls, shape: list[int]) -> list[int]:
-        # Empty means "ask the remote" (format oip); ModelConfig refuses it for local files.
         if any(d <= 0 for d in shape):
             raise ValueError(f"input shape must have positive sizes, got {shape}")
         return shape
+
+
+class OutputSpec(BaseModel):
+    """Which model output is the classifier's, and what its numbers are.
+
+    kind: "logits" (any real scores whose softmax is the class probability), "probabilities"
+    (rows of p summing to 1; ZipMap maps are read too) or "log_probabilities" (rows of log p).
+    None: inferred from the model file where that is safe, else the load is refused naming
+    this field.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        default="", description="Output name (ONNX output, TorchScript tuple index or dict key)."
+    )
+    kind: OutputKind | None = Field(default=None, description="What the output means.")
 
 
 class OipEndpoint(BaseModel):
@@ -129,8 +152,12 @@ class ModelConfig(BaseModel):
     input: TensorSpec = Field(
         default_factory=TensorSpec, description="The input; format oip may leave it out."
     )
-    output_name: str = Field(default="logits", description="Name of the logits output.")
-    classes: list[str] = Field(description="Class labels, in logit order; at least two.")
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    classes: list[str] = Field(
+        default_factory=list,
+        description="Class labels in output order (at least two); empty: read from the model "
+        'file (classifier labels) or "0".."K-1".',
+    )
     value_range: tuple[float, float] = Field(
         default=(0.0, 1.0), description="Valid raw input range [low, high]; attacks stay inside."
     )
@@ -138,12 +165,38 @@ class ModelConfig(BaseModel):
         default=None, description="Applied inside the backend; None means inputs go in as sent."
     )
     max_batch_size: int = Field(
-        default=256, ge=1, le=65536, description="Largest batch the backend is given at once."
+        default=256,
+        ge=1,
+        le=65536,
+        description="Largest batch the backend is given at once; a graph with a fixed batch "
+        "dimension sets it (a larger value is refused).",
     )
     description: str = Field(default="", description="Free text shown in model metadata.")
     oip: OipEndpoint | None = Field(
         default=None, description="The remote endpoint; required with format oip, else absent."
     )
+
+    @property
+    def output_name(self) -> str:
+        """The output's name; "logits" where none is set (format oip's old default)."""
+        return self.output.name or "logits"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_output_name(cls, data: object) -> object:
+        # Repositories written before `output` existed say `output_name`; keep reading them.
+        if isinstance(data, dict) and "output_name" in data:
+            data = dict(data)
+            legacy = data.pop("output_name")
+            output = dict(data.get("output") or {})
+            if output.get("name") not in (None, "", legacy):
+                raise ValueError(
+                    f"output_name {legacy!r} and output.name {output['name']!r} disagree; "
+                    "give only output.name"
+                )
+            output["name"] = legacy
+            data["output"] = output
+        return data
 
     @field_validator("file")
     @classmethod
@@ -157,7 +210,7 @@ class ModelConfig(BaseModel):
     @field_validator("classes")
     @classmethod
     def _two_classes(cls, classes: list[str]) -> list[str]:
-        if len(classes) < 2:
+        if len(classes) == 1:
             raise ValueError("a classifier needs at least two classes")
         return classes
 
@@ -194,5 +247,3 @@ class ModelConfig(BaseModel):
             raise ValueError(f"an oip section only goes with format oip, not {self.format}")
         if not self.file:
             raise ValueError(f"format {self.format} needs the model file")
-        if not self.input.name or not self.input.shape:
-            raise ValueError(f"format {self.format} needs input.name and a non-empty input.shape")

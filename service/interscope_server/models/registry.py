@@ -189,7 +189,7 @@ class ModelRegistry:
             name,
             backend.forward,
             num_outputs=backend.num_classes,
-            max_batch_size=config.max_batch_size,
+            max_batch_size=backend.config.max_batch_size,  # as resolved against the file
             options=self._batcher_options,
             observer=self._observer,
         )

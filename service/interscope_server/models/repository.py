@@ -176,7 +176,9 @@ class ModelRepository:
                 raise InvalidArgument(f"model file {config.file!r} must lie inside the folder")
             model_path.parent.mkdir(parents=True, exist_ok=True)
             _write_synced(model_path, model_bytes)
-            _write_synced(staging / CONFIG_FILE, (config.model_dump_json(indent=2) + "\n").encode())
+            # Only the fields the upload set: the rest stay "read from the model file".
+            text = config.model_dump_json(indent=2, exclude_unset=True) + "\n"
+            _write_synced(staging / CONFIG_FILE, text.encode())
             _write_synced(staging / UPLOAD_MARKER, b"")
             if target.exists():
                 # Swap via a hidden name so the old folder never mixes with the new one.

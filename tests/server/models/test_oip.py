@@ -265,7 +265,6 @@ def test_oip_config_validation() -> None:
         ({**base, "format": "oip", "oip": oip, "file": "m.onnx"}, "takes no file"),
         ({**base, "format": "onnx", "file": "m.onnx", "oip": oip}, "only goes with format oip"),
         ({**base, "format": "onnx"}, "needs the model file"),
-        ({**base, "format": "onnx", "file": "m.onnx", "input": {"name": "x"}}, "input.shape"),
         ({**base, "format": "oip", "oip": {**oip, "url": "http://t:1"}}, "url"),
         ({**base, "format": "oip", "oip": {**oip, "cert_file": "c.pem"}}, "go together"),
         ({**base, "format": "oip", "oip": oip, "input": {"name": "x"}}, "both input.name"),

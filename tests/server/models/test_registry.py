@@ -93,7 +93,7 @@ def test_bad_models_fail_alone_with_clear_messages(
             "corrupt": "not a readable ONNX file",
             "corrupt-ts": "not a loadable TorchScript archive",
             "wrong-shape": r"shape \[3, 8\] does not match",
-            "wrong-classes": r"logits of shape \[1, 10\]; its config promises \(batch, 2\)",
+            "wrong-classes": "config classes has 2 labels but the model outputs 10 scores",
             "bad-field": "max_batch_size: Input should be greater than or equal to 1",
             "missing-file": "model file 'nope.onnx' does not exist",
         }
