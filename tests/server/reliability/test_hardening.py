@@ -363,12 +363,16 @@ def test_output_shape_that_ignores_the_batch_is_a_clear_error(
         model="fixed",
         inputs=to_tensor(_inputs()),
         labels=[0, 0, 0],
-        attack=analysis_pb2.AttackSpec(kind=analysis_pb2.ATTACK_KIND_PGD, eps=0.05, steps=2),
+        attack=analysis_pb2.AttackSpec(kind=analysis_pb2.ATTACK_KIND_SQUARE, eps=0.05),
     )
     code, details = call(analysis.Attack, attack, timeout=30)
     outcomes.record("hardening: batch-blind output shape", code)
     assert code not in (C.INTERNAL, C.UNKNOWN, C.OK), details
     assert "shape" in details, details
+    # Its backward pass fails the load-time gradient check: white-box kinds are refused.
+    attack.attack.kind = analysis_pb2.ATTACK_KIND_PGD
+    code, details = call(analysis.Attack, attack, timeout=30)
+    assert code == C.FAILED_PRECONDITION and "square" in details, details
 
 
 # -- admission -----------------------------------------------------------------------------------
