@@ -45,36 +45,41 @@ class Linear(torch.nn.Module):
         return self.fc(x.flatten(1))
 
 
-class LoopOnPositive(torch.nn.Module):
-    """Loops forever in forward when the inputs sum above zero (the blank probe passes)."""
+# The load-time gradient check runs each model on random inputs, and the load probe on a blank
+# (all-zero) one; the faulty models below misbehave only on inputs these never send, except
+# LoopOnBlank, whose point is to hang while loading.
+HALF = 0.5
+
+
+class LoopOnHalf(torch.nn.Module):
+    """Loops forever in forward when every input is exactly 0.5."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.flatten(1).sum(1, keepdim=True)
         total = s.sum()
-        while bool(total > 0):
+        while bool((x == 0.5).all()):
             total = total + 1.0
-        return torch.cat([s, -s], 1)
+        return torch.cat([s, -s], 1) + total * 0.0
 
 
-class LoopAlways(torch.nn.Module):
-    """Loops forever on every input, the load probe included."""
+class LoopOnBlank(torch.nn.Module):
+    """Loops forever on an all-zero input: the load probe hangs."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.flatten(1).sum(1, keepdim=True)
         total = s.sum()
-        while bool(total >= -1.0):
+        while bool((x == 0.0).all()):
             total = total + 1.0
-        return torch.cat([s, -s], 1)
+        return torch.cat([s, -s], 1) + total * 0.0
 
 
-class HogOnPositive(torch.nn.Module):
-    """Allocates 2 GiB in forward when the inputs sum above zero."""
+class HogOnHalf(torch.nn.Module):
+    """Allocates 2 GiB in forward when every input is exactly 0.5."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.flatten(1).sum(1, keepdim=True)
-        # The size depends on the input (a constant one is folded when the graph is optimised):
-        # nothing for the blank probe, 8 * 64 Mi floats for 16 inputs of 0.5.
-        hog = torch.ones(int(s.sum() * 67108864.0))
+        # The size depends on the input (a constant one is folded when the graph is optimised).
+        hog = torch.ones(int((x == 0.5).all()) * 512 * 1024 * 1024)
         return torch.cat([s, -s], 1) + hog[:1].sum() * 0.0
 
 
@@ -115,8 +120,8 @@ def _write(root: Path, name: str, module: torch.nn.Module) -> None:
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("host-models")
     _write(root, "linear", Linear())
-    _write(root, "loop", LoopOnPositive())
-    _write(root, "hog", HogOnPositive())
+    _write(root, "loop", LoopOnHalf())
+    _write(root, "hog", HogOnHalf())
     return root
 
 
@@ -170,8 +175,8 @@ def _profile(client: interscope.Client, model: str, x: np.ndarray, **kw: object)
     )
 
 
-X_POS = np.full(SHAPE, 0.5, dtype=np.float32)
-X_ZERO = np.zeros(SHAPE, dtype=np.float32)
+X_POS = np.full(SHAPE, HALF, dtype=np.float32)
+X_OTHER = np.full(SHAPE, 0.25, dtype=np.float32)  # answered by every model here
 
 
 def _reference_linear(repository: Path) -> torch.jit.ScriptModule:
@@ -252,7 +257,7 @@ def test_hung_forward_gets_its_deadline_and_the_host_is_killed(
     # Killed within the deadline plus its grace, then restarted by its supervisor.
     assert loop.host.wait_for_generation(generation + 1, timeout=120)
     assert _gone(pid)
-    assert _profile(client, "loop", X_ZERO, timeout=30) is not None
+    assert _profile(client, "loop", X_OTHER, timeout=30) is not None
 
 
 def test_unload_of_a_hung_model_finishes_within_its_grace(
@@ -281,7 +286,7 @@ def test_unload_of_a_hung_model_finishes_within_its_grace(
     assert "'loop'" in str(outcome[0])
     assert _gone(pid)
     client.load_model("loop", timeout=120)  # the repository copy loads and serves again
-    assert _profile(client, "loop", X_ZERO, timeout=30) is not None
+    assert _profile(client, "loop", X_OTHER, timeout=30) is not None
 
 
 def test_a_model_over_its_memory_budget_is_killed_and_reported(
@@ -293,7 +298,7 @@ def test_a_model_over_its_memory_budget_is_killed_and_reported(
         _profile(client, "hog", X_POS, timeout=60)
     assert _gone(pid)
     assert hog.host.wait_for_generation(generation + 1, timeout=120)
-    assert _profile(client, "hog", X_ZERO, timeout=30) is not None
+    assert _profile(client, "hog", X_OTHER, timeout=30) is not None
 
 
 def test_a_host_killed_from_outside_is_restarted(
@@ -319,7 +324,7 @@ def test_an_uploaded_model_that_hangs_leaves_the_server_healthy_after_restart(
     root.mkdir()
     _write(root, "linear", Linear())
     hang = tmp_path / "hang.pt"
-    _script(LoopAlways(), hang)
+    _script(LoopOnBlank(), hang)
     with (
         BackgroundServer(_settings(root)) as srv,
         interscope.Client(srv.address, retries=0) as client,
