@@ -135,6 +135,7 @@ def _settings(repository: Path, **overrides: object) -> Settings:
         "model_host_grace_seconds": GRACE,
         "model_host_memory_bytes": 1024 * 1024 * 1024,
         "model_host_probe_timeout_seconds": 3.0,
+        "allow_uploads": True,
         "worker_threads": 8,
     }
     values.update(overrides)
@@ -334,7 +335,10 @@ def test_an_uploaded_model_that_hangs_leaves_the_server_healthy_after_restart(
                 "hang", model_bytes=hang.read_bytes(), config=UPLOAD_CONFIG, timeout=120
             )
         assert client.health() == "SERVING"
-    # Restarted on the same repository (the upload was saved there): healthy, others serve.
+    # The refused upload left nothing on disk. Had it stayed (it did before uploads were
+    # vetted; a folder copied in by hand does), a restarted server must still become healthy.
+    assert not (root / "hang").exists()
+    _write(root, "hang", LoopOnBlank())
     with (
         BackgroundServer(_settings(root)) as srv,
         interscope.Client(srv.address, retries=0) as client,
