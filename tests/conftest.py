@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,3 +50,13 @@ def address(demo_repository: Path) -> Iterator[str]:
 def zoo() -> dict[str, ZooModel]:
     """The real-model zoo (tests/zoo.py), trained and exported once per session."""
     return build_zoo()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Run models in the server process unless a test asks for hosts (model_hosts="process").
+
+    The product default is isolation; each host costs a fresh interpreter importing torch
+    (seconds on 2 cores), which tests whose point is not isolation need not pay. Subprocess
+    servers inherit the variable too. tests/server/reliability/test_hosts.py sets "process".
+    """
+    os.environ.setdefault("INTERSCOPE_MODEL_HOSTS", "inline")

@@ -52,6 +52,33 @@ class Settings(BaseSettings):
         ge=1,
         description="Rows waiting per model before new work gets RESOURCE_EXHAUSTED.",
     )
+    model_hosts: Literal["process", "inline"] = Field(
+        default="process",
+        description="process: each model runs in its own supervised host process (isolated); "
+        "inline: in the server process (no isolation; for benchmarks and fast tests).",
+    )
+    model_host_memory_bytes: int = Field(
+        default=4096 * MiB,
+        ge=0,
+        description="Resident memory one model host may use before it is killed; 0: no budget.",
+    )
+    model_host_grace_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long a host may run past its callers' deadline or cancel, or keep an "
+        "unload or shutdown waiting, before it is killed.",
+    )
+    model_host_start_timeout_seconds: float = Field(
+        default=120.0, gt=0, description="Longest a model host may take to start and load."
+    )
+    model_host_probe_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="Longest the probe forward of a starting host may take."
+    )
+    model_host_max_restarts: int = Field(
+        default=3,
+        ge=0,
+        description="Host restarts allowed per minute; one more death marks the model FAILED.",
+    )
     max_upload_bytes: int = Field(
         default=256 * MiB, ge=1, description="Largest model file LoadModel accepts as upload."
     )

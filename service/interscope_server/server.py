@@ -31,6 +31,7 @@ from interscope_server.errors import StartupError
 from interscope_server.metrics import Metrics
 from interscope_server.models.backend import BackendOptions
 from interscope_server.models.batcher import BatcherOptions, ModelObserver
+from interscope_server.models.host import HostOptions
 from interscope_server.models.registry import ModelRegistry, ModelState, ModelStatus
 from interscope_server.models.repository import ModelRepository
 
@@ -116,6 +117,14 @@ class InterscopeServer:
             ),
             observer=MetricsObserver(self.metrics),
             listener=self._on_model_state,
+            host_options=HostOptions(
+                mode=settings.model_hosts,
+                memory_bytes=settings.model_host_memory_bytes,
+                grace_s=settings.model_host_grace_seconds,
+                start_timeout_s=settings.model_host_start_timeout_seconds,
+                probe_timeout_s=settings.model_host_probe_timeout_seconds,
+                max_restarts=settings.model_host_max_restarts,
+            ),
         )
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None

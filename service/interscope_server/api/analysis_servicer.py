@@ -31,6 +31,7 @@ from interscope_server.api.streaming import iterate_in_thread
 from interscope_server.attacks.base import AttackSpec
 from interscope_server.cancel import CancelToken
 from interscope_server.config import Settings
+from interscope_server.models.host import HostModule
 from interscope_server.models.registry import LoadedModel, ModelRegistry
 
 #: Progress events go out at most this often, so a fast computation does not flood the stream.
@@ -61,7 +62,7 @@ class GuardedModule(torch.nn.Module):
         try:
             return self.inner(x)
         except errors.InterscopeError:
-            raise  # already says what is wrong (a wrong output shape)
+            raise  # already says what is wrong (wrong output shape, host died, deadline)
         except Exception as exc:
             raise errors.BackendFailed(
                 f"model {self._name!r} failed in a forward/backward pass: {exc}"
@@ -246,7 +247,11 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     # -- Attack ---------------------------------------------------------------------------------
 
     def _attack_setup(
-        self, model: LoadedModel, spec: analysis_pb2.AttackSpec, targets: list[int]
+        self,
+        model: LoadedModel,
+        spec: analysis_pb2.AttackSpec,
+        targets: list[int],
+        cancel: CancelToken,
     ) -> tuple[AttackSpec, torch.nn.Module | None]:
         low, high = model.config.value_range
         domain = specs.attack_spec(spec, targets, (low, high))
@@ -261,6 +266,9 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             )
         if torch_model is None:
             return domain, None
+        if isinstance(torch_model, HostModule):
+            # Host calls end with this request's deadline (the host is killed after its grace).
+            torch_model = torch_model.bound(cancel)
         checked = numerics.ShapeCheckedModule(torch_model, model.name, len(model.config.classes))
         return domain, GuardedModule(checked, model.name)
 
@@ -283,7 +291,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                 ]
             elif request.targets:
                 raise errors.InvalidArgument("targets given but attack.targeted is false")
-            domain, torch_model = self._attack_setup(model, request.attack, targets)
+            domain, torch_model = self._attack_setup(model, request.attack, targets, call.cancel)
             admission.admit_attack(domain, len(x), self._settings)
             profile: ProfileSpec | None = None
             if request.HasField("perturbation_profile"):

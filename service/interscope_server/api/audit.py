@@ -74,7 +74,7 @@ async def _audit(
         n_classes = len(model.config.classes)
         # Validate both specs up front, so a bad config fails before any sample is read.
         attack, torch_model = servicer._attack_setup(
-            model, config.attack, [0] if config.attack.targeted else []
+            model, config.attack, [0] if config.attack.targeted else [], call.cancel
         )
         admission.admit_attack(attack, 1, settings)
         reference = np.zeros((1, *input_shape), dtype=np.float32)

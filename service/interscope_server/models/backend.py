@@ -408,6 +408,13 @@ class Backend(ABC):
             )
         return out
 
+    def abandon_forward(self) -> None:  # noqa: B027 - optional hook; most cannot stop one
+        """Every caller of the forward pass now running has left (deadline, cancel).
+
+        The batcher calls this from the departing caller's thread. A model host kills a forward
+        that still runs `grace` later; in-process backends cannot stop one and ignore it.
+        """
+
     def close(self) -> None:  # noqa: B027 - optional hook; most backends hold nothing to free
         """Free what the backend holds (sessions, GPU memory)."""
 

@@ -68,7 +68,7 @@ class BatcherOptions:
 class _Call:
     """One caller's submission: its rows, where its outputs go, and how far it has got."""
 
-    __slots__ = ("done", "error", "finished", "next_row", "out", "x")
+    __slots__ = ("done", "error", "finished", "left", "next_row", "out", "x")
 
     def __init__(self, x: np.ndarray, num_outputs: int) -> None:
         self.x = x
@@ -77,6 +77,7 @@ class _Call:
         self.finished = 0  # rows whose outputs are in `out`
         self.error: BaseException | None = None
         self.done = threading.Event()
+        self.left = False  # the caller gave up waiting (cancel, deadline)
 
 
 class DynamicBatcher:
@@ -91,7 +92,10 @@ class DynamicBatcher:
         max_batch_size: int,
         options: BatcherOptions | None = None,
         observer: ModelObserver | None = None,
+        on_abandoned: Callable[[], None] | None = None,
     ) -> None:
+        """`on_abandoned` is called when every caller of the forward pass now running has left
+        (from the last caller's thread): a model host uses it to stop a forward that hangs."""
         options = options or BatcherOptions()
         self.name = name
         self._forward = forward
@@ -101,6 +105,8 @@ class DynamicBatcher:
         self._max_queue_rows = options.max_queue_rows
         self._chunk = options.chunk_rows or max(1, max_batch_size // 4)
         self._observer = observer or ModelObserver()
+        self._on_abandoned = on_abandoned
+        self._running: list[_Call] = []  # the calls with rows in the forward pass now running
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._calls: collections.deque[_Call] = collections.deque()  # calls with unsent rows
@@ -170,12 +176,24 @@ class DynamicBatcher:
             try:
                 cancel.check()
             except InterscopeError:
-                self._withdraw(call)
+                self._withdraw(call, left=True)
                 raise
 
-    def _withdraw(self, call: _Call) -> None:
-        """Drop a cancelled call's unsent rows; rows already in a batch are computed and ignored."""
+    def _withdraw(self, call: _Call, *, left: bool = False) -> None:
+        """Drop a cancelled call's unsent rows; rows already in a batch are computed and ignored.
+
+        `left`: the caller stopped waiting; if no caller of the running batch waits any more,
+        `on_abandoned` is told (under the lock, so it cannot hit the next batch's forward).
+        """
         with self._lock:
+            call.left = call.left or left
+            if (
+                left
+                and self._on_abandoned is not None
+                and self._running
+                and all(c.left for c in self._running)
+            ):
+                self._on_abandoned()
             if call in self._calls:
                 self._calls.remove(call)
                 self._queued_rows -= call.x.shape[0] - call.next_row
@@ -185,14 +203,19 @@ class DynamicBatcher:
             depth = self._queued_rows
         self._observer.on_queue_depth(self.name, depth)
 
-    def close(self, *, drain: bool = False) -> None:
-        """Stop the worker. Waiting calls get Unavailable, or are served first with `drain`."""
+    def close(self, *, drain: bool = False, timeout: float | None = None) -> bool:
+        """Stop the worker. Waiting calls get Unavailable, or are served first with `drain`.
+
+        Returns whether the worker stopped within `timeout` (None: wait however long it takes);
+        False leaves a forward pass running, which the caller stops by closing the backend.
+        """
         with self._lock:
             self._closed = True
             self._drain = drain
             self._wake.notify_all()
         if threading.current_thread() is not self._worker:
-            self._worker.join()
+            self._worker.join(timeout)
+        return not self._worker.is_alive() or threading.current_thread() is self._worker
 
     def _take_batch(self) -> list[tuple[_Call, int, int]] | None:
         """Under the lock: wait for work, then take up to max_batch_size rows round-robin."""
@@ -249,15 +272,21 @@ class DynamicBatcher:
             batch = call.x[lo:hi]
         else:
             batch = np.concatenate([call.x[lo:hi] for call, lo, hi in pieces])
+        with self._lock:
+            self._running = [call for call, _, _ in pieces]
         started = time.perf_counter()
         try:
             out = self._forward(batch)
         except BaseException as exc:  # every caller in the batch must hear of it
+            with self._lock:
+                self._running = []
             for call, _, _ in pieces:
                 call.error = exc
                 self._withdraw(call)
                 call.done.set()
             return
+        with self._lock:
+            self._running = []
         self._observer.on_batch(self.name, batch.shape[0], time.perf_counter() - started)
         offset = 0
         for call, lo, hi in pieces:

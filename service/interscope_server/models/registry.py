@@ -23,6 +23,7 @@ from interscope_server.errors import (
 from interscope_server.models.backend import Backend, BackendOptions, check_batch
 from interscope_server.models.batcher import BatcherOptions, DynamicBatcher, ModelObserver
 from interscope_server.models.config import ModelConfig
+from interscope_server.models.host import HostedBackend, HostOptions
 from interscope_server.models.oip_backend import OipBackend
 from interscope_server.models.onnx_backend import OnnxBackend
 from interscope_server.models.repository import ModelRepository, validate_model_name
@@ -78,9 +79,10 @@ def open_backend(
 class LoadedModel:
     """A READY model: its config, backend and batcher. `evaluate` is what the engine calls."""
 
-    def __init__(self, backend: Backend, batcher: DynamicBatcher) -> None:
+    def __init__(self, backend: Backend, batcher: DynamicBatcher, grace_s: float) -> None:
         self.backend = backend
         self.batcher = batcher
+        self._grace_s = grace_s
 
     @property
     def name(self) -> str:
@@ -95,7 +97,14 @@ class LoadedModel:
         return self.batcher.submit(check_batch(x, self.config), cancel)
 
     def close(self, *, drain: bool = True) -> None:
-        self.batcher.close(drain=drain)
+        """Stop serving within the grace: queued calls finish first with `drain`; a forward
+        still running after the grace is stopped by closing the backend (a model host is
+        killed; an in-process forward cannot be stopped and is left to finish on its thread)."""
+        if not self.batcher.close(drain=drain, timeout=self._grace_s):
+            logger.warning("model %s busy after %.1f s; stopping it", self.name, self._grace_s)
+            self.backend.close()
+            if not self.batcher.close(drain=False, timeout=self._grace_s):
+                logger.error("model %s: its forward pass runs on in the server", self.name)
         self.backend.close()
 
 
@@ -114,9 +123,12 @@ class ModelRegistry:
         batcher_options: BatcherOptions | None = None,
         observer: ModelObserver | None = None,
         listener: StateListener | None = None,
+        host_options: HostOptions | None = None,
     ) -> None:
+        """`host_options` None runs models in this process (HostOptions(mode="inline"))."""
         self.repository = repository
         self._backend_options = backend_options or BackendOptions()
+        self._host_options = host_options or HostOptions(mode="inline")
         self._batcher_options = batcher_options or BatcherOptions()
         self._observer = observer or ModelObserver()
         self._listener = listener
@@ -166,7 +178,7 @@ class ModelRegistry:
                 else self.repository.model_file(config)
             )
             vet_model_file(config, path, self.repository.memory_budget_bytes)
-            backend = open_backend(config, path, self._backend_options, observer=self._observer)
+            backend = self._open(config, path)
             self._probe(backend)
         except Exception as exc:
             message = (
@@ -192,8 +204,9 @@ class ModelRegistry:
             max_batch_size=backend.config.max_batch_size,  # as resolved against the file
             options=self._batcher_options,
             observer=self._observer,
+            on_abandoned=backend.abandon_forward,
         )
-        model = LoadedModel(backend, batcher)
+        model = LoadedModel(backend, batcher, self._host_options.grace_s)
         with self._lock:
             previous = self._models.pop(name, None)
             if self._closed:
@@ -225,6 +238,29 @@ class ModelRegistry:
                 return  # unloaded or replaced since: its status is no longer this backend's
             text = "" if ready else f"remote not ready: {message}"
             self._set(ModelStatus(model.name, ModelState.READY, text, serving=ready))
+
+    def _open(self, config: ModelConfig, path: Path) -> Backend:
+        """The model's backend: in a supervised host process, or in this one (inline)."""
+        # A remote (oip) model is only a network client: nothing of its runs here to isolate.
+        if self._host_options.mode == "inline" or config.format == "oip":
+            return open_backend(config, path, self._backend_options, observer=self._observer)
+        return HostedBackend(
+            config, path, self._backend_options, self._host_options, self._host_failed
+        )
+
+    def _host_failed(self, backend: HostedBackend, reason: str) -> None:
+        """A model's host was given up (restart failed, or it kept dying): mark it FAILED."""
+        name = backend.config.name
+        with self._lock:
+            model = self._models.get(name)
+            if model is None or model.backend is not backend:
+                return  # already unloaded or replaced
+            del self._models[name]
+            self._set(ModelStatus(name, ModelState.FAILED, reason))
+        # Not on this (the host's supervisor) thread: closing joins it.
+        threading.Thread(
+            target=model.close, kwargs={"drain": False}, name=f"close-{name}", daemon=True
+        ).start()
 
     @staticmethod
     def _probe(backend: Backend) -> None:
