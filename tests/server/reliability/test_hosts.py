@@ -199,7 +199,9 @@ def test_values_and_gradients_through_a_host_match_the_model(
     reference = _reference_linear(repository)
     x = torch.rand(5, *SHAPE, generator=torch.Generator().manual_seed(1))
     backend = _host(server, "linear")
-    np.testing.assert_allclose(backend.forward(x.numpy()), reference(x).detach().numpy(), 1e-6)
+    # float32 roundoff only: the server computes the same graph through its own wrapper.
+    expected = reference(x).detach().numpy()
+    np.testing.assert_allclose(backend.forward(x.numpy()), expected, rtol=1e-5, atol=1e-7)
     module = backend.torch_module()
     assert module is not None
     for model in (module, reference):
@@ -251,7 +253,8 @@ def test_hung_forward_gets_its_deadline_and_the_host_is_killed(
     np.testing.assert_allclose(
         _host(server, "linear").forward(X_POS[None]),
         reference(torch.from_numpy(X_POS[None])).detach().numpy(),
-        rtol=1e-6,
+        rtol=1e-5,
+        atol=1e-7,
     )
     hung.join(30)
     assert len(errors) == 1 and isinstance(errors[0], DeadlineExceededError)
@@ -313,7 +316,7 @@ def test_a_host_killed_from_outside_is_restarted(
     reference = _reference_linear(repository)
     x = np.random.default_rng(3).random((4, *SHAPE), dtype=np.float32)
     np.testing.assert_allclose(
-        linear.forward(x), reference(torch.from_numpy(x)).detach().numpy(), rtol=1e-6
+        linear.forward(x), reference(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-7
     )
     assert _profile(client, "linear", X_POS, timeout=30) is not None
 
@@ -327,10 +330,12 @@ def test_an_uploaded_model_that_hangs_leaves_the_server_healthy_after_restart(
     hang = tmp_path / "hang.pt"
     _script(LoopOnBlank(), hang)
     with (
-        BackgroundServer(_settings(root)) as srv,
+        # The backend's own load probes (config, gradients) run in the host's start, so a
+        # model hanging on a blank input is caught by the start timeout or the probe's.
+        BackgroundServer(_settings(root, model_host_start_timeout_seconds=20)) as srv,
         interscope.Client(srv.address, retries=0) as client,
     ):
-        with pytest.raises(InterscopeError, match="probe forward"):
+        with pytest.raises(InterscopeError, match=r"probe forward|took longer than 20 s"):
             client.load_model(
                 "hang", model_bytes=hang.read_bytes(), config=UPLOAD_CONFIG, timeout=120
             )
@@ -340,7 +345,9 @@ def test_an_uploaded_model_that_hangs_leaves_the_server_healthy_after_restart(
     assert not (root / "hang").exists()
     _write(root, "hang", LoopOnBlank())
     with (
-        BackgroundServer(_settings(root)) as srv,
+        # The backend's own load probes (config, gradients) run in the host's start, so a
+        # model hanging on a blank input is caught by the start timeout or the probe's.
+        BackgroundServer(_settings(root, model_host_start_timeout_seconds=20)) as srv,
         interscope.Client(srv.address, retries=0) as client,
     ):
         assert client.health() == "SERVING"
