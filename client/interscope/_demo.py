@@ -69,7 +69,11 @@ def run_demo(options: DemoOptions, *, stream: TextIO | None = None) -> list[Audi
     out_stream = stream if stream is not None else sys.stdout
     started = time.monotonic()
     repository = options.repository or options.workdir / "repository"
-    print(f"demo repository: {repository} (built on first use, then reused)", file=out_stream)
+    print(
+        f"demo repository: {repository} (built on first use, then reused)",
+        file=out_stream,
+        flush=True,  # piped (CI, logs), say what is happening before the work starts
+    )
     build_demo_repository(repository)
     with np.load(repository / TEST_DATA_FILE) as data:
         x, y = data["x"][: options.samples], data["y"][: options.samples]
@@ -102,6 +106,7 @@ def run_demo(options: DemoOptions, *, stream: TextIO | None = None) -> list[Audi
             f"(PGD L-inf eps {options.eps}, {options.grid}x{options.grid} players, "
             f"{options.estimator} profile)",
             file=out_stream,
+            flush=True,
         )
         with Client(server.address) as client:
             for model in DEMO_MODELS:
