@@ -67,7 +67,10 @@ def model_info(registry: ModelRegistry, status: ModelStatus) -> models_pb2.Model
         info.format = _FORMAT_TO_PROTO[config.format]
         info.input.CopyFrom(
             models_pb2.TensorInfo(
-                name=config.input.name, datatype=config.input.datatype, shape=config.input.shape
+                name=config.input.name,
+                datatype=config.input.datatype,
+                shape=config.input.shape,
+                layout=config.layout if config.input.shape else "",
             )
         )
         info.output.CopyFrom(
@@ -76,7 +79,15 @@ def model_info(registry: ModelRegistry, status: ModelStatus) -> models_pb2.Model
             )
         )
         info.classes.extend(config.classes)
-        info.value_range_low, info.value_range_high = config.value_range
+        if isinstance(config.value_range, list):
+            info.value_ranges.extend(
+                models_pb2.ValueRange(low=low, high=high) for low, high in config.value_range
+            )
+            info.value_range_low = min(low for low, _ in config.value_range)
+            info.value_range_high = max(high for _, high in config.value_range)
+        else:
+            info.value_range_low, info.value_range_high = config.value_range
+        info.feature_names.extend(config.feature_names or [])
         if config.normalization is not None:
             info.normalization.CopyFrom(
                 models_pb2.Normalization(
@@ -102,6 +113,11 @@ def config_from_proto(name: str, message: models_pb2.ModelConfig) -> ModelConfig
             "model comes from a repository config.json, never an upload)"
         )
     low, high = message.value_range_low, message.value_range_high
+    value_range: tuple[float, float] | list[tuple[float, float]] = (
+        (low, high) if (low, high) != (0.0, 0.0) else (0.0, 1.0)
+    )
+    if message.value_ranges:
+        value_range = [(r.low, r.high) for r in message.value_ranges]
     normalization = None
     if message.HasField("normalization"):
         normalization = Normalization(
@@ -116,10 +132,12 @@ def config_from_proto(name: str, message: models_pb2.ModelConfig) -> ModelConfig
             name=message.input.name or "input",
             shape=list(message.input.shape),
             datatype=message.input.datatype or "FP32",  # type: ignore[arg-type]
+            layout=message.input.layout or None,  # type: ignore[arg-type]  # pydantic checks it
         ),
         output_name=message.output_name or "logits",
         classes=list(message.classes),
-        value_range=(low, high) if (low, high) != (0.0, 0.0) else (0.0, 1.0),
+        value_range=value_range,
+        feature_names=list(message.feature_names) or None,
         normalization=normalization,
         max_batch_size=message.max_batch_size or 256,
         description=message.description,

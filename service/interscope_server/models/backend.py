@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from interscope_server.errors import InvalidArgument
+from interscope_server.layout import channel_axis
 from interscope_server.models.config import ModelConfig
 
 
@@ -41,13 +42,24 @@ def file_sha256(path: Path) -> str:
 
 
 def normalization_arrays(config: ModelConfig) -> tuple[np.ndarray, np.ndarray] | None:
-    """Mean and std shaped to broadcast over (B, C, ...) inputs, or None without normalisation."""
+    """Mean and std shaped to broadcast over a batch (B, *input_shape) in the model's layout.
+
+    Entries are per channel (axis 0 for NCHW, the last axis for NHWC) or, for a features
+    layout, per feature in flattened order; a single entry applies to every element.
+    """
     if config.normalization is None:
         return None
-    extra = (1,) * (len(config.input.shape) - 1)
-    mean = np.asarray(config.normalization.mean, dtype=np.float32).reshape(-1, *extra)
-    std = np.asarray(config.normalization.std, dtype=np.float32).reshape(-1, *extra)
-    return mean, std
+    shape = tuple(config.input.shape)
+    mean = np.asarray(config.normalization.mean, dtype=np.float32)
+    std = np.asarray(config.normalization.std, dtype=np.float32)
+    if mean.size == 1:
+        target: tuple[int, ...] = (1,) * len(shape)
+    elif config.layout == "features":
+        target = shape
+    else:
+        axis = channel_axis(config.layout, len(shape))
+        target = tuple(d if i == axis else 1 for i, d in enumerate(shape))
+    return mean.reshape(target), std.reshape(target)
 
 
 class NormalizedModule(torch.nn.Module):

@@ -36,7 +36,7 @@ def _check(x: np.ndarray, x_adv: np.ndarray, spec: AttackSpec) -> None:
 
 
 def _spec(name: AttackName, norm: Norm, **extra: Any) -> AttackSpec:
-    budget: dict[str, Any] = {"max_queries": 60} if name == "square" else {}
+    budget: dict[str, Any] = {"max_queries": 60} if name in ("simba", "square") else {}
     if name in ("pgd", "apgd", "margin_pgd"):
         budget["steps"] = 8
     return AttackSpec(name, norm=norm, eps=EPS[norm], **budget, **extra)

@@ -15,7 +15,7 @@ from interscope_server.errors import InvalidArgument
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"name": "cw"}, "allowed: apgd, fgsm, margin_pgd, pgd, square"),
+        ({"name": "cw"}, "allowed: apgd, fgsm, margin_pgd, pgd, simba, square"),
         ({"name": "pgd", "norm": "l1"}, "allowed: linf, l2"),
         ({"name": "pgd", "eps": 0.0}, "eps must be"),
         ({"name": "pgd", "eps": float("nan")}, "eps must be"),
