@@ -66,6 +66,7 @@ ATTACK_NAMES: dict[int, AttackName] = {
     analysis_pb2.ATTACK_KIND_PGD_MARGIN: "margin_pgd",
     analysis_pb2.ATTACK_KIND_APGD: "apgd",
     analysis_pb2.ATTACK_KIND_SQUARE: "square",
+    analysis_pb2.ATTACK_KIND_SIMBA: "simba",
 }
 NORMS: dict[int, Norm] = {
     analysis_pb2.NORM_UNSPECIFIED: "linf",
