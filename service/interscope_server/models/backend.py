@@ -41,6 +41,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def value_bounds(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """float64 low and high per element of one example (per-feature ranges or one pair)."""
+    shape = tuple(config.input.shape)
+    if isinstance(config.value_range, list):
+        pairs = np.asarray(config.value_range, dtype=np.float64)
+        return pairs[:, 0].reshape(shape), pairs[:, 1].reshape(shape)
+    low, high = config.value_range
+    return np.full(shape, low, dtype=np.float64), np.full(shape, high, dtype=np.float64)
+
+
 def normalization_arrays(config: ModelConfig) -> tuple[np.ndarray, np.ndarray] | None:
     """Mean and std shaped to broadcast over a batch (B, *input_shape) in the model's layout.
 

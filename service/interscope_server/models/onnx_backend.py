@@ -16,6 +16,7 @@ from interscope_server.models.backend import (
     BackendOptions,
     NormalizedModule,
     normalization_arrays,
+    value_bounds,
 )
 from interscope_server.models.config import ModelConfig
 from interscope_server.models.gradient_check import check_gradients
@@ -222,12 +223,12 @@ class OnnxBackend(Backend):
         )
         module = module.to(device)
         # Check the conversion against onnxruntime on inputs spread over the whole value range.
-        low, high = self.config.value_range
+        low, high = value_bounds(self.config)
         rng = np.random.default_rng(0)
         # A graph with a fixed batch size takes only that many rows.
         rows = self._session.get_inputs()[0].shape[0]
         rows = rows if isinstance(rows, int) and rows > 0 else 4
-        probe = rng.uniform(low, high, size=(rows, *self.config.input.shape)).astype(np.float32)
+        probe = rng.uniform(low, high, size=(rows, *low.shape)).astype(np.float32)
         probe[0] = low
         expected = self._forward(probe)
         try:

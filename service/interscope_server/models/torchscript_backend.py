@@ -15,7 +15,12 @@ import numpy as np
 import torch
 
 from interscope_server.errors import InvalidArgument
-from interscope_server.models.backend import Backend, BackendOptions, NormalizedModule
+from interscope_server.models.backend import (
+    Backend,
+    BackendOptions,
+    NormalizedModule,
+    value_bounds,
+)
 from interscope_server.models.config import ModelConfig
 from interscope_server.models.gradient_check import check_gradients
 from interscope_server.models.vetting import vet_torchscript_module
@@ -54,7 +59,7 @@ class TorchScriptBackend(Backend):
         module.requires_grad_(False)
         # Checked in float32, before any FP16 conversion: the question is whether the graph's
         # ops have (correct) derivatives, which precision does not change.
-        shape, value_range = tuple(config.input.shape), config.value_range
+        shape, value_range = tuple(config.input.shape), value_bounds(config)
         self.gradient_note = check_gradients(module, shape, value_range, self._device)
         if self.gradient_note:
             logger.warning("model %s: no gradients: %s", config.name, self.gradient_note)

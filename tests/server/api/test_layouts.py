@@ -184,9 +184,10 @@ def test_black_box_attacks_move_the_same_pixels_in_either_layout(
         nhwc = client.attack(model="nhwc", x=_nhwc(images), y=y, **options)
     for a, b in zip(nchw.examples, nhwc.examples, strict=True):
         assert a.adversarial is not None and b.adversarial is not None
-        # Square's windows are drawn in the NCHW view of either layout (SimBA walks the
-        # model's own flattened coordinates, so only its constraints are compared): L-inf lands on the same vertices exactly; L2 rescales by norms whose float32 sums run
-        # in another memory order, so those agree to rounding.
+        # Square's windows are drawn in the NCHW view of either layout (SimBA walks the model's
+        # own flattened coordinates, so only its constraints are compared). L-inf lands on the
+        # same vertices exactly; L2 rescales by norms whose float32 sums run in another memory
+        # order, so those agree to rounding.
         if attack == "simba":
             pass
         elif norm == "linf":
