@@ -162,10 +162,14 @@ class AttackSpec:
         if not _finite(self.eps) or self.eps <= 0:
             raise InvalidArgument(f"eps must be a finite number > 0, got {self.eps!r}")
         if self.norm == "linf" and self.eps > width:
-            unit = " (in units of each feature's range width)" if self.per_feature else ""
+            allowed = (
+                "0 < eps <= 1 (eps is in units of each feature's range width)"
+                if self.per_feature
+                else "0 < eps <= high - low"
+            )
             raise InvalidArgument(
-                f"linf eps {self.eps} exceeds the width of value_range ({width}){unit}; "
-                f"allowed: 0 < eps <= {width}"
+                f"linf eps {self.eps} exceeds the width of value_range ({width}); "
+                f"allowed: {allowed}"
             )
         if self.steps is not None:
             if not _integer(self.steps):
