@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-import numpy as np
-
 from interscope_server.errors import InvalidArgument
 
 #: How one example's axes are laid out. NCHW covers (C, H, W) and a channel-less (H, W) image;
@@ -74,12 +72,3 @@ def image_hw(layout: Layout, shape: tuple[int, ...]) -> tuple[int, int]:
     """Height and width of one image example of `shape`."""
     h_axis, w_axis = spatial_axes(layout, len(shape))
     return int(shape[h_axis]), int(shape[w_axis])
-
-
-def to_channels_first(x: np.ndarray, layout: Layout) -> np.ndarray:
-    """A batch (B, *shape) viewed as (B, C, H, W); (H, W) images get one channel."""
-    if layout == "NHWC":
-        return np.moveaxis(x, -1, 1)
-    if x.ndim == 3:
-        return x[:, None]
-    return x
