@@ -80,7 +80,8 @@ def check_gradients(
     """
     low, high = value_range
     # Per-element bounds (per-feature ranges) or one pair; steps scale with each element's span.
-    span = np.broadcast_to(np.asarray(high, dtype=np.float64) - low, input_shape).reshape(-1)
+    low = np.broadcast_to(np.asarray(low, dtype=np.float64), input_shape)
+    span = np.broadcast_to(np.asarray(high, dtype=np.float64) - low, input_shape)
     rng = np.random.default_rng(seed)
     # Inside the range by a margin, so every finite-difference step stays valid input.
     x_np = rng.uniform(low + 0.1 * span, high - 0.1 * span, size=(1, *input_shape))
@@ -120,7 +121,7 @@ def check_gradients(
         g = float(flat[index])
         errors = []
         for step in _STEPS[dtype]:
-            h = float(step * span[index])
+            h = float(step * span.reshape(-1)[index])
             plus, minus = base.clone(), base.clone()
             plus[index] += h
             minus[index] -= h
