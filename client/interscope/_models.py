@@ -74,15 +74,19 @@ _STATES = {
 
 @dataclass(frozen=True)
 class TensorInfo(_DictMixin):
-    """Name, datatype and per-example shape (no batch dimension) of a model input or output."""
+    """Name, datatype and per-example shape (no batch dimension) of a model input or output;
+    inputs also say their layout ("NCHW", "NHWC" or "features")."""
 
     name: str
     datatype: str
     shape: tuple[int, ...]
+    layout: str = ""
 
     @classmethod
     def from_proto(cls, message: models_pb2.TensorInfo) -> TensorInfo:
-        return cls(message.name, message.datatype, tuple(int(d) for d in message.shape))
+        return cls(
+            message.name, message.datatype, tuple(int(d) for d in message.shape), message.layout
+        )
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,10 @@ class ModelInfo(_DictMixin):
     description: str
     #: "logits", "probabilities" or "log_probabilities"; "logit" values need "logits".
     output_kind: str = ""
+    #: One (low, high) per feature when the model's config gives them; empty otherwise.
+    value_ranges: list[tuple[float, float]] = field(default_factory=list)
+    #: Feature names from the model's config; empty when it gives none.
+    feature_names: list[str] = field(default_factory=list)
 
     @classmethod
     def from_proto(cls, m: models_pb2.ModelInfo) -> ModelInfo:
@@ -131,6 +139,8 @@ class ModelInfo(_DictMixin):
             device=m.device,
             description=m.description,
             output_kind=m.output_kind,
+            value_ranges=[(float(r.low), float(r.high)) for r in m.value_ranges],
+            feature_names=list(m.feature_names),
         )
 
 

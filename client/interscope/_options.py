@@ -39,6 +39,7 @@ _ATTACKS = {
     "pgd-margin": analysis_pb2.ATTACK_KIND_PGD_MARGIN,
     "apgd": analysis_pb2.ATTACK_KIND_APGD,
     "square": analysis_pb2.ATTACK_KIND_SQUARE,
+    "simba": analysis_pb2.ATTACK_KIND_SIMBA,
 }
 _NORMS = {"linf": analysis_pb2.NORM_LINF, "l2": analysis_pb2.NORM_L2}
 
@@ -65,13 +66,16 @@ class ProfileOptions:
 
     Players: exactly one of `grid` (rows, cols), `features` (a list of index groups, or an
     empty list for one player per feature) and `mask` (integer array of player ids, -1 never
-    masked). `baseline` is "zero", "mean", "blur", a float constant or an FP32 array.
+    masked). `baseline` is "zero", "mean", "blur", a float constant or an FP32 array; with
+    "mean", `baseline_reference` (N, *input_shape) is the reference set whose per-channel (per
+    feature, for a features layout) means are used instead of the request's inputs.
     """
 
     grid: tuple[int, int] | None = None
     features: Sequence[Sequence[int]] | None = None
     mask: np.ndarray | None = None
     baseline: str | float | np.ndarray = "zero"
+    baseline_reference: np.ndarray | None = None
     value: str = "log-prob"
     orders: Sequence[int] | None = None
     ratios: Sequence[float] | None = None
@@ -134,11 +138,18 @@ class ProfileOptions:
         if self.ratios is not None:
             spec.orders.ratios.extend(float(r) for r in self.ratios)
         baseline = self.baseline
+        if self.baseline_reference is not None and not (
+            isinstance(baseline, str) and baseline == "mean"
+        ):
+            raise ValueError('baseline_reference needs baseline="mean"')
         if isinstance(baseline, str):
             if baseline == "zero":
                 spec.baseline.zero = True
             elif baseline == "mean":
                 spec.baseline.mean.SetInParent()
+                if self.baseline_reference is not None:
+                    reference = np.asarray(self.baseline_reference, dtype=np.float32)
+                    spec.baseline.mean.reference.CopyFrom(to_tensor(reference))
             elif baseline == "blur":
                 spec.baseline.blur.SetInParent()
             else:
@@ -154,7 +165,8 @@ class ProfileOptions:
 
 @dataclass(frozen=True)
 class AttackOptions:
-    """An adversarial attack: kind ("fgsm", "pgd", "pgd-margin", "apgd", "square"), norm, budget.
+    """An adversarial attack: kind ("fgsm", "pgd", "pgd-margin", "apgd", "square", "simba"),
+    norm, budget.
 
     Zeros mean the server's defaults (steps 10, step size 2.5 * eps / steps, one restart,
     margin threshold 8, query budget 1000); random_start None means the attack's own default

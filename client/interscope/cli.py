@@ -111,6 +111,35 @@ def _real(*, positive: bool) -> Callable[[str], float]:
     return parse
 
 
+def feature_groups(text: str, names: Sequence[str]) -> list[list[int]]:
+    """Groups of feature indices from "0,1;2;3,4" (or feature names from the model's config,
+    "age,income;height"); "all" means one player per feature (an empty list of groups)."""
+    if text.strip().lower() == "all":
+        return []
+    position = {name: i for i, name in enumerate(names)}
+    groups: list[list[int]] = []
+    for part in text.split(";"):
+        group = []
+        for item in (v.strip() for v in part.split(",")):
+            if not item:
+                continue
+            if item.lstrip("-").isdigit():
+                group.append(int(item))
+            elif item in position:
+                group.append(position[item])
+            else:
+                known = ", ".join(names) if names else "none: the model's config has no names"
+                raise CliError(
+                    f"--features names {item!r}, which is neither an index nor a feature name "
+                    "of the model",
+                    f"its feature names: {known}",
+                )
+        if not group:
+            raise CliError(f"--features has an empty group in {text!r}", "use e.g. 0,1;2;3,4")
+        groups.append(group)
+    return groups
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
@@ -142,7 +171,17 @@ def _profile_args(parser: argparse.ArgumentParser, *, default_estimator: str = "
     group = parser.add_argument_group("interaction profile")
     group.add_argument("--grid", type=_grid, default=(4, 4), help="players: RxC grid (4x4)")
     group.add_argument("--mask", type=Path, help="players: .npy of player ids instead of a grid")
+    group.add_argument(
+        "--features",
+        help="players: feature groups instead of a grid, e.g. 0,1;2;3,4, names from the "
+        "model's feature_names (age,income;height), or all (one player per feature)",
+    )
     group.add_argument("--baseline", default="zero", help="zero, mean, blur or a number")
+    group.add_argument(
+        "--baseline-reference",
+        type=Path,
+        help="with --baseline mean: .npy reference set (N, *input) whose means are used",
+    )
     group.add_argument("--value", default="log-prob", choices=VALUE_FUNCTIONS)
     group.add_argument("--orders", type=_ints, help="explicit orders, e.g. 0,1,7,14")
     group.add_argument("--ratios", type=_floats, help="order ratios, e.g. 0.1,0.5,0.9")
@@ -159,14 +198,24 @@ def _profile_args(parser: argparse.ArgumentParser, *, default_estimator: str = "
     group.add_argument("--profile-seed", type=_count(0), default=0)
 
 
-def _profile_options(args: argparse.Namespace, *, pairwise: bool = False) -> ProfileOptions:
+def _profile_options(
+    args: argparse.Namespace, *, pairwise: bool = False, feature_names: Sequence[str] = ()
+) -> ProfileOptions:
     baseline: Any = args.baseline
     with contextlib.suppress(ValueError):
         baseline = float(baseline)  # a constant baseline
+    if args.mask is not None and args.features is not None:
+        raise CliError("--mask and --features both name the players", "give one of them")
+    features = None if args.features is None else feature_groups(args.features, feature_names)
+    reference = None
+    if args.baseline_reference is not None:
+        reference = _load_array(args.baseline_reference).astype(np.float32)
     return ProfileOptions(
-        grid=None if args.mask is not None else args.grid,
+        grid=None if args.mask is not None or features is not None else args.grid,
         mask=_load_array(args.mask) if args.mask is not None else None,
+        features=features,
         baseline=baseline,
+        baseline_reference=reference,
         value=args.value,
         orders=args.orders,
         ratios=args.ratios,
@@ -503,6 +552,16 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _feature_names(client: Client, args: argparse.Namespace, model: str) -> list[str]:
+    """The model's feature names when --features may name them (one GetModel call)."""
+    if args.features is None or all(
+        v.strip().lstrip("-").isdigit() or not v.strip()
+        for v in args.features.replace(";", ",").split(",")
+    ):
+        return []
+    return client.get_model(model).feature_names
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
     x = _load_array(args.input).astype(np.float32)
     with _client(args) as client:
@@ -513,7 +572,9 @@ def _cmd_profile(args: argparse.Namespace) -> int:
             x=x,
             label=args.label,
             class_choice=args.class_choice,
-            options=_profile_options(args, pairwise=args.pairwise),
+            options=_profile_options(
+                args, pairwise=args.pairwise, feature_names=_feature_names(client, args, args.model)
+            ),
         ):
             if isinstance(event, Progress) and event.total:
                 bar.update(event.done, event.total, event.unit)
@@ -656,7 +717,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                         x=x,
                         y=y,
                         attack=_attack_options(args),
-                        profile=_profile_options(args),
+                        profile=_profile_options(
+                            args, feature_names=_feature_names(client, args, model)
+                        ),
                         checkpoint=checkpoint,
                         streams_per_address=args.streams_per_address,
                         on_progress=watch,

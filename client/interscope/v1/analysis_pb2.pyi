@@ -159,7 +159,13 @@ class _AttackKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AttackKind
     ATTACK_KIND_APGD: _AttackKind.ValueType  # 4
     """APGD with cross-entropy loss (Croce and Hein 2020). White-box."""
     ATTACK_KIND_SQUARE: _AttackKind.ValueType  # 5
-    """Square attack (Andriushchenko et al. 2020): forward passes only, any backend."""
+    """Square attack (Andriushchenko et al. 2020): forward passes only, any backend; on a
+    features layout its windows are runs of consecutive features.
+    """
+    ATTACK_KIND_SIMBA: _AttackKind.ValueType  # 6
+    """SimBA (Guo et al. 2019): random search over single coordinates (features or pixels),
+    forward passes only, any backend; suited to tabular models and trees.
+    """
 
 class AttackKind(_AttackKind, metaclass=_AttackKindEnumTypeWrapper):
     """---------------------------------------------------------------------------------------------
@@ -179,7 +185,13 @@ margin_threshold, halving the step on overshoot. Untargeted. White-box.
 ATTACK_KIND_APGD: AttackKind.ValueType  # 4
 """APGD with cross-entropy loss (Croce and Hein 2020). White-box."""
 ATTACK_KIND_SQUARE: AttackKind.ValueType  # 5
-"""Square attack (Andriushchenko et al. 2020): forward passes only, any backend."""
+"""Square attack (Andriushchenko et al. 2020): forward passes only, any backend; on a
+features layout its windows are runs of consecutive features.
+"""
+ATTACK_KIND_SIMBA: AttackKind.ValueType  # 6
+"""SimBA (Guo et al. 2019): random search over single coordinates (features or pixels),
+forward passes only, any backend; suited to tabular models and trees.
+"""
 Global___AttackKind: _TypeAlias = AttackKind  # noqa: Y015
 
 class _Norm:
@@ -322,23 +334,35 @@ Global___PlayerSpec: _TypeAlias = PlayerSpec  # noqa: Y015
 
 @_typing.final
 class ChannelMean(_message.Message):
-    """Per-channel values for a mean baseline."""
+    """A mean baseline: per channel for images (NCHW axis 0, NHWC last axis), per feature for a
+    features layout.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     VALUES_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """One value per channel, or one for all. Empty: the per-channel mean of the request's inputs."""
+        """One value per channel (per feature for a features layout), or one for all. Empty: the
+        means of `reference` when given, else of the request's inputs (in an Audit, of each sample).
+        """
+
+    @_builtins.property
+    def reference(self) -> _tensor_pb2.Tensor:
+        """Optional reference set (N, *input_shape), FP32/FP64: the means are taken over it. Not
+        together with `values`.
+        """
 
     def __init__(
         self,
         *,
         values: _abc.Iterable[_builtins.float] | None = ...,
+        reference: _tensor_pb2.Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reference", b"reference"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reference", b"reference", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1043,7 +1067,11 @@ class AttackSpec(_message.Message):
     """Required."""
     norm: Global___Norm.ValueType
     eps: _builtins.float
-    """Radius of the perturbation ball in raw input units, > 0 (e.g. 8/255 for L-inf on [0, 1])."""
+    """Radius of the perturbation ball in raw input units, > 0 (e.g. 8/255 for L-inf on [0, 1]).
+    A model with per-feature value ranges measures it per feature in units of that feature's
+    range width w_j = high_j - low_j: L-inf |x'_j - x_j| <= eps * w_j, L2
+    sqrt(sum_j ((x'_j - x_j) / w_j)^2) <= eps; step sizes and reported norms use those units.
+    """
     steps: _builtins.int
     """Iterations (PGD, APGD, PGD_MARGIN max steps), >= 1. Default 10 when 0. Ignored by FGSM."""
     step_size: _builtins.float
@@ -1059,7 +1087,7 @@ class AttackSpec(_message.Message):
     margin_threshold: _builtins.float
     """PGD_MARGIN: stop once z_pred(x) - z_y(x_adv) exceeds this. Default 8.0 when 0."""
     query_budget: _builtins.int
-    """SQUARE: forward passes per input, >= 1. Default 1000 when 0."""
+    """SQUARE, SIMBA: forward passes per input, >= 1. Default 1000 when 0."""
     seed: _builtins.int
     """Seed for random starts and Square's sampling; equal seeds give equal results."""
     def __init__(

@@ -100,10 +100,16 @@ class TensorInfo(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DATATYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
+    LAYOUT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name in the model file (the ONNX graph input or output name)."""
     datatype: _builtins.str
     """Open Inference Protocol datatype, e.g. "FP32"."""
+    layout: _builtins.str
+    """Inputs only: "NCHW", "NHWC" or "features". Empty in a config: inferred from the shape where
+    it is unambiguous (rank 1 features, rank 2 an (H, W) image, rank 3 by its one short end
+    axis), else INVALID_ARGUMENT asking for it. Always set in ModelInfo.
+    """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Per-example shape, without the batch dimension, e.g. [1, 16, 16]."""
@@ -114,14 +120,39 @@ class TensorInfo(_message.Message):
         name: _builtins.str = ...,
         datatype: _builtins.str = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
+        layout: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["datatype", b"datatype", "name", b"name", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datatype", b"datatype", "layout", b"layout", "name", b"name", "shape", b"shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TensorInfo: _TypeAlias = TensorInfo  # noqa: Y015
+
+@_typing.final
+class ValueRange(_message.Message):
+    """The valid raw range [low, high] of one feature."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOW_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
+    low: _builtins.float
+    high: _builtins.float
+    def __init__(
+        self,
+        *,
+        low: _builtins.float = ...,
+        high: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["high", b"high", "low", b"low"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValueRange: _TypeAlias = ValueRange  # noqa: Y015
 
 @_typing.final
 class Normalization(_message.Message):
@@ -173,6 +204,8 @@ class ModelConfig(_message.Message):
     NORMALIZATION_FIELD_NUMBER: _builtins.int
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    VALUE_RANGES_FIELD_NUMBER: _builtins.int
+    FEATURE_NAMES_FIELD_NUMBER: _builtins.int
     format: Global___ModelFormat.ValueType
     """Backend that loads the file; required."""
     output_name: _builtins.str
@@ -196,6 +229,17 @@ class ModelConfig(_message.Message):
     def normalization(self) -> Global___Normalization:
         """Optional normalisation applied inside the server."""
 
+    @_builtins.property
+    def value_ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___ValueRange]:
+        """Features layout only: one [low, high] per feature (flattened order), instead of
+        value_range_low/high. Attacks keep every feature inside its own range, and measure eps per
+        feature in units of its range width (see AttackSpec.eps).
+        """
+
+    @_builtins.property
+    def feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Features layout only: one unique name per feature; the CLI's --features accepts them."""
+
     def __init__(
         self,
         *,
@@ -208,10 +252,12 @@ class ModelConfig(_message.Message):
         normalization: Global___Normalization | None = ...,
         max_batch_size: _builtins.int = ...,
         description: _builtins.str = ...,
+        value_ranges: _abc.Iterable[Global___ValueRange] | None = ...,
+        feature_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "normalization", b"normalization"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "description", b"description", "format", b"format", "input", b"input", "max_batch_size", b"max_batch_size", "normalization", b"normalization", "output_name", b"output_name", "value_range_high", b"value_range_high", "value_range_low", b"value_range_low"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "description", b"description", "feature_names", b"feature_names", "format", b"format", "input", b"input", "max_batch_size", b"max_batch_size", "normalization", b"normalization", "output_name", b"output_name", "value_range_high", b"value_range_high", "value_range_low", b"value_range_low", "value_ranges", b"value_ranges"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -240,6 +286,8 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     OUTPUT_KIND_FIELD_NUMBER: _builtins.int
+    VALUE_RANGES_FIELD_NUMBER: _builtins.int
+    FEATURE_NAMES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name on this replica: [A-Za-z0-9][A-Za-z0-9_.-]{0,127}."""
     format: Global___ModelFormat.ValueType
@@ -278,6 +326,16 @@ class ModelInfo(_message.Message):
     def normalization(self) -> Global___Normalization:
         """Normalisation applied by the server (absent: none)."""
 
+    @_builtins.property
+    def value_ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___ValueRange]:
+        """Per-feature ranges when the config gives them (value_range_low/high are then their min and
+        max); empty otherwise.
+        """
+
+    @_builtins.property
+    def feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Feature names from the config; empty when it gives none."""
+
     def __init__(
         self,
         *,
@@ -298,10 +356,12 @@ class ModelInfo(_message.Message):
         device: _builtins.str = ...,
         description: _builtins.str = ...,
         output_kind: _builtins.str = ...,
+        value_ranges: _abc.Iterable[Global___ValueRange] | None = ...,
+        feature_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "normalization", b"normalization", "output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "content_hash", b"content_hash", "description", b"description", "device", b"device", "format", b"format", "gradients_available", b"gradients_available", "gradients_message", b"gradients_message", "input", b"input", "max_batch_size", b"max_batch_size", "name", b"name", "normalization", b"normalization", "output", b"output", "output_kind", b"output_kind", "state", b"state", "state_message", b"state_message", "value_range_high", b"value_range_high", "value_range_low", b"value_range_low"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "content_hash", b"content_hash", "description", b"description", "device", b"device", "feature_names", b"feature_names", "format", b"format", "gradients_available", b"gradients_available", "gradients_message", b"gradients_message", "input", b"input", "max_batch_size", b"max_batch_size", "name", b"name", "normalization", b"normalization", "output", b"output", "output_kind", b"output_kind", "state", b"state", "state_message", b"state_message", "value_range_high", b"value_range_high", "value_range_low", b"value_range_low", "value_ranges", b"value_ranges"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

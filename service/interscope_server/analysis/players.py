@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from interscope_server.errors import InvalidArgument
+from interscope_server.layout import Layout, image_hw
 
 # A per-element player-id map: same shape as one input, int64, -1 for elements that belong to no
 # player (always kept from x).
@@ -23,7 +24,8 @@ def _check_shape(input_shape: tuple[int, ...]) -> None:
 
 @dataclass(frozen=True)
 class GridPlayers:
-    """An R x C grid over an image (C,H,W) or (H,W); cell (r, c) is player r*C + c.
+    """An R x C grid over an image (C,H,W), (H,W) or, with layout NHWC, (H,W,C); cell (r, c) is
+    player r*C + c and holds every channel of its pixels.
 
     Cell (r, c) covers rows floor(r*H/R) .. floor((r+1)*H/R)-1 and likewise columns, so every
     pixel belongs to exactly one cell even when R does not divide H.
@@ -31,6 +33,7 @@ class GridPlayers:
 
     rows: int
     cols: int
+    layout: Layout = "NCHW"
 
     @property
     def n_players(self) -> int:
@@ -39,11 +42,17 @@ class GridPlayers:
     def player_map(self, input_shape: tuple[int, ...]) -> PlayerMap:
         input_shape = tuple(int(d) for d in input_shape)
         _check_shape(input_shape)
-        if len(input_shape) not in (2, 3):
+        if self.layout == "features":
             raise InvalidArgument(
-                f"grid players need an image input of shape (C, H, W) or (H, W); got {input_shape}"
+                "grid players need an image input (layout NCHW or NHWC); this model's layout "
+                "is features: use feature players or a mask"
             )
-        height, width = input_shape[-2:]
+        if len(input_shape) not in ((3,) if self.layout == "NHWC" else (2, 3)):
+            raise InvalidArgument(
+                f"grid players need an image input of shape (C, H, W) or (H, W) (NCHW) or "
+                f"(H, W, C) (NHWC); got {input_shape} for layout {self.layout}"
+            )
+        height, width = image_hw(self.layout, input_shape)
         if self.rows < 1 or self.cols < 1:
             raise InvalidArgument(
                 f"grid {self.rows}x{self.cols} is not allowed: rows and cols must be >= 1"
@@ -60,6 +69,8 @@ class GridPlayers:
         row_of = np.searchsorted(row_starts, np.arange(height), side="right") - 1
         col_of = np.searchsorted(col_starts, np.arange(width), side="right") - 1
         cell = row_of[:, None] * self.cols + col_of[None, :]
+        if self.layout == "NHWC":
+            cell = cell[:, :, None]  # every channel of a pixel belongs to the pixel's cell
         return np.broadcast_to(cell, input_shape).astype(np.int64)
 
     def neighbour_pairs(self, radius: int = 1) -> np.ndarray:
@@ -74,9 +85,10 @@ class GridPlayers:
 
 @dataclass(frozen=True)
 class FeaturePlayers:
-    """Players over a vector input: one per feature (groups None) or one per group of features.
+    """Players over features: one per feature (groups None) or one per group of features.
 
-    Features in no group are not players and are always kept.
+    A feature is one element of the input in flattened (row-major) order, so a features-layout
+    input of any rank works; features in no group are not players and are always kept.
     """
 
     groups: tuple[tuple[int, ...], ...] | None = None
@@ -88,13 +100,9 @@ class FeaturePlayers:
     def player_map(self, input_shape: tuple[int, ...]) -> PlayerMap:
         input_shape = tuple(int(d) for d in input_shape)
         _check_shape(input_shape)
-        if len(input_shape) != 1:
-            raise InvalidArgument(
-                f"feature players need a vector input of shape (F,); got {input_shape}"
-            )
-        n_features = input_shape[0]
+        n_features = int(np.prod(input_shape))
         if self.groups is None:
-            return np.arange(n_features, dtype=np.int64)
+            return np.arange(n_features, dtype=np.int64).reshape(input_shape)
         if len(self.groups) == 0:
             raise InvalidArgument("feature groups are empty: give at least one group")
         pmap = np.full(n_features, -1, dtype=np.int64)
@@ -112,7 +120,7 @@ class FeaturePlayers:
                     "groups must be disjoint"
                 )
             pmap[idx] = g
-        return pmap
+        return pmap.reshape(input_shape)
 
 
 @dataclass(frozen=True, eq=False)

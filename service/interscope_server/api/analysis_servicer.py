@@ -174,7 +174,12 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             choice = specs.class_choice(request.class_choice)
             classes = self._classes(request.labels, choice, len(x), model)
             spec, n_players = specs.profile_spec(
-                request.spec, choice, x, self._settings, n_evaluations=len(x)
+                request.spec,
+                choice,
+                x,
+                self._settings,
+                n_evaluations=len(x),
+                layout=model.config.layout,
             )
             # The final result carries every input's profile in one message.
             admission.admit_result_bytes(
@@ -253,8 +258,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         targets: list[int],
         cancel: CancelToken,
     ) -> tuple[AttackSpec, torch.nn.Module | None]:
-        low, high = model.config.value_range
-        domain = specs.attack_spec(spec, targets, (low, high))
+        domain = specs.attack_spec(spec, targets, model.config)
         if model.backend.integer_inputs:
             domain = dataclasses.replace(domain, integer_inputs=True)
         torch_model = model.backend.torch_module() if domain.white_box else None
@@ -301,6 +305,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                     x,
                     self._settings,
                     n_evaluations=2 * len(x),
+                    layout=model.config.layout,
                 )
                 # Each example's event carries its clean and adversarial profiles.
                 admission.admit_result_bytes(

@@ -79,7 +79,12 @@ async def _audit(
         admission.admit_attack(attack, 1, settings)
         reference = np.zeros((1, *input_shape), dtype=np.float32)
         profile, n_players = specs.profile_spec(
-            config.profile, ClassChoice.LABEL, reference, settings, n_evaluations=2
+            config.profile,
+            ClassChoice.LABEL,
+            reference,
+            settings,
+            n_evaluations=2,
+            layout=model.config.layout,
         )
         admission.admit_result_bytes(
             "one audit sample's result",
@@ -90,6 +95,7 @@ async def _audit(
         per_sample_baseline = (
             config.profile.baseline.WhichOneof("kind") == "mean"
             and not config.profile.baseline.mean.values
+            and not config.profile.baseline.mean.HasField("reference")
         )
         yield analysis_pb2.AuditEvent(
             accepted=analysis_pb2.AuditAccepted(audit_id=config.audit_id, n_players=n_players)
@@ -127,7 +133,12 @@ async def _audit(
                     sample_profile = profile
                     if per_sample_baseline:
                         sample_profile, _ = specs.profile_spec(
-                            config.profile, ClassChoice.LABEL, x[None], settings, n_evaluations=2
+                            config.profile,
+                            ClassChoice.LABEL,
+                            x[None],
+                            settings,
+                            n_evaluations=2,
+                            layout=model.config.layout,
                         )
                     result = await loop.run_in_executor(
                         servicer._executor,

@@ -75,6 +75,7 @@ def model_info(registry: ModelRegistry, status: ModelStatus) -> models_pb2.Model
                 name=config.input.name,
                 datatype=config.input.datatype or "",
                 shape=config.input.shape,
+                layout=config.layout if config.input.shape else "",
             )
         )
         info.output.CopyFrom(
@@ -84,7 +85,15 @@ def model_info(registry: ModelRegistry, status: ModelStatus) -> models_pb2.Model
         )
         info.output_kind = config.output.kind or ""
         info.classes.extend(config.classes)
-        info.value_range_low, info.value_range_high = config.value_range
+        if isinstance(config.value_range, list):
+            info.value_ranges.extend(
+                models_pb2.ValueRange(low=low, high=high) for low, high in config.value_range
+            )
+            info.value_range_low = min(low for low, _ in config.value_range)
+            info.value_range_high = max(high for _, high in config.value_range)
+        else:
+            info.value_range_low, info.value_range_high = config.value_range
+        info.feature_names.extend(config.feature_names or [])
         if config.normalization is not None:
             info.normalization.CopyFrom(
                 models_pb2.Normalization(
@@ -135,6 +144,11 @@ def config_from_proto(name: str, message: models_pb2.ModelConfig) -> ModelConfig
             "model comes from a repository config.json, never an upload)"
         )
     low, high = message.value_range_low, message.value_range_high
+    value_range: tuple[float, float] | list[tuple[float, float]] = (
+        (low, high) if (low, high) != (0.0, 0.0) else (0.0, 1.0)
+    )
+    if message.value_ranges:
+        value_range = [(r.low, r.high) for r in message.value_ranges]
     normalization = None
     if message.HasField("normalization"):
         normalization = Normalization(
@@ -154,10 +168,12 @@ def config_from_proto(name: str, message: models_pb2.ModelConfig) -> ModelConfig
             name=message.input.name or "input",
             shape=list(message.input.shape),
             datatype=message.input.datatype or "FP32",  # type: ignore[arg-type]
+            layout=message.input.layout or None,  # type: ignore[arg-type]  # pydantic checks it
         ),
         output=OutputSpec(name=message.output_name or "logits"),
         classes=list(message.classes),
-        value_range=(low, high) if (low, high) != (0.0, 0.0) else (0.0, 1.0),
+        value_range=value_range,
+        feature_names=list(message.feature_names) or None,
         normalization=normalization,
         **fields,  # type: ignore[arg-type]
     )

@@ -30,8 +30,10 @@ from interscope_server.analysis.profile import (
 )
 from interscope_server.analysis.sampled import DEFAULT_RATIOS
 from interscope_server.analysis.values import ClassChoice, ValueFunction
-from interscope_server.attacks.base import AttackName, AttackSpec, Norm
+from interscope_server.attacks.base import AttackName, AttackSpec, Norm, ValueRange
 from interscope_server.config import Settings
+from interscope_server.layout import Layout
+from interscope_server.models.config import ModelConfig
 
 VALUE_FUNCTIONS = {
     analysis_pb2.VALUE_FUNCTION_UNSPECIFIED: ValueFunction.LOG_PROB,
@@ -64,6 +66,7 @@ ATTACK_NAMES: dict[int, AttackName] = {
     analysis_pb2.ATTACK_KIND_PGD_MARGIN: "margin_pgd",
     analysis_pb2.ATTACK_KIND_APGD: "apgd",
     analysis_pb2.ATTACK_KIND_SQUARE: "square",
+    analysis_pb2.ATTACK_KIND_SIMBA: "simba",
 }
 NORMS: dict[int, Norm] = {
     analysis_pb2.NORM_UNSPECIFIED: "linf",
@@ -84,7 +87,7 @@ def class_choice(value: int) -> ClassChoice:
 
 
 def _players(
-    spec: analysis_pb2.PlayerSpec, settings: Settings
+    spec: analysis_pb2.PlayerSpec, settings: Settings, layout: Layout
 ) -> GridPlayers | FeaturePlayers | MaskPlayers:
     kind = spec.WhichOneof("kind")
     if kind == "grid":
@@ -92,7 +95,7 @@ def _players(
             raise errors.InvalidArgument(
                 f"grid {spec.grid.rows}x{spec.grid.cols} is not allowed: rows and cols must be >= 1"
             )
-        return GridPlayers(int(spec.grid.rows), int(spec.grid.cols))
+        return GridPlayers(int(spec.grid.rows), int(spec.grid.cols), layout)
     if kind == "features":
         groups = [list(g.indices) for g in spec.features.groups]
         return FeaturePlayers.from_groups(groups or None)
@@ -108,7 +111,7 @@ def _players(
 
 
 def _baseline(
-    spec: analysis_pb2.BaselineSpec, inputs: np.ndarray, settings: Settings
+    spec: analysis_pb2.BaselineSpec, inputs: np.ndarray, settings: Settings, layout: Layout
 ) -> ZeroBaseline | ConstantBaseline | MeanBaseline | BlurBaseline | TensorBaseline:
     kind = spec.WhichOneof("kind")
     if kind in (None, "zero"):
@@ -116,11 +119,27 @@ def _baseline(
     if kind == "constant":
         return ConstantBaseline(float(spec.constant))
     if kind == "mean":
+        if spec.mean.values and spec.mean.HasField("reference"):
+            raise errors.InvalidArgument("baseline.mean takes values or a reference set, not both")
         if spec.mean.values:
-            return MeanBaseline(tuple(float(v) for v in spec.mean.values))
-        return MeanBaseline.from_reference(inputs)
+            return MeanBaseline(tuple(float(v) for v in spec.mean.values), layout)
+        if spec.mean.HasField("reference"):
+            reference = from_tensor(
+                spec.mean.reference,
+                what="baseline.mean.reference",
+                allowed=("FP32", "FP64"),
+                max_bytes=settings.max_tensor_bytes,
+                finite=True,
+            )
+            if reference.ndim != inputs.ndim or reference.shape[1:] != inputs.shape[1:]:
+                raise errors.InvalidArgument(
+                    f"baseline.mean.reference has shape {list(reference.shape)}; it must be a "
+                    f"batch (N, {', '.join(map(str, inputs.shape[1:]))}) of reference inputs"
+                )
+            return MeanBaseline.from_reference(reference, layout)
+        return MeanBaseline.from_reference(inputs, layout)
     if kind == "blur":
-        return BlurBaseline(float(spec.blur.sigma) or 2.0)
+        return BlurBaseline(float(spec.blur.sigma) or 2.0, layout)
     tensor = from_tensor(
         spec.tensor,
         what="baseline.tensor",
@@ -143,24 +162,24 @@ def profile_spec(
     settings: Settings,
     *,
     n_evaluations: int,
+    layout: Layout = "NCHW",
 ) -> tuple[ProfileSpec, int]:
     """The engine's ProfileSpec and the number of players, with the server's limits applied.
 
     `n_evaluations` is how many profiles the request runs (inputs, or 2 per perturbation), so
-    the per-request forward-pass limit is shared between them.
+    the per-request forward-pass limit is shared between them. `layout` is the model's: grid
+    players, the mean and blur baselines and a two-dimensional mask follow it.
     """
     if not spec.HasField("players"):
         raise errors.InvalidArgument("spec.players is required: give grid, features or mask")
-    players = _players(spec.players, settings)
+    players = _players(spec.players, settings, layout)
     input_shape = tuple(inputs.shape[1:])
-    if (
-        isinstance(players, MaskPlayers)
-        and players.mask.ndim == 2
-        and len(input_shape) > 2
-        and players.mask.shape == input_shape[-2:]
-    ):
-        # analysis.proto allows a mask over the last two dims: every channel shares it.
-        players = MaskPlayers(np.broadcast_to(players.mask, input_shape).copy())
+    if isinstance(players, MaskPlayers) and players.mask.ndim == 2 and len(input_shape) == 3:
+        # analysis.proto allows a mask over the image's (H, W): every channel shares it.
+        if layout == "NHWC" and players.mask.shape == input_shape[:2]:
+            players = MaskPlayers(np.broadcast_to(players.mask[..., None], input_shape).copy())
+        elif layout == "NCHW" and players.mask.shape == input_shape[-2:]:
+            players = MaskPlayers(np.broadcast_to(players.mask, input_shape).copy())
     _, n = resolve_players(players, input_shape)
     if n < 2:
         raise errors.InvalidArgument(f"the players spec gives {n} player; at least 2 are needed")
@@ -193,7 +212,7 @@ def profile_spec(
     limit = max(1, settings.max_forwards_per_request // max(1, n_evaluations))
     domain = ProfileSpec(
         players=players,
-        baseline=_baseline(spec.baseline, inputs, settings),
+        baseline=_baseline(spec.baseline, inputs, settings, layout),
         value=_enum(VALUE_FUNCTIONS, spec.value, "value", analysis_pb2.ValueFunction),
         class_choice=choice,
         orders=orders,
@@ -214,9 +233,15 @@ def profile_spec(
 
 
 def attack_spec(
-    spec: analysis_pb2.AttackSpec, targets: list[int], value_range: tuple[float, float]
+    spec: analysis_pb2.AttackSpec, targets: list[int], model: ModelConfig
 ) -> AttackSpec:
-    """The attacks' AttackSpec; zero-valued fields take the documented defaults."""
+    """The attacks' AttackSpec for `model` (its value ranges and layout); zero-valued fields
+    take the documented defaults."""
+    value_range: ValueRange = (
+        tuple((float(low), float(high)) for low, high in model.value_range)
+        if isinstance(model.value_range, list)
+        else (float(model.value_range[0]), float(model.value_range[1]))
+    )
     name = _enum(ATTACK_NAMES, spec.kind, "attack.kind", analysis_pb2.AttackKind)
     norm = _enum(NORMS, spec.norm, "attack.norm", analysis_pb2.Norm)
     if spec.seed > 2**63 - 1:
@@ -235,4 +260,5 @@ def attack_spec(
         max_queries=int(spec.query_budget or 1000),
         seed=int(spec.seed),
         value_range=value_range,
+        layout=model.layout,
     )

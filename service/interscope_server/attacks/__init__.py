@@ -1,4 +1,4 @@
-"""Adversarial attacks (FGSM, PGD, margin-stopped PGD, APGD, Square) and the batch runner."""
+"""Adversarial attacks (FGSM, PGD, margin-stopped PGD, APGD, Square, SimBA) and the runner."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from interscope_server.attacks.fgsm import FGSM
 from interscope_server.attacks.margin_pgd import MarginPGD
 from interscope_server.attacks.pgd import PGD
 from interscope_server.attacks.runner import AttackReport, attack_events, build_attack, run_attack
+from interscope_server.attacks.simba import SimBA
 from interscope_server.attacks.square import Square
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "MarginPGD",
     "Norm",
     "Progress",
+    "SimBA",
     "Square",
     "WhiteBoxAttack",
     "attack_events",

@@ -141,4 +141,4 @@ class APGD(WhiteBoxAttack):
         else:
             t = torch.randn(shape, generator=generator)
             t = t / t.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
-        return ball.project(ball.x + ball.eps * t.to(ball.x.device))
+        return ball.project(ball.x + ball.eps * t.to(ball.x.device) * ball.unit)

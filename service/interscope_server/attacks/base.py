@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import ClassVar, Literal, NamedTuple, TypeAlias, get_args
+from typing import ClassVar, Literal, NamedTuple, TypeAlias, cast, get_args
 
 import numpy as np
 import torch
@@ -17,19 +17,24 @@ from torch import Tensor
 
 from interscope_server.cancel import CancelToken
 from interscope_server.errors import InvalidArgument
+from interscope_server.layout import LAYOUTS, Layout
 
 #: The registry's batched forward pass: float32 (B, *input_shape) -> float32 logits (B, K).
 Evaluator: TypeAlias = Callable[[np.ndarray], np.ndarray]
 
 Norm = Literal["linf", "l2"]
-AttackName = Literal["apgd", "fgsm", "margin_pgd", "pgd", "square"]
+AttackName = Literal["apgd", "fgsm", "margin_pgd", "pgd", "simba", "square"]
+#: One (low, high) for every element, or one per feature in flattened order.
+ValueRange: TypeAlias = tuple[float, float] | tuple[tuple[float, float], ...]
 
 NORMS: tuple[Norm, ...] = get_args(Norm)
 ATTACK_NAMES: tuple[AttackName, ...] = get_args(AttackName)
 #: Attacks that need the model's gradients (a torch module).
 WHITE_BOX_ATTACKS: tuple[AttackName, ...] = ("apgd", "fgsm", "margin_pgd", "pgd")
 #: Attacks that only call the evaluator (forward passes), so they work on every backend.
-BLACK_BOX_ATTACKS: tuple[AttackName, ...] = ("square",)
+BLACK_BOX_ATTACKS: tuple[AttackName, ...] = ("simba", "square")
+#: Black-box attacks that spend their whole query budget in one run (no restarts).
+_ONE_RUN_ATTACKS: tuple[AttackName, ...] = BLACK_BOX_ATTACKS
 
 # Limits keep one request from occupying a worker for hours; the API layer may tighten them.
 MAX_STEPS = 10_000
@@ -40,7 +45,7 @@ MAX_SEED = 2**63 - 1
 #: Per-attack defaults applied where the spec leaves `steps`, `step_size` or `random_start` unset.
 #: step_size is a fraction of eps; None there means the attack sets its own schedule.
 _DEFAULT_STEPS = MappingProxyType(
-    {"fgsm": 1, "pgd": 10, "margin_pgd": 100, "apgd": 100, "square": 0}
+    {"fgsm": 1, "pgd": 10, "margin_pgd": 100, "apgd": 100, "simba": 0, "square": 0}
 )
 _DEFAULT_RANDOM_START = MappingProxyType(
     {"fgsm": False, "pgd": True, "margin_pgd": False, "apgd": True}
@@ -61,8 +66,12 @@ class AttackSpec:
     """What to run: one attack with its budget, validated on construction.
 
     Conventions: inputs live in `value_range` (raw range, the model normalises inside itself);
-    eps is measured in that range under `norm`. Fields left as None take the attack's default
-    (see `resolved_steps`, `resolved_step_size`, `resolved_random_start`).
+    eps is measured in that range under `norm`. With per-feature ranges (one (low_j, high_j) per
+    feature) eps, step sizes and reported norms are in units of each feature's range width
+    w_j = high_j - low_j, so one eps means the same for age and income: L-inf allows
+    |x'_j - x_j| <= eps * w_j, L2 allows sqrt(sum_j ((x'_j - x_j) / w_j)^2) <= eps. Fields left
+    as None take the attack's default (see `resolved_steps`, `resolved_step_size`,
+    `resolved_random_start`).
 
     Fields:
         name: one of ATTACK_NAMES.
@@ -70,8 +79,8 @@ class AttackSpec:
         eps: radius of the perturbation ball, > 0.
         steps: gradient steps per restart (white-box); fgsm allows only 1. Square ignores it.
         step_size: absolute step size; default pgd 2.5*eps/steps (Madry et al.), fgsm eps,
-            margin_pgd eps/16 (the paper's 2/255 at eps 32/255). apgd sets its own (2*eps, halved
-            at checkpoints) and rejects an explicit one.
+            margin_pgd eps/16 (the paper's 2/255 at eps 32/255), simba eps (linf) or eps/2
+            (l2) per coordinate. apgd and square set their own and reject an explicit one.
         random_start: start from a random point in the ball (default: pgd, apgd yes; fgsm,
             margin_pgd no).
         restarts: independent runs (white-box only; square takes 1); each later run attacks
@@ -82,13 +91,17 @@ class AttackSpec:
         margin_threshold: margin_pgd stops an example once max_{c!=y} z_c - z_y >= this.
         margin_tolerance: margin_pgd rejects (and halves the step of) any step that overshoots
             the threshold by more than this, so kept examples end in [threshold, threshold+tol].
-        max_queries: square's per-example forward-pass budget, including its first query.
+        max_queries: square's and simba's per-example forward-pass budget, including the
+            first query.
         p_init: square's initial fraction of the input changed by one square.
         seed: makes every random choice reproducible.
-        value_range: (low, high) valid input range; every result lies inside it.
+        value_range: (low, high) valid input range, or one (low, high) per feature (flattened
+            order); every result lies inside it.
         integer_inputs: the model reads its inputs rounded to integers (UINT8): the attack
             runs in float, then each adversarial example is moved onto the integer grid inside
             the ball (see `attacks.runner.on_integer_grid`) and its scores re-checked there.
+        layout: how one example's axes are laid out (NCHW, NHWC, features); square's windows
+            follow it.
     """
 
     name: AttackName
@@ -105,8 +118,38 @@ class AttackSpec:
     max_queries: int = 1000
     p_init: float = 0.8
     seed: int = 0
-    value_range: tuple[float, float] = (0.0, 1.0)
+    value_range: ValueRange = (0.0, 1.0)
     integer_inputs: bool = False
+    layout: Layout = "NCHW"
+
+    @property
+    def per_feature(self) -> bool:
+        """Whether value_range gives one (low, high) per feature."""
+        return len(self.value_range) > 0 and not isinstance(self.value_range[0], numbers.Real)
+
+    def _check_range(self) -> float:
+        """Validate value_range; the largest L-inf eps it allows."""
+        pairs = cast(
+            tuple[tuple[float, float], ...],
+            self.value_range if self.per_feature else (self.value_range,),
+        )
+        for pair in pairs:
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise InvalidArgument(
+                    f"value_range must be (low, high) or one (low, high) per feature, got "
+                    f"{self.value_range!r}"
+                )
+            if not all(_finite(v) for v in pair):
+                raise InvalidArgument(
+                    f"value_range must be two finite numbers (low, high), got {pair!r}"
+                )
+            low, high = pair
+            if not low < high:
+                raise InvalidArgument(f"value_range needs low < high, got ({low}, {high})")
+        if self.per_feature:
+            return 1.0  # eps is in units of each feature's range width
+        low, high = scalar_range(self.value_range)
+        return float(high - low)
 
     def __post_init__(self) -> None:
         if self.name not in ATTACK_NAMES:
@@ -115,19 +158,26 @@ class AttackSpec:
             )
         if self.norm not in NORMS:
             raise InvalidArgument(f"unknown norm {self.norm!r}; allowed: {', '.join(NORMS)}")
-        if len(self.value_range) != 2 or not all(_finite(v) for v in self.value_range):
+        if self.layout not in LAYOUTS:
+            raise InvalidArgument(f"unknown layout {self.layout!r}; allowed: {', '.join(LAYOUTS)}")
+        if len(self.value_range) == 0:
+            raise InvalidArgument("value_range is empty; give (low, high) or one per feature")
+        width = self._check_range()
+        if self.integer_inputs and self.per_feature:
             raise InvalidArgument(
-                f"value_range must be two finite numbers (low, high), got {self.value_range!r}"
+                "integer (UINT8) inputs take one value_range for every element, not one per feature"
             )
-        low, high = self.value_range
-        if not low < high:
-            raise InvalidArgument(f"value_range needs low < high, got ({low}, {high})")
         if not _finite(self.eps) or self.eps <= 0:
             raise InvalidArgument(f"eps must be a finite number > 0, got {self.eps!r}")
-        if self.norm == "linf" and self.eps > high - low:
+        if self.norm == "linf" and self.eps > width:
+            allowed = (
+                "0 < eps <= 1 (eps is in units of each feature's range width)"
+                if self.per_feature
+                else "0 < eps <= high - low"
+            )
             raise InvalidArgument(
-                f"linf eps {self.eps} exceeds the width of value_range ({high - low}); "
-                "allowed: 0 < eps <= high - low"
+                f"linf eps {self.eps} exceeds the width of value_range ({width}); "
+                f"allowed: {allowed}"
             )
         if self.steps is not None:
             if not _integer(self.steps):
@@ -152,9 +202,9 @@ class AttackSpec:
             raise InvalidArgument(f"restarts must be an integer, got {self.restarts!r}")
         if not 1 <= self.restarts <= MAX_RESTARTS:
             raise InvalidArgument(f"restarts must be in 1..{MAX_RESTARTS}, got {self.restarts}")
-        if self.name == "square" and self.restarts != 1:
+        if self.name in _ONE_RUN_ATTACKS and self.restarts != 1:
             raise InvalidArgument(
-                "square spends its whole query budget in one run; restarts must be 1 "
+                f"{self.name} spends its whole query budget in one run; restarts must be 1 "
                 "(raise max_queries instead)"
             )
         if self.targeted:
@@ -211,6 +261,8 @@ class AttackSpec:
             return 2.5 * self.eps / self.resolved_steps
         if self.name == "margin_pgd":
             return self.eps / 16
+        if self.name == "simba":
+            return self.eps if self.norm == "linf" else self.eps / 2
         return self.eps if self.name == "fgsm" else 2 * self.eps
 
     @property
@@ -337,42 +389,94 @@ def _round_inward(value: float, up: bool) -> float:
     return float(v32)
 
 
+def scalar_range(value_range: ValueRange) -> tuple[float, float]:
+    """The (low, high) of a range that is not per feature."""
+    return cast(tuple[float, float], value_range)
+
+
+def _clamp(t: Tensor, low: Tensor | float | None, high: Tensor | float | None) -> Tensor:
+    # torch.clamp takes scalars or tensors, but its stubs want both bounds of one kind.
+    if low is not None:
+        t = torch.maximum(t, low) if isinstance(low, Tensor) else t.clamp_min(low)
+    if high is not None:
+        t = torch.minimum(t, high) if isinstance(high, Tensor) else t.clamp_max(high)
+    return t
+
+
 class Ball:
     """The feasible set {x': ||x' - x|| <= eps, low <= x' <= high} around a float32 batch x.
+
+    `value_range` is one (low, high) for every element or one per feature (flattened order).
+    With per-feature ranges the norm is measured in units of each feature's range width w
+    (`scale`): L-inf |x'_j - x_j| <= eps * w_j, L2 ||(x' - x) / w||_2 <= eps.
 
     Projections hold in exact arithmetic: checking the result in float64 (where differences of
     float32 numbers are exact) finds no entry outside the range and no norm above eps. Rounding
     in float32 would otherwise leave x' - x a few ulps past eps, hence the directed rounding.
     """
 
-    def __init__(self, x: Tensor, norm: Norm, eps: float, value_range: tuple[float, float]) -> None:
+    def __init__(self, x: Tensor, norm: Norm, eps: float, value_range: ValueRange) -> None:
         self.x = x
         self.norm = norm
         self.eps = eps
-        self.low = _round_inward(value_range[0], up=True)
-        self.high = _round_inward(value_range[1], up=False)
+        #: float64 per-element range widths (per-feature ranges), else None (raw units).
+        self.scale: Tensor | None = None
+        self.low: Tensor | float
+        self.high: Tensor | float
+        if len(value_range) > 0 and not isinstance(value_range[0], numbers.Real):
+            shape = tuple(x.shape[1:])
+            pairs = np.asarray(value_range, dtype=np.float64)
+            if pairs.shape != (math.prod(shape), 2):
+                raise InvalidArgument(
+                    f"{len(value_range)} per-feature ranges do not fit inputs of shape "
+                    f"{list(shape)} ({math.prod(shape)} features)"
+                )
+            lows = np.array([_round_inward(v, up=True) for v in pairs[:, 0]], dtype=np.float32)
+            highs = np.array([_round_inward(v, up=False) for v in pairs[:, 1]], dtype=np.float32)
+            self.low = torch.from_numpy(lows.reshape(shape)).to(x.device)
+            self.high = torch.from_numpy(highs.reshape(shape)).to(x.device)
+            self.scale = torch.from_numpy((pairs[:, 1] - pairs[:, 0]).reshape(shape)).to(x.device)
+        else:
+            low, high = scalar_range(value_range)
+            self.low = _round_inward(float(low), up=True)
+            self.high = _round_inward(float(high), up=False)
         if norm == "linf":
             x64 = x.double()
-            lo = (x64 - eps).float()
-            lo = torch.where(lo.double() - x64 < -eps, torch.nextafter(lo, lo + 1), lo)
-            hi = (x64 + eps).float()
-            hi = torch.where(hi.double() - x64 > eps, torch.nextafter(hi, hi - 1), hi)
-            self.lo = lo.clamp_min(self.low)
-            self.hi = hi.clamp_max(self.high)
+            radius = eps if self.scale is None else eps * self.scale
+            lo = (x64 - radius).float()
+            lo = torch.where(lo.double() - x64 < -radius, torch.nextafter(lo, lo + 1), lo)
+            hi = (x64 + radius).float()
+            hi = torch.where(hi.double() - x64 > radius, torch.nextafter(hi, hi - 1), hi)
+            self.lo = _clamp(lo, self.low, None)
+            self.hi = _clamp(hi, None, self.high)
+
+    @property
+    def unit(self) -> Tensor | float:
+        """float32 per-element size of one eps unit: the range widths, or 1.0 (raw units)."""
+        return 1.0 if self.scale is None else self.scale.float()
 
     def subset(self, index: Tensor) -> Ball:
         """The same ball restricted to rows `index` (bounds are sliced, not recomputed)."""
         sub = Ball.__new__(Ball)
-        sub.x, sub.norm, sub.eps, sub.low, sub.high = (
+        sub.x, sub.norm, sub.eps, sub.low, sub.high, sub.scale = (
             self.x[index],
             self.norm,
             self.eps,
             self.low,
             self.high,
+            self.scale,
         )
         if self.norm == "linf":
             sub.lo, sub.hi = self.lo[index], self.hi[index]
         return sub
+
+    def norms(self, delta: Tensor) -> Tensor:
+        """float64 per-row norm of `delta` under the ball's norm, in eps units."""
+        d = delta.double()
+        if self.scale is not None:
+            d = d / self.scale
+        flat = d.flatten(1)
+        return flat.abs().amax(dim=1) if self.norm == "linf" else flat.norm(dim=1)
 
     def project(self, x_adv: Tensor, index: Tensor | None = None) -> Tensor:
         """Nearest-ish feasible point to x_adv (rows of self.x picked by index, default all)."""
@@ -382,7 +486,7 @@ class Ball:
             hi = self.hi if index is None else self.hi[index]
             return torch.maximum(torch.minimum(x_adv, hi), lo)
         delta = x_adv - x
-        norms = delta.flatten(1).double().norm(dim=1)
+        norms = self.norms(delta)
         scale = torch.where(norms > self.eps, self.eps / norms.clamp_min(1e-30), 1.0)
         return self._fit_l2(x, delta, scale)
 
@@ -392,8 +496,9 @@ class Ball:
         shape = (-1,) + (1,) * (x.dim() - 1)
         out = x
         for attempt in range(8):
-            out = (x + delta * scale.float().view(shape)).clamp(self.low, self.high)
-            over = (out.double() - x.double()).flatten(1).norm(dim=1) > self.eps
+            moved = x + delta * scale.float().view(shape)
+            out = _clamp(moved, self.low, self.high)
+            over = self.norms(out.double() - x.double()) > self.eps
             if not bool(over.any()):
                 return out
             scale = torch.where(over, scale * (1 - 1e-6 * 4**attempt), scale)
@@ -405,21 +510,26 @@ class Ball:
         shape = self.x.shape
         if self.norm == "linf":
             noise = torch.rand(shape, generator=generator).mul_(2).sub_(1).mul_(self.eps)
-            return self.project(self.x + noise.to(self.x.device))
+            return self.project(self.x + noise.to(self.x.device) * self.unit)
         direction = torch.randn(shape, generator=generator)
         norms = direction.flatten(1).norm(dim=1).clamp_min(1e-12)
         radius = torch.rand(shape[0], generator=generator) * self.eps
         noise = direction * (radius / norms).view((-1,) + (1,) * (len(shape) - 1))
-        return self.project(self.x + noise.to(self.x.device))
+        return self.project(self.x + noise.to(self.x.device) * self.unit)
 
     def step(self, x_adv: Tensor, grad: Tensor, size: Tensor | float, index: Tensor) -> Tensor:
-        """Ascent step of `size` (scalar or per row): sign(grad) (linf), grad/||grad|| (l2)."""
+        """Ascent step of `size` (scalar or per row) in eps units: sign(grad) (linf) or the
+        steepest direction of unit norm (l2), scaled per feature by the range widths."""
         shape = (-1,) + (1,) * (x_adv.dim() - 1)
         size_t = size.view(shape) if isinstance(size, Tensor) else size
+        unit = self.unit
         if self.norm == "linf":
-            direction = grad.sign()
+            direction = grad.sign() * unit
         else:
-            direction = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
+            # In the unit coordinates u = x / w the gradient is g * w; a unit step there is w
+            # times that step in x.
+            g = grad * unit
+            direction = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape) * unit
         return self.project(x_adv + size_t * direction, index)
 
 

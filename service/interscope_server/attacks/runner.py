@@ -27,10 +27,12 @@ from interscope_server.attacks.base import (
     WhiteBoxAttack,
     forward,
     label_margin,
+    scalar_range,
 )
 from interscope_server.attacks.fgsm import FGSM
 from interscope_server.attacks.margin_pgd import MarginPGD
 from interscope_server.attacks.pgd import PGD
+from interscope_server.attacks.simba import SimBA
 from interscope_server.attacks.square import Square, evaluate_tensor
 from interscope_server.cancel import CancelToken
 from interscope_server.errors import FailedPrecondition, InvalidArgument
@@ -48,6 +50,8 @@ def build_attack(spec: AttackSpec) -> Attack:
         return MarginPGD(spec)
     if spec.name == "apgd":
         return APGD(spec)
+    if spec.name == "simba":
+        return SimBA(spec)
     return Square(spec)
 
 
@@ -170,7 +174,8 @@ def attack_events(
             queries[todo.cpu()] = spent
         attacked = torch.zeros(hi - lo, dtype=torch.bool)
         attacked[todo.cpu()] = True
-        for result in _results(lo, xb, x_adv, clean, adv, goal, attacked, steps, queries):
+        unit = ball_unit(spec)
+        for result in _results(lo, xb, x_adv, clean, adv, goal, attacked, steps, queries, unit):
             totals.add(result)
             yield result
         yield Progress(hi, n, b + 1, batches)
@@ -184,7 +189,7 @@ def on_integer_grid(x: Tensor, x_adv: Tensor, spec: AttackSpec) -> Tensor:
     floor(x + eps)] (x is itself on the grid, so the interval holds an integer). L2: each
     coordinate of delta rounds toward zero, which can only shrink the norm.
     """
-    low, high = spec.value_range
+    low, high = scalar_range(spec.value_range)
     if spec.norm == "linf":
         lo = torch.clamp(torch.ceil(x - spec.eps), min=math.ceil(low))
         hi = torch.clamp(torch.floor(x + spec.eps), max=math.floor(high))
@@ -213,12 +218,27 @@ def _validate(
     x32 = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x32).all():
         raise InvalidArgument("inputs contain NaN or infinity; allowed: finite values")
-    low, high = spec.value_range
-    x_min, x_max = float(x32.min()), float(x32.max())
-    if x_min < low or x_max > high:
-        raise InvalidArgument(
-            f"inputs span [{x_min}, {x_max}] (as float32), outside value_range [{low}, {high}]"
-        )
+    if spec.per_feature:
+        pairs = np.asarray(spec.value_range, dtype=np.float64)
+        flat = x32.reshape(x32.shape[0], -1)
+        if pairs.shape[0] != flat.shape[1]:
+            raise InvalidArgument(
+                f"{pairs.shape[0]} per-feature value ranges for inputs of {flat.shape[1]} features"
+            )
+        outside = np.flatnonzero(((flat < pairs[:, 0]) | (flat > pairs[:, 1])).any(axis=0))
+        if outside.size:
+            j = int(outside[0])
+            raise InvalidArgument(
+                f"feature {j} of the inputs spans [{flat[:, j].min()}, {flat[:, j].max()}], "
+                f"outside its value range [{pairs[j, 0]}, {pairs[j, 1]}]"
+            )
+    else:
+        low, high = scalar_range(spec.value_range)
+        x_min, x_max = float(x32.min()), float(x32.max())
+        if x_min < low or x_max > high:
+            raise InvalidArgument(
+                f"inputs span [{x_min}, {x_max}] (as float32), outside value_range [{low}, {high}]"
+            )
     if spec.integer_inputs and not np.array_equal(x32, np.rint(x32)):
         raise InvalidArgument(
             "this model takes integer (UINT8) inputs: send inputs whose values are integers"
@@ -262,6 +282,14 @@ def _device(model: torch.nn.Module | None) -> torch.device:
     return torch.device("cpu")
 
 
+def ball_unit(spec: AttackSpec) -> np.ndarray | None:
+    """float64 per-feature range widths (flattened) when eps is per feature, else None."""
+    if not spec.per_feature:
+        return None
+    pairs = np.asarray(spec.value_range, dtype=np.float64)
+    return pairs[:, 1] - pairs[:, 0]
+
+
 def _batch_seed(seed: int, batch: int) -> int:
     # Independent, reproducible streams per batch, whatever order batches were to run in.
     state = np.random.SeedSequence([seed, batch]).generate_state(2, dtype=np.uint32)
@@ -278,6 +306,7 @@ def _results(
     attacked: Tensor,
     steps: Tensor,
     queries: Tensor,
+    unit: np.ndarray | None,
 ) -> Iterator[ExampleResult]:
     success = goal.success(adv).cpu().numpy()
     clean_pred = clean.argmax(dim=1).cpu().numpy()
@@ -289,9 +318,11 @@ def _results(
     delta = (x_adv_np.astype(np.float64) - x.cpu().numpy().astype(np.float64)).reshape(
         x_adv_np.shape[0], -1
     )
+    l0 = (delta != 0).sum(axis=1)
+    if unit is not None:
+        delta = delta / unit  # norms in the units eps is measured in
     linf = np.abs(delta).max(axis=1)
     l2 = np.sqrt((delta**2).sum(axis=1))
-    l0 = (delta != 0).sum(axis=1)
     labels = goal.labels.cpu().numpy()
     targets = None if goal.targets is None else goal.targets.cpu().numpy()
     for i in range(x_adv_np.shape[0]):

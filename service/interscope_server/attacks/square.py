@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from interscope_server.attacks.base import (
+    AttackSpec,
     Ball,
     BatchOutcome,
     BlackBoxAttack,
@@ -17,6 +20,7 @@ from interscope_server.attacks.base import (
 )
 from interscope_server.cancel import CancelToken
 from interscope_server.errors import InvalidArgument
+from interscope_server.layout import Layout, image_hw
 
 
 def evaluate_tensor(evaluate: Evaluator, x: Tensor, input_shape: tuple[int, ...]) -> Tensor:
@@ -31,6 +35,21 @@ def evaluate_tensor(evaluate: Evaluator, x: Tensor, input_shape: tuple[int, ...]
     return torch.from_numpy(logits.astype(np.float32, copy=False))
 
 
+#: A batch (n, *input_shape) -> the attack's working view of it, and back.
+_View = Callable[[Tensor], Tensor]
+
+
+def image_views(layout: Layout, input_shape: tuple[int, ...]) -> tuple[_View, _View]:
+    """Maps between a batch in the model's layout and (n, C, H, W), and back."""
+    if layout == "NHWC":
+        return (
+            lambda t: t.permute(0, 3, 1, 2),
+            lambda t: t.permute(0, 2, 3, 1).contiguous(),
+        )
+    chw = input_shape if len(input_shape) == 3 else (1, *input_shape)
+    return (lambda t: t.reshape((-1, *chw)), lambda t: t.reshape((-1, *input_shape)))
+
+
 class Square(BlackBoxAttack):
     """Square attack from "Square Attack: a query-efficient black-box adversarial attack via
     random search" (Andriushchenko, Croce, Flammarion and Hein, ECCV 2020, arXiv 1912.00049).
@@ -39,22 +58,29 @@ class Square(BlackBoxAttack):
     channel) or L2 (moves mass between two windows of one shared position per iteration,
     keeping the perturbation on the eps sphere). The window side shrinks on the paper's
     schedule of p (the fraction of pixels changed), rescaled to the query budget.
+    On a features layout the windows are runs of p*F consecutive features (flattened order),
+    each feature with its own random sign, and eps is per feature in units of its range width
+    when the model has per-feature ranges (see AttackSpec).
     Loss: the logit margin z_y - max_{c!=y} z_c (targeted: max_{c!=t} z_c - z_t), minimised;
     a candidate is kept when it lowers the loss or succeeds.
     Defaults (AttackSpec): eps 8/255, max_queries 1000 per example (the first query, at the
     initial stripes or tiles, included), p_init 0.8, restarts 1. steps and step_size do not
     apply. Every forward pass goes through the evaluator, one row per example per query, so it
     works on any backend; an example stops querying once it is fooled.
-    Shapes: inputs (B, C, H, W) or (B, H, W) float32 in value_range (L2 needs H, W >= 5);
-    the evaluator returns logits (B, K).
+    Shapes: inputs (B, C, H, W), (B, H, W) or, layout NHWC, (B, H, W, C), float32 in value_range
+    (L2 needs H, W >= 5); a features layout takes any shape; the evaluator returns logits (B, K).
     """
 
     def prepare(self, input_shape: tuple[int, ...]) -> None:
-        if len(input_shape) not in (2, 3):
+        layout = self.spec.layout
+        if layout == "features":
+            return
+        if len(input_shape) not in ((3,) if layout == "NHWC" else (2, 3)):
             raise InvalidArgument(
-                f"square needs image-shaped inputs (C, H, W) or (H, W), got {input_shape}"
+                f"square needs image-shaped inputs (C, H, W) or (H, W) for layout NCHW, "
+                f"(H, W, C) for NHWC, or a features layout; got {input_shape} ({layout})"
             )
-        if self.spec.norm == "l2" and min(input_shape[-2:]) < 5:
+        if self.spec.norm == "l2" and min(image_hw(layout, input_shape)) < 5:
             raise InvalidArgument(
                 f"square l2 needs height and width >= 5, got {input_shape}; use linf"
             )
@@ -68,21 +94,41 @@ class Square(BlackBoxAttack):
         generator: torch.Generator,
     ) -> BatchOutcome:
         input_shape = tuple(ball.x.shape[1:])
-        image_shape = input_shape if len(input_shape) == 3 else (1, *input_shape)
-        best = _start(self, evaluate, ball, goal, generator, input_shape, image_shape)
+        to_work: _View
+        from_work: _View
+        if self.spec.layout == "features":
+            n_features = math.prod(input_shape)
+            unit = ball.unit
+            unit_flat = unit.reshape(1, -1) if isinstance(unit, Tensor) else unit
+
+            to_work = partial(torch.reshape, shape=(-1, n_features))
+            from_work = partial(torch.reshape, shape=(-1, *input_shape))
+
+            def candidate(x: Tensor, x_best: Tensor, p: float) -> Tensor:
+                if self.spec.norm == "linf":
+                    return self._linf_vector(x_best, p, unit_flat, generator)
+                return x + self._l2_vector(x, x_best, p, unit_flat, generator)
+
+            start_delta = self._vector_start(ball.x.shape[0], n_features, unit_flat, generator)
+        else:
+            to_work, from_work = image_views(self.spec.layout, input_shape)
+
+            def candidate(x: Tensor, x_best: Tensor, p: float) -> Tensor:
+                if self.spec.norm == "linf":
+                    return self._linf_candidate(x_best, p, generator)
+                return x + self._l2_delta(x, x_best, p, generator)
+
+            c, h, w = to_work(ball.x[:1]).shape[1:]
+            start_delta = _image_start(self.spec, ball.x.shape[0], (c, h, w), generator)
+        best = _start(evaluate, ball, goal, from_work(start_delta), input_shape)
         for i_iter in range(self.spec.max_queries - 1):
             active = (~best.done).nonzero()[:, 0]
             if active.numel() == 0:
                 break
             cancel.check()
-            x = ball.x[active].reshape((-1, *image_shape))
-            x_best = best.x_adv[active].reshape((-1, *image_shape))
-            p = self._p(i_iter)
-            if self.spec.norm == "linf":
-                candidate = self._linf_candidate(x_best, p, generator)
-            else:
-                candidate = x + self._l2_delta(x, x_best, p, generator)
-            x_new = ball.project(candidate.reshape((-1, *input_shape)), active)
+            x = to_work(ball.x[active])
+            x_best = to_work(best.x_adv[active])
+            x_new = ball.project(from_work(candidate(x, x_best, self._p(i_iter))), active)
             logits = evaluate_tensor(evaluate, x_new, input_shape)
             best.queries[active] += 1
             best.steps[active] += 1
@@ -149,32 +195,79 @@ class Square(BlackBoxAttack):
         delta[win1] = new
         return delta / (1e-12 + _norm(delta, dims=(1, 2, 3))) * eps
 
+    def _vector_start(
+        self, n: int, n_features: int, unit: Tensor | float, generator: torch.Generator
+    ) -> Tensor:
+        """The first query on features: every feature at +-eps (L-inf) or a random sign
+        vector on the eps sphere (L2), in units of the range widths."""
+        signs = _random_signs((n, n_features), generator)
+        if self.spec.norm == "linf":
+            return self.spec.eps * signs * unit
+        return self.spec.eps * signs / math.sqrt(n_features) * unit
+
+    def _window(self, n: int, n_features: int, p: float, generator: torch.Generator) -> Tensor:
+        """(n, F) bool: one run of about p*F consecutive features per example."""
+        side = min(max(round(p * n_features), 1), n_features)
+        first = torch.randint(0, n_features - side + 1, (n,), generator=generator)
+        index = torch.arange(n_features)
+        return (index >= first[:, None]) & (index < (first + side)[:, None])
+
+    def _linf_vector(
+        self, x_best: Tensor, p: float, unit: Tensor | float, generator: torch.Generator
+    ) -> Tensor:
+        n, n_features = x_best.shape
+        window = self._window(n, n_features, p, generator)
+        signs = _random_signs((n, n_features), generator)
+        # +-2 eps from the current best; the projection lands each feature on x_j +- eps w_j.
+        return x_best + window * (2 * self.spec.eps) * signs * unit
+
+    def _l2_vector(
+        self,
+        x: Tensor,
+        x_best: Tensor,
+        p: float,
+        unit: Tensor | float,
+        generator: torch.Generator,
+    ) -> Tensor:
+        """Move the mass of two windows (and any unused budget) into the first, with new
+        random signs, keeping the perturbation on the eps sphere in unit coordinates."""
+        eps = self.spec.eps
+        n, n_features = x.shape
+        delta = (x_best - x) / unit
+        first = self._window(n, n_features, p, generator)
+        second = self._window(n, n_features, p, generator) & ~first
+        both = first | second
+        spare = torch.clamp(eps**2 - (delta**2).sum(dim=1), min=0.0)
+        mass = ((delta * both) ** 2).sum(dim=1) + spare
+        new = _random_signs((n, n_features), generator) * first
+        new = new / (1e-12 + new.norm(dim=1, keepdim=True)) * mass.sqrt()[:, None]
+        return torch.where(both, new, delta) * unit
+
+
+def _image_start(
+    spec: AttackSpec, n: int, chw: tuple[int, int, int], generator: torch.Generator
+) -> Tensor:
+    """The first query's delta (n, C, H, W): vertical stripes of +-eps (L-inf) or tiles (L2)."""
+    eps = spec.eps
+    c, h, w = chw
+    if spec.norm == "linf":
+        return eps * _random_signs((n, c, 1, w), generator).expand(n, c, h, w)
+    tiles = torch.zeros((n, c, h, w))
+    side = min(h, w) // 5
+    for top in _tile_starts(h, side):
+        for left in _tile_starts(w, side):
+            tiles[:, :, top : top + side, left : left + side] += _eta(side, generator).view(
+                1, 1, side, side
+            ) * _random_signs((n, c, 1, 1), generator)
+    return tiles / (1e-12 + _norm(tiles, dims=(1, 2, 3))) * eps
+
 
 def _start(
-    attack: Square,
-    evaluate: Evaluator,
-    ball: Ball,
-    goal: Goal,
-    generator: torch.Generator,
-    input_shape: tuple[int, ...],
-    image_shape: tuple[int, ...],
+    evaluate: Evaluator, ball: Ball, goal: Goal, delta: Tensor, input_shape: tuple[int, ...]
 ) -> BatchOutcome:
-    """The first query: vertical stripes of +-eps (L-inf) or a grid of tiles (L2)."""
-    eps = attack.spec.eps
+    """The first query, at x + delta projected into the ball."""
     n = ball.x.shape[0]
-    c, h, w = image_shape
-    if attack.spec.norm == "linf":
-        delta = eps * _random_signs((n, c, 1, w), generator).expand(n, c, h, w)
-    else:
-        tiles = torch.zeros((n, c, h, w))
-        side = min(h, w) // 5
-        for top in _tile_starts(h, side):
-            for left in _tile_starts(w, side):
-                tiles[:, :, top : top + side, left : left + side] += _eta(side, generator).view(
-                    1, 1, side, side
-                ) * _random_signs((n, c, 1, 1), generator)
-        delta = tiles / (1e-12 + _norm(tiles, dims=(1, 2, 3))) * eps
-    x_adv = ball.project(ball.x + delta.reshape((n, *input_shape)))
+    x_adv = ball.project(ball.x + delta)
     logits = evaluate_tensor(evaluate, x_adv, input_shape)
     return BatchOutcome(
         x_adv=x_adv,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,7 @@ import torch
 from pydantic import ValidationError
 
 from interscope_server.errors import InvalidArgument
+from interscope_server.layout import channel_axis
 from interscope_server.models.config import InputDatatype, ModelConfig, OutputKind
 from interscope_server.models.repository import config_error_message
 
@@ -57,14 +59,46 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def value_bounds(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """float64 low and high per element of one example (per-feature ranges or one pair)."""
+    shape = tuple(config.input.shape)
+    if isinstance(config.value_range, list):
+        pairs = np.asarray(config.value_range, dtype=np.float64)
+        return pairs[:, 0].reshape(shape), pairs[:, 1].reshape(shape)
+    low, high = config.value_range
+    return np.full(shape, low, dtype=np.float64), np.full(shape, high, dtype=np.float64)
+
+
+def blank_input(config: ModelConfig, shape: Sequence[int]) -> np.ndarray:
+    """One float32 example (1, *shape) at the low end of the declared range (0 when none is
+    declared: the blank a model's signature is read with, before its config is resolved)."""
+    if "value_range" not in config.model_fields_set:
+        return np.zeros((1, *shape), dtype=np.float32)
+    if isinstance(config.value_range, list):
+        lows = np.asarray([low for low, _ in config.value_range], dtype=np.float32)
+        return lows.reshape(1, *shape)
+    return np.full((1, *shape), config.value_range[0], dtype=np.float32)
+
+
 def normalization_arrays(config: ModelConfig) -> tuple[np.ndarray, np.ndarray] | None:
-    """Mean and std shaped to broadcast over (B, C, ...) inputs, or None without normalisation."""
+    """Mean and std shaped to broadcast over a batch (B, *input_shape) in the model's layout.
+
+    Entries are per channel (axis 0 for NCHW, the last axis for NHWC) or, for a features
+    layout, per feature in flattened order; a single entry applies to every element.
+    """
     if config.normalization is None:
         return None
-    extra = (1,) * (len(config.input.shape) - 1)
-    mean = np.asarray(config.normalization.mean, dtype=np.float32).reshape(-1, *extra)
-    std = np.asarray(config.normalization.std, dtype=np.float32).reshape(-1, *extra)
-    return mean, std
+    shape = tuple(config.input.shape)
+    mean = np.asarray(config.normalization.mean, dtype=np.float32)
+    std = np.asarray(config.normalization.std, dtype=np.float32)
+    if mean.size == 1:
+        target: tuple[int, ...] = (1,) * len(shape)
+    elif config.layout == "features":
+        target = shape
+    else:
+        axis = channel_axis(config.layout, len(shape))
+        target = tuple(d if i == axis else 1 for i, d in enumerate(shape))
+    return mean.reshape(target), std.reshape(target)
 
 
 def scores_from_output(out: np.ndarray, kind: OutputKind) -> np.ndarray:
@@ -267,7 +301,7 @@ def resolve_config(config: ModelConfig, found: ModelSignature) -> ModelConfig:
             )
     data = config.model_dump()
     data.update(
-        input={"name": input_name, "shape": shape, "datatype": datatype},
+        input={**data["input"], "name": input_name, "shape": shape, "datatype": datatype},
         output={"name": found.output_name or config.output.name, "kind": kind},
         classes=classes,
         max_batch_size=batch,
@@ -319,9 +353,9 @@ def check_output_kind(config: ModelConfig, out: np.ndarray, *, inferred: bool) -
 
 def probe_inputs(config: ModelConfig, rows: int = 4) -> np.ndarray:
     """Float32 inputs spread over the value range (the first all-low), on the model's grid."""
-    low, high = config.value_range
+    low, high = value_bounds(config)
     rng = np.random.default_rng(0)
-    probe = rng.uniform(low, high, size=(rows, *config.input.shape)).astype(np.float32)
+    probe = rng.uniform(low, high, size=(rows, *low.shape)).astype(np.float32)
     probe[0] = low
     if config.input.datatype == "UINT8":
         probe = np.rint(probe)

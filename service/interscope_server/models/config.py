@@ -6,6 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from interscope_server.errors import InvalidArgument
+from interscope_server.layout import Layout, channel_axis, check_layout, infer_layout
+
 #: Name of the config file inside each model folder.
 CONFIG_FILE = "config.json"
 
@@ -52,6 +55,14 @@ class TensorSpec(BaseModel):
     )
     datatype: InputDatatype | None = Field(
         default=None, description="FP32, FP16 or UINT8; None: read it from the model file."
+    )
+    layout: Layout | None = Field(
+        default=None,
+        description=(
+            "NCHW, NHWC or features. Unset: inferred from the shape where it is unambiguous "
+            "(rank 1 features, rank 2 an (H, W) image, rank 3 by its one short end axis); "
+            "otherwise the config is refused and asks for it."
+        ),
     )
 
     @field_validator("shape")
@@ -158,8 +169,16 @@ class ModelConfig(BaseModel):
         description="Class labels in output order (at least two); empty: read from the model "
         'file (classifier labels) or "0".."K-1".',
     )
-    value_range: tuple[float, float] = Field(
-        default=(0.0, 1.0), description="Valid raw input range [low, high]; attacks stay inside."
+    value_range: tuple[float, float] | list[tuple[float, float]] = Field(
+        default=(0.0, 1.0),
+        description=(
+            "Valid raw input range: one [low, high] for every element, or (features layout) "
+            "a list of [low, high], one per feature in flattened order; attacks stay inside."
+        ),
+    )
+    feature_names: list[str] | None = Field(
+        default=None,
+        description="Features layout only: one unique name per feature, in flattened order.",
     )
     normalization: Normalization | None = Field(
         default=None, description="Applied inside the backend; None means inputs go in as sent."
@@ -214,21 +233,84 @@ class ModelConfig(BaseModel):
             raise ValueError("a classifier needs at least two classes")
         return classes
 
+    @property
+    def layout(self) -> Layout:
+        """The declared layout, else the one the shape implies (checked at validation)."""
+        layout = self.input.layout or infer_layout(self.input.shape)
+        if layout is None:  # _check refuses this; a shape filled in later can still be
+            raise InvalidArgument(
+                f"model {self.name!r}: input shape {self.input.shape} could be channels-first "
+                "or channels-last; set input.layout to NCHW or NHWC in its config"
+            )
+        return layout
+
+    @property
+    def n_features(self) -> int:
+        """Elements per example (the feature count for a features layout)."""
+        count = 1
+        for d in self.input.shape:
+            count *= d
+        return count
+
+    @property
+    def per_feature_range(self) -> bool:
+        """Whether value_range gives one [low, high] per feature."""
+        return isinstance(self.value_range, list)
+
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         self._check_format()
-        low, high = self.value_range
-        if not low < high:
-            raise ValueError(f"value_range must have low < high, got {self.value_range}")
-        if (
-            self.normalization is not None
-            and self.input.shape
-            and len(self.normalization.mean) not in (1, self.input.shape[0])
+        shape = self.input.shape
+        ranges = self.value_range if isinstance(self.value_range, list) else [self.value_range]
+        for low, high in ranges:
+            if not low < high:
+                raise ValueError(f"value_range must have low < high, got [{low}, {high}]")
+        if not shape:
+            # The shape is read from the model file (or, format oip, from the remote) and the
+            # resolved config validated again; a remote's config is not, so it must declare it.
+            per_feature = isinstance(self.value_range, list) or self.feature_names is not None
+            if per_feature and self.format == "oip":
+                raise ValueError("per-feature value_range and feature_names need input.shape")
+            return self
+        if self.input.layout is None and infer_layout(shape) is None:
+            raise ValueError(
+                f"input shape {shape} could be channels-first or channels-last; set "
+                "input.layout to NCHW or NHWC"
+            )
+        try:
+            check_layout(self.layout, shape)
+        except InvalidArgument as exc:
+            raise ValueError(str(exc)) from None
+        if isinstance(self.value_range, list) and (
+            self.layout != "features" or len(self.value_range) != self.n_features
         ):
             raise ValueError(
-                "normalization needs one entry per channel (the first input dimension, "
-                f"{self.input.shape[0]}) or a single entry, got {len(self.normalization.mean)}"
+                "a per-feature value_range needs layout features and one [low, high] per "
+                f"feature ({self.n_features}); got {len(self.value_range)} for layout "
+                f"{self.layout}"
             )
+        if self.feature_names is not None:
+            if self.layout != "features" or len(self.feature_names) != self.n_features:
+                raise ValueError(
+                    f"feature_names needs layout features and one name per feature "
+                    f"({self.n_features}); got {len(self.feature_names)} for layout {self.layout}"
+                )
+            if len(set(self.feature_names)) != len(self.feature_names):
+                raise ValueError("feature_names must be unique")
+        if self.normalization is not None:
+            axis = channel_axis(self.layout, len(shape))
+            # Features normalise per feature (flattened), images per channel.
+            size = (
+                self.n_features
+                if axis is None and self.layout == "features"
+                else (1 if axis is None else shape[axis])
+            )
+            if len(self.normalization.mean) not in (1, size):
+                what = "feature" if self.layout == "features" else "channel"
+                raise ValueError(
+                    f"normalization needs one entry per {what} ({size} for layout "
+                    f"{self.layout}) or a single entry, got {len(self.normalization.mean)}"
+                )
         return self
 
     def _check_format(self) -> None:

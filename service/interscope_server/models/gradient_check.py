@@ -66,7 +66,7 @@ def _precise_copy(
 def check_gradients(
     module: torch.nn.Module,
     input_shape: tuple[int, ...],
-    value_range: tuple[float, float],
+    value_range: tuple[float, float] | tuple[np.ndarray, np.ndarray],
     device: torch.device,
     *,
     seed: int = 0,
@@ -79,7 +79,9 @@ def check_gradients(
     a batch of one, which any model accepts, fixed batch size or not.
     """
     low, high = value_range
-    span = high - low
+    # Per-element bounds (per-feature ranges) or one pair; steps scale with each element's span.
+    low = np.broadcast_to(np.asarray(low, dtype=np.float64), input_shape)
+    span = np.broadcast_to(np.asarray(high, dtype=np.float64) - low, input_shape)
     rng = np.random.default_rng(seed)
     # Inside the range by a margin, so every finite-difference step stays valid input.
     x_np = rng.uniform(low + 0.1 * span, high - 0.1 * span, size=(1, *input_shape))
@@ -119,7 +121,7 @@ def check_gradients(
         g = float(flat[index])
         errors = []
         for step in _STEPS[dtype]:
-            h = step * span
+            h = float(step * span.reshape(-1)[index])
             plus, minus = base.clone(), base.clone()
             plus[index] += h
             minus[index] -= h

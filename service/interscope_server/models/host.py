@@ -53,7 +53,7 @@ import torch
 
 from interscope_server import errors
 from interscope_server.cancel import CancelToken
-from interscope_server.models.backend import Backend, BackendOptions
+from interscope_server.models.backend import Backend, BackendOptions, value_bounds
 from interscope_server.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -448,11 +448,7 @@ class ModelHost:
                     raise error
                 raise errors.InvalidArgument(f"model {self.name!r} failed to load: {reply[3]}")
             metadata: dict[str, Any] = reply[2]
-            probe = np.full(
-                (1, *metadata["config"].input.shape),
-                metadata["config"].value_range[0],
-                dtype=np.float32,
-            )
+            probe = value_bounds(metadata["config"])[0][None].astype(np.float32)
             cancel = CancelToken(time.monotonic() + self.options.probe_timeout_s)
             try:
                 self._exchange(proc, "forward", [probe], 0, cancel, probing=True)

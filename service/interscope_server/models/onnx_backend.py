@@ -17,12 +17,14 @@ from interscope_server.models.backend import (
     BackendOptions,
     ModelSignature,
     NormalizedModule,
+    blank_input,
     cast_input,
     check_output_kind,
     normalization_arrays,
     probe_inputs,
     resolve_config,
     scores_from_output,
+    value_bounds,
 )
 from interscope_server.models.config import InputDatatype, ModelConfig, OutputKind
 from interscope_server.models.gradient_check import check_gradients
@@ -375,10 +377,9 @@ class OnnxBackend(Backend):
             )
             # _raw_scores reads names, dtype and normalisation from self.config: stage them.
             self.config = staged
-            low = config.value_range[0] if "value_range" in config.model_fields_set else 0.0
             try:
                 self._norm = normalization_arrays(staged)
-                k = self._raw_scores(np.full((1, *shape), low, dtype=np.float32)).shape[1]
+                k = self._raw_scores(blank_input(config, shape)).shape[1]
             except Exception as exc:  # reported below, after the config's own mismatches
                 failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         resolved = resolve_config(config, replace(found, num_classes=k))
@@ -452,7 +453,6 @@ class OnnxBackend(Backend):
         )
         module = module.to(device)
         # Check the conversion against onnxruntime on inputs spread over the whole value range.
-        low, high = self.config.value_range
         probe = probe_inputs(self.config)
         expected = self._forward(probe)
         try:
@@ -471,7 +471,8 @@ class OnnxBackend(Backend):
             )
             logger.warning("model %s: no gradients: %s", self.config.name, self.gradient_note)
             return
-        note = check_gradients(module, tuple(self.config.input.shape), (low, high), device)
+        bounds = value_bounds(self.config)
+        note = check_gradients(module, tuple(self.config.input.shape), bounds, device)
         if note:
             self.gradient_note = note
             logger.warning("model %s: no gradients: %s", self.config.name, note)

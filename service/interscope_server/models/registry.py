@@ -20,7 +20,7 @@ from interscope_server.errors import (
     NotFound,
     Unavailable,
 )
-from interscope_server.models.backend import Backend, BackendOptions, check_batch
+from interscope_server.models.backend import Backend, BackendOptions, check_batch, value_bounds
 from interscope_server.models.batcher import BatcherOptions, DynamicBatcher, ModelObserver
 from interscope_server.models.config import ModelConfig
 from interscope_server.models.host import HostedBackend, HostOptions
@@ -265,8 +265,8 @@ class ModelRegistry:
     @staticmethod
     def _probe(backend: Backend) -> None:
         """One forward on a blank input, so a model that cannot run fails at load, not later."""
-        low = backend.config.value_range[0]
-        backend.forward(np.full((1, *backend.config.input.shape), low, dtype=np.float32))
+        low, _ = value_bounds(backend.config)
+        backend.forward(low[None].astype(np.float32))
 
     def upload(
         self, name: str, model_bytes: bytes, config: ModelConfig, *, replace: bool = False

@@ -34,7 +34,12 @@ import numpy as np
 import torch
 
 from interscope_server.errors import InvalidArgument
-from interscope_server.models.backend import Backend, BackendOptions, NormalizedModule
+from interscope_server.models.backend import (
+    Backend,
+    BackendOptions,
+    NormalizedModule,
+    value_bounds,
+)
 from interscope_server.models.config import ModelConfig
 from interscope_server.models.gradient_check import check_gradients
 
@@ -238,7 +243,7 @@ class TorchExportBackend(Backend):
         module.requires_grad_(False)
         self._module = module
         self.gradient_note = check_gradients(
-            module, tuple(config.input.shape), config.value_range, self._device
+            module, tuple(config.input.shape), value_bounds(config), self._device
         )
         if self.gradient_note:
             logger.warning("model %s: no gradients: %s", config.name, self.gradient_note)

@@ -20,11 +20,13 @@ from interscope_server.models.backend import (
     BackendOptions,
     ModelSignature,
     NormalizedModule,
+    blank_input,
     check_output_kind,
     describe_outputs,
     probe_inputs,
     resolve_config,
     select_output,
+    value_bounds,
 )
 from interscope_server.models.config import ModelConfig, OutputKind
 from interscope_server.models.gradient_check import check_gradients
@@ -102,7 +104,7 @@ class TorchScriptBackend(Backend):
             # graph's ops have (correct) derivatives, which precision does not change.
             probe_module = NormalizedModule(inner, self.config, fixed_batch=fixed_batch)
             probe_module = probe_module.to(self._device).eval().requires_grad_(False)
-            shape, value_range = tuple(self.config.input.shape), self.config.value_range
+            shape, value_range = tuple(self.config.input.shape), value_bounds(self.config)
             self.gradient_note = check_gradients(probe_module, shape, value_range, self._device)
             if self.gradient_note:
                 logger.warning("model %s: no gradients: %s", config.name, self.gradient_note)
@@ -140,8 +142,7 @@ class TorchScriptBackend(Backend):
         self._input_torch_dtype = {"UINT8": torch.uint8, "FP16": torch.float16}.get(
             config.input.datatype or "FP32", dtype
         )
-        low = config.value_range[0] if "value_range" in config.model_fields_set else 0.0
-        blank = torch.full((1, *config.input.shape), low, device=self._device)
+        blank = torch.from_numpy(blank_input(config, config.input.shape)).to(self._device)
         with torch.inference_mode():
             out = inner(blank.to(self._input_torch_dtype))
         name = config.output.name

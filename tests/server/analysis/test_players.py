@@ -60,8 +60,10 @@ def test_feature_players() -> None:
         FeaturePlayers.from_groups([[0, 5]]).player_map((5,))
     with pytest.raises(InvalidArgument, match="disjoint"):
         FeaturePlayers.from_groups([[0, 1], [1]]).player_map((5,))
-    with pytest.raises(InvalidArgument, match="vector"):
-        FeaturePlayers().player_map((2, 2))
+    # A features input of any rank: features are its elements in flattened (row-major) order.
+    assert FeaturePlayers().player_map((2, 2)).tolist() == [[0, 1], [2, 3]]
+    grouped = FeaturePlayers.from_groups([[0, 3], [1]]).player_map((2, 2))
+    assert grouped.tolist() == [[0, 1], [-1, 0]]
 
 
 def test_mask_players() -> None:

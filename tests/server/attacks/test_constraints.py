@@ -36,7 +36,7 @@ def _check(x: np.ndarray, x_adv: np.ndarray, spec: AttackSpec) -> None:
 
 
 def _spec(name: AttackName, norm: Norm, **extra: Any) -> AttackSpec:
-    budget: dict[str, Any] = {"max_queries": 60} if name == "square" else {}
+    budget: dict[str, Any] = {"max_queries": 60} if name in ("simba", "square") else {}
     if name in ("pgd", "apgd", "margin_pgd"):
         budget["steps"] = 8
     return AttackSpec(name, norm=norm, eps=EPS[norm], **budget, **extra)
@@ -87,3 +87,67 @@ def test_odd_value_range_is_respected_exactly(
     spec = _spec(name, norm, **extra)
     report = run_attack(spec, x, y, tiny_model, evaluate, batch_size=5)
     _check(x, report.x_adv, spec)
+
+
+#: Per-feature ranges of very different widths, none with float32-exact bounds.
+FEATURE_RANGES = ((-0.1, 0.7), (1000.3, 5000.7), (0.001, 0.0013), (-7.7, -3.3), (0.0, 1e-5))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("name", ATTACK_NAMES)
+def test_per_feature_ranges_and_eps_units_are_respected_exactly(
+    name: AttackName, norm: Norm
+) -> None:
+    pairs = np.asarray(FEATURE_RANGES)
+    low32 = np.array([np.nextafter(np.float32(a), np.float32(np.inf)) for a in pairs[:, 0]])
+    high32 = np.array([np.nextafter(np.float32(b), np.float32(-np.inf)) for b in pairs[:, 1]])
+    rng = np.random.default_rng(0)
+    x = rng.uniform(pairs[:, 0], pairs[:, 1], size=(12, len(pairs))).astype(np.float32)
+    x = np.clip(x, low32, high32)
+    x[:3] = low32.astype(np.float32)
+    x[3:6] = high32.astype(np.float32)
+    y = np.arange(12) % 3
+    torch.manual_seed(0)
+    # Works on unit-scaled features, so every feature matters despite the scales.
+    scale = torch.from_numpy(1 / (pairs[:, 1] - pairs[:, 0])).float()
+    offset = torch.from_numpy(pairs[:, 0]).float()
+    linear = torch.nn.Linear(len(pairs), 3)
+    model = torch.nn.Sequential(_Affine(offset, scale), linear).eval()
+
+    def evaluate(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out: np.ndarray = model(torch.from_numpy(batch)).numpy()
+        return out
+
+    eps = 0.3
+    extra: dict[str, Any] = {"value_range": FEATURE_RANGES, "layout": "features"}
+    if name in ("pgd", "fgsm"):
+        extra["step_size"] = 1.0  # big steps, so the projection does the work
+    spec = AttackSpec(name, norm=norm, eps=eps, **_budget(name), **extra)
+    report = run_attack(spec, x, y, model, evaluate, batch_size=5)
+    adv, x64 = report.x_adv.astype(np.float64), x.astype(np.float64)
+    width = pairs[:, 1] - pairs[:, 0]
+    assert (adv >= pairs[:, 0]).all() and (adv <= pairs[:, 1]).all()
+    if norm == "linf":
+        assert (np.abs(adv - x64) <= eps * width).all()
+    else:
+        assert (np.sqrt((((adv - x64) / width) ** 2).sum(axis=1)) <= eps).all()
+    # Features of tiny and huge ranges alike moved: eps is in units of each range (Square L2
+    # may move one feature's mass elsewhere, so not every feature need end moved).
+    moved = (adv != x64).any(axis=0)
+    assert moved.sum() >= 3 and (moved[2] or moved[4])
+
+
+class _Affine(torch.nn.Module):
+    def __init__(self, offset: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.offset, self.scale = offset, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.offset) * self.scale
+
+
+def _budget(name: AttackName) -> dict[str, Any]:
+    if name in ("simba", "square"):
+        return {"max_queries": 60}
+    return {"steps": 8} if name in ("pgd", "apgd", "margin_pgd") else {}

@@ -15,7 +15,7 @@ from interscope_server.errors import InvalidArgument
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"name": "cw"}, "allowed: apgd, fgsm, margin_pgd, pgd, square"),
+        ({"name": "cw"}, "allowed: apgd, fgsm, margin_pgd, pgd, simba, square"),
         ({"name": "pgd", "norm": "l1"}, "allowed: linf, l2"),
         ({"name": "pgd", "eps": 0.0}, "eps must be"),
         ({"name": "pgd", "eps": float("nan")}, "eps must be"),
@@ -33,6 +33,14 @@ from interscope_server.errors import InvalidArgument
         ({"name": "square", "max_queries": 0}, "max_queries must be in 1.."),
         ({"name": "square", "restarts": 2}, "restarts must be 1"),
         ({"name": "square", "p_init": 1.5}, "p_init must be in (0, 1]"),
+        ({"name": "simba", "restarts": 2}, "simba spends its whole query budget"),
+        (
+            {"name": "simba", "eps": 1.5, "value_range": ((0.0, 1.0), (0.0, 100.0))},
+            "0 < eps <= 1 (eps is in units of each feature's range width)",
+        ),
+        ({"name": "simba", "value_range": ((0.0, 1.0), (2.0, 2.0))}, "low < high"),
+        ({"name": "simba", "value_range": ((0.0, 1.0), (0.0,))}, "one (low, high) per feature"),
+        ({"name": "simba", "layout": "NWHC"}, "allowed: NCHW, NHWC, features"),
         ({"name": "pgd", "seed": -1}, "seed must be in 0.."),
         ({"name": "pgd", "value_range": (1.0, 0.0)}, "low < high"),
         ({"name": "pgd", "value_range": (0.0, float("inf"))}, "finite"),
@@ -47,10 +55,13 @@ def test_defaults_resolve_per_attack() -> None:
     assert AttackSpec("pgd").resolved_steps == 10
     assert AttackSpec("pgd", eps=0.1, steps=20).resolved_step_size == pytest.approx(0.0125)
     assert AttackSpec("fgsm", eps=0.1).resolved_step_size == 0.1
+    assert AttackSpec("simba", eps=0.1).resolved_step_size == 0.1
+    assert AttackSpec("simba", norm="l2", eps=0.1).resolved_step_size == 0.05
+    assert AttackSpec("simba", eps=0.1, step_size=0.02).resolved_step_size == 0.02
     assert AttackSpec("margin_pgd", eps=32 / 255).resolved_step_size == pytest.approx(2 / 255)
     assert AttackSpec("pgd").resolved_random_start
     assert not AttackSpec("margin_pgd").resolved_random_start
-    assert [AttackSpec(name).white_box for name in ATTACK_NAMES] == [True] * 4 + [False]
+    assert [AttackSpec(name).white_box for name in ATTACK_NAMES] == [True] * 4 + [False] * 2
 
 
 def test_numpy_scalars_are_accepted_and_bools_are_not() -> None:

@@ -428,7 +428,7 @@ def profile_requests(draw: st.DrawFn) -> analysis_pb2.ProfileRequest:
 @st.composite
 def attack_specs(draw: st.DrawFn, p: int) -> analysis_pb2.AttackSpec:
     spec = analysis_pb2.AttackSpec(
-        kind=pick(draw, p, st.integers(1, 5), st.one_of(st.just(0), unknown_enum(6))),
+        kind=pick(draw, p, st.integers(1, 6), st.one_of(st.just(0), unknown_enum(7))),
         norm=pick(draw, p, st.integers(0, 2), unknown_enum(3)),
         eps=pick(draw, p, SMALL_FLOATS, DOUBLES),
         steps=pick(draw, p, st.integers(0, 3), st.sampled_from([10_001, 2**32 - 1])),
