@@ -253,3 +253,17 @@ def test_ctrl_c_during_an_audit_says_how_to_resume_and_exits_130(
     assert again.returncode == 0, again.stderr
     assert f"resuming: {kept} of 200 samples from {checkpoint}" in again.stderr
     assert f"({kept} from the checkpoint)" in again.stdout
+
+
+def test_feature_groups_take_indices_ranges_and_names() -> None:
+    from interscope.cli import CliError, feature_groups
+
+    names = ["age", "income", "height"]
+    assert feature_groups("0-2;3,5;income", names) == [[0, 1, 2], [3, 5], [1]]
+    assert feature_groups("all", names) == []
+    with pytest.raises(CliError, match="ends before it starts"):
+        feature_groups("5-2", names)
+    with pytest.raises(CliError, match="'weight', which is neither"):
+        feature_groups("age;weight", names)
+    with pytest.raises(CliError, match="empty group"):
+        feature_groups("0;;1", names)

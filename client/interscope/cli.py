@@ -112,18 +112,24 @@ def _real(*, positive: bool) -> Callable[[str], float]:
 
 
 def feature_groups(text: str, names: Sequence[str]) -> list[list[int]]:
-    """Groups of feature indices from "0,1;2;3,4" (or feature names from the model's config,
-    "age,income;height"); "all" means one player per feature (an empty list of groups)."""
+    """Groups of feature indices from "0,1;2;3,4", with inclusive ranges ("0-15;16-31") and
+    feature names from the model's config ("age,income;height"); "all" means one player per
+    feature (an empty list of groups)."""
     if text.strip().lower() == "all":
         return []
     position = {name: i for i, name in enumerate(names)}
     groups: list[list[int]] = []
     for part in text.split(";"):
-        group = []
+        group: list[int] = []
         for item in (v.strip() for v in part.split(",")):
             if not item:
                 continue
-            if item.lstrip("-").isdigit():
+            first, dash, last = item.partition("-")
+            if dash and first.isdigit() and last.isdigit():
+                if int(last) < int(first):
+                    raise CliError(f"--features range {item!r} ends before it starts", "e.g. 0-15")
+                group.extend(range(int(first), int(last) + 1))
+            elif item.lstrip("-").isdigit():
                 group.append(int(item))
             elif item in position:
                 group.append(position[item])
@@ -173,8 +179,8 @@ def _profile_args(parser: argparse.ArgumentParser, *, default_estimator: str = "
     group.add_argument("--mask", type=Path, help="players: .npy of player ids instead of a grid")
     group.add_argument(
         "--features",
-        help="players: feature groups instead of a grid, e.g. 0,1;2;3,4, names from the "
-        "model's feature_names (age,income;height), or all (one player per feature)",
+        help="players: feature groups instead of a grid, e.g. 0,1;2;3,4 or 0-15;16-31, names "
+        "from the model's feature_names (age,income;height), or all (one player per feature)",
     )
     group.add_argument("--baseline", default="zero", help="zero, mean, blur or a number")
     group.add_argument(

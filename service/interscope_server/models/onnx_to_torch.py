@@ -856,6 +856,58 @@ _OPS: dict[str, _OpFn] = {
     "Range": _range,
 }
 
+
+def _linear_classifier(inp: list[torch.Tensor | None], attrs: _Attrs) -> list[torch.Tensor]:
+    # skl2onnx writes sklearn's linear models (LogisticRegression, SGDClassifier, ...) as one
+    # ai.onnx.ml.LinearClassifier: scores = post_transform(x W^T + b). The binary form (a single
+    # coefficient row, which onnxruntime expands to two columns) and the rarer transforms are
+    # refused rather than guessed; the load check compares the rest with onnxruntime.
+    x = inp[0]
+    assert x is not None
+    labels = attrs.get("classlabels_ints")
+    if labels is None:
+        raise UnsupportedOnnxGraph("LinearClassifier with string class labels")
+    intercepts = torch.as_tensor(np.asarray(attrs.get("intercepts", []), np.float32))
+    coefficients = np.asarray(attrs["coefficients"], np.float32)
+    rows = intercepts.numel() or len(labels)
+    if rows < 2 or rows != len(labels):
+        raise UnsupportedOnnxGraph(f"LinearClassifier with {rows} coefficient rows (binary form)")
+    weight = torch.as_tensor(coefficients.reshape(rows, -1)).to(x.dtype)
+    scores = x.reshape(x.shape[0], -1) @ weight.T
+    if intercepts.numel():
+        scores = scores + intercepts.to(x.dtype)
+    transform = _text(attrs.get("post_transform", b"NONE"))
+    if transform == "SOFTMAX":
+        scores = torch.softmax(scores, dim=1)
+    elif transform == "LOGISTIC":
+        scores = torch.sigmoid(scores)
+    elif transform != "NONE":
+        raise UnsupportedOnnxGraph(f"LinearClassifier with post_transform {transform}")
+    label = torch.as_tensor(np.asarray(labels, np.int64))[scores.argmax(dim=1)]
+    return [label, scores]
+
+
+def _normalizer(inp: list[torch.Tensor | None], attrs: _Attrs) -> list[torch.Tensor]:
+    x = inp[0]
+    assert x is not None
+    norm = _text(attrs.get("norm", b"MAX"))
+    if norm == "MAX":
+        scale = x.amax(dim=1, keepdim=True)
+    elif norm == "L1":
+        scale = x.abs().sum(dim=1, keepdim=True)
+    elif norm == "L2":
+        scale = x.square().sum(dim=1, keepdim=True).sqrt()
+    else:
+        raise UnsupportedOnnxGraph(f"Normalizer with norm {norm}")
+    return [x / scale]
+
+
+#: Ops of the ai.onnx.ml domain with a differentiable torch form (the tree ensembles have none).
+_ML_OPS: dict[str, _OpFn] = {
+    "LinearClassifier": _linear_classifier,
+    "Normalizer": _normalizer,
+}
+
 #: Before opset 13, Softmax and LogSoftmax flatten to 2-D at `axis` instead of acting on it.
 _LEGACY_OPS: dict[str, _OpFn] = {
     "Softmax": _softmax(log=False, legacy=True),
@@ -865,7 +917,7 @@ _LEGACY_OPS: dict[str, _OpFn] = {
 #: Ops that may have more than one output, and how many this converter computes; a graph that
 #: reads a further output (BatchNorm's training statistics, MaxPool's indices, Dropout's mask,
 #: LayerNormalization's mean) is refused rather than fed a missing value.
-_OUTPUTS = {"Split": 1 << 30}
+_OUTPUTS = {"Split": 1 << 30, "LinearClassifier": 2}
 
 
 def _constant_value(attrs: _Attrs) -> np.ndarray:
@@ -913,12 +965,17 @@ class OnnxModule(torch.nn.Module):
         if not opset:
             opset = {o.domain: o.version for o in model.opset_import}.get("ai.onnx", 0)
         ops = {**_OPS, **_LEGACY_OPS} if opset and opset < 13 else _OPS
+
+        def op(node: onnx.NodeProto) -> _OpFn | None:
+            if node.domain == "ai.onnx.ml":
+                return _ML_OPS.get(node.op_type)
+            return ops.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+
         unsupported = sorted(
             {
                 f"{n.domain}.{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
                 for n in graph.node
-                if (n.op_type not in ops and n.op_type != "Constant")
-                or n.domain not in ("", "ai.onnx")
+                if op(n) is None and not (n.op_type == "Constant" and n.domain in ("", "ai.onnx"))
             }
         )
         if unsupported:
@@ -945,7 +1002,9 @@ class OnnxModule(torch.nn.Module):
             if extra:
                 raise UnsupportedOnnxGraph(f"{node.op_type} with its extra outputs in use")
             attrs["_outputs"] = len(node.output)
-            self._nodes.append((ops[node.op_type], list(node.input), list(node.output), attrs))
+            fn = op(node)
+            assert fn is not None  # checked above
+            self._nodes.append((fn, list(node.input), list(node.output), attrs))
 
     def _add_constant(self, buffer: str, onnx_name: str, value: np.ndarray) -> None:
         if value.dtype == object:

@@ -209,3 +209,56 @@ def test_an_extra_output_in_use_is_refused() -> None:
     case = Op("LayerNormalization", consts=[np.ones(4, np.float32)], outputs=2)
     with pytest.raises(UnsupportedOnnxGraph, match="extra outputs"):
         OnnxModule(case.model())
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_sklearn_logistic_regression_converts_with_its_normalizer(classes: int) -> None:
+    """skl2onnx's LogisticRegression (LinearClassifier with SOFTMAX then an L1 Normalizer, or
+    for a binary one LOGISTIC over two rows) against onnxruntime and sklearn, and its input
+    gradient against finite differences."""
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_iris(return_X_y=True)
+    x = (x / x.max(axis=0)).astype(np.float32)
+    y = np.minimum(y, classes - 1)
+    model = LogisticRegression(max_iter=500).fit(x, y)
+    proto = to_onnx(model, x[:1], options={"zipmap": False}, target_opset=17)
+    ml_ops = {n.op_type for n in proto.graph.node if n.domain == "ai.onnx.ml"}
+    assert ml_ops == ({"LinearClassifier", "Normalizer"} if classes > 2 else {"LinearClassifier"})
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = session.run(["probabilities"], {"X": x})[0]
+    module = OnnxModule(proto, output="probabilities")
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, model.predict_proba(x), rtol=1e-4, atol=1e-5)
+    assert check_gradients(module, (4,), (0.0, 1.0), torch.device("cpu")) == ""
+
+
+def test_a_one_row_linear_classifier_is_refused_not_guessed() -> None:
+    # onnxruntime expands a single coefficient row into two score columns by rules of its own.
+    node = helper.make_node(
+        "LinearClassifier",
+        ["x"],
+        ["label", "y0"],
+        domain="ai.onnx.ml",
+        coefficients=[1.0, -1.0],
+        intercepts=[0.5],
+        classlabels_ints=[0, 1],
+        post_transform="LOGISTIC",
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2])],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+            helper.make_tensor_value_info("y0", TensorProto.FLOAT, [None, 2]),
+        ],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)]
+    module = OnnxModule(helper.make_model(graph, opset_imports=opsets), output="y0")
+    with pytest.raises(UnsupportedOnnxGraph, match="binary form"):
+        module(torch.zeros(1, 2))

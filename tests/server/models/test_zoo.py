@@ -56,8 +56,55 @@ def _players(model: ZooModel) -> dict[str, object]:
     return {"grid": (2, 2)} if model.image else {"features": FEATURE_GROUPS}
 
 
+def _player_masks(model: ZooModel) -> np.ndarray:
+    """(4, *input_shape) booleans: which input elements each of the four players owns."""
+    shape = model.x.shape[1:]
+    masks = np.zeros((4, *shape), dtype=bool)
+    if model.image:  # a 2x2 grid over the last two axes, cells numbered row by row
+        h, w = shape[-2] // 2, shape[-1] // 2
+        for r in range(2):
+            for c in range(2):
+                masks[r * 2 + c, ..., r * h : (r + 1) * h, c * w : (c + 1) * w] = True
+    else:
+        for g, group in enumerate(FEATURE_GROUPS):
+            masks[g].reshape(-1)[group] = True
+    return masks
+
+
+def _reference_values(model: ZooModel) -> np.ndarray:
+    """v(S) = log p(y | x_S, zero elsewhere) for every coalition S (bit k: player k), (B, 16),
+    from the original model."""
+    masks = _player_masks(model)
+    rows = []
+    for s in range(16):
+        keep = np.zeros(model.x.shape[1:], dtype=bool)
+        for k in range(4):
+            if s >> k & 1:
+                keep |= masks[k]
+        p = model.probabilities(np.where(keep, model.x, 0.0).astype(np.float32))
+        rows.append(np.log(np.maximum(p[np.arange(len(model.y)), model.y], 1.1754944e-38)))
+    return np.stack(rows, axis=1)
+
+
+def _reference_interactions(v: np.ndarray, i: int, j: int, m: int) -> np.ndarray:
+    """The paper's I^(m)(i, j): the mean over contexts S of size m, S in N \\ {i, j}, of
+    v(S + i + j) - v(S + i) - v(S + j) + v(S)."""
+    others = [k for k in range(4) if k not in (i, j)]
+    terms = []
+    for s in range(16):
+        if (
+            s & (1 << i | 1 << j)
+            or bin(s).count("1") != m
+            or any(s >> k & 1 for k in range(4) if k not in others)
+        ):
+            continue
+        terms.append(v[:, s | 1 << i | 1 << j] - v[:, s | 1 << i] - v[:, s | 1 << j] + v[:, s])
+    return np.mean(terms, axis=0)
+
+
 def _check_profile(client: interscope.Client, name: str, model: ZooModel) -> None:
-    """v(N) = log p(y | x) and v(empty) = log p(y | baseline), from the original model."""
+    """Exact 4-player profiles against every v(S) computed from the original model: v(N) =
+    log p(y | x), v(empty), every pairwise I^(m)(i, j) and the Shapley values."""
     result = client.profile(
         model=name,
         x=model.x,
@@ -65,16 +112,30 @@ def _check_profile(client: interscope.Client, name: str, model: ZooModel) -> Non
         baseline="zero",
         value="log-prob",
         estimator="exact",
+        orders=[0, 1, 2],
+        pairwise=True,
         **_players(model),
     )
-    p_full = model.probabilities(model.x)[np.arange(len(model.y)), model.y]
-    p_empty = model.probabilities(np.zeros_like(model.x))[np.arange(len(model.y)), model.y]
+    v = _reference_values(model)
     got_full = np.array([p.value_full for p in result.profiles])
     got_empty = np.array([p.value_empty for p in result.profiles])
-    np.testing.assert_allclose(got_full, np.log(p_full), atol=2e-4, rtol=1e-4)
-    np.testing.assert_allclose(
-        got_empty, np.log(np.maximum(p_empty, 1.1754944e-38)), atol=2e-4, rtol=1e-4
-    )
+    np.testing.assert_allclose(got_full, v[:, 15], atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(got_empty, v[:, 0], atol=2e-4, rtol=1e-4)
+    weights = {0: 1 / 4, 1: 1 / 12, 2: 1 / 12, 3: 1 / 4}  # |S|! (n - |S| - 1)! / n!
+    for b, profile in enumerate(result.profiles):
+        assert profile.pairs is not None and profile.interactions is not None  # (orders, pairs)
+        for q, (i, j) in enumerate(profile.pairs.tolist()):
+            for o, m in enumerate(profile.orders.tolist()):
+                expected = _reference_interactions(v, i, j, m)[b]
+                assert profile.interactions[o, q] == pytest.approx(expected, abs=5e-4), (i, j, m)
+        assert profile.shapley_values is not None
+        for k in range(4):
+            phi = sum(
+                weights[bin(s).count("1")] * (v[b, s | 1 << k] - v[b, s])
+                for s in range(16)
+                if not s >> k & 1
+            )
+            assert profile.shapley_values[k] == pytest.approx(phi, abs=5e-4), k
     # The probability value function reads p itself.
     prob = client.profile(
         model=name,
@@ -85,7 +146,7 @@ def _check_profile(client: interscope.Client, name: str, model: ZooModel) -> Non
         estimator="exact",
         **_players(model),
     )
-    np.testing.assert_allclose(prob.profiles[0].value_full, p_full[0], atol=1e-5)
+    np.testing.assert_allclose(prob.profiles[0].value_full, np.exp(v[0, 15]), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -119,9 +180,10 @@ def test_uploaded_model_with_its_config_json_matches(
 
 @pytest.mark.parametrize("name", NAMES)
 def test_attacks(client: interscope.Client, zoo: dict[str, ZooModel], name: str) -> None:
-    """A white-box attack wherever gradients are offered; square on every image model."""
+    """A white-box attack wherever gradients are offered; both black-box attacks on every model."""
     model = zoo[name]
     info = client.get_model(name)
+    assert info.gradients_available == model.differentiable, info.gradients_message
     low, high = model.value_range
     eps = 0.3 * (high - low)
     if info.gradients_available:
@@ -132,9 +194,11 @@ def test_attacks(client: interscope.Client, zoo: dict[str, ZooModel], name: str)
     else:
         with pytest.raises(interscope.FailedPreconditionError, match="square"):
             client.attack(model=name, x=model.x, y=model.y, attack="pgd", eps=eps)
-    if model.image:
+    # Black-box attacks run on every model: Square's windows cover an image's pixels or a
+    # vector's features; SimBA searches one coordinate at a time.
+    for attack in ("square", "simba"):
         result = client.attack(
-            model=name, x=model.x, y=model.y, attack="square", eps=eps, query_budget=200
+            model=name, x=model.x, y=model.y, attack=attack, eps=eps, query_budget=200
         )
         _check_attack(model, result, eps)
 
@@ -205,3 +269,36 @@ def test_cli_uploads_a_repository_config_json_as_it_is(
     argv[-1] = str(wrong)
     assert main(argv) == 1
     assert "names the model 'other'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cli_audit(
+    zoo_server: BackgroundServer,
+    client: interscope.Client,
+    zoo: dict[str, ZooModel],
+    name: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`interscope audit` on every family: a white-box attack where the model has gradients,
+    SimBA where it has none; exact 4-player profiles of clean and adversarial inputs."""
+    from interscope.cli import main
+
+    model = zoo[name]
+    low, high = model.value_range
+    data = tmp_path / "data.npz"
+    np.savez(data, x=model.x, y=model.y)
+    white_box = client.get_model(name).gradients_available
+    players = ["--grid", "2x2"] if model.image else ["--features", "0-15;16-31;32-47;48-63"]
+    argv = ["audit", "--address", zoo_server.address, "--model", name, "--data", str(data)]
+    argv += ["--attack", "pgd" if white_box else "simba", "--eps", str(0.3 * (high - low))]
+    argv += ["--steps", "5", "--query-budget", "100", "--estimator", "exact", "--json"]
+    argv += ["--baseline", "zero", *players, "--out", str(tmp_path / "out"), "--no-plots"]
+    assert main(argv) == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_samples"] == len(model.y) and report["n_failed"] == 0
+    assert report["n_players"] == 4
+    clean = model.probabilities(model.x).argmax(axis=1) == model.y
+    assert report["clean_accuracy"] == pytest.approx(clean.mean())
+    assert report["robust_accuracy"] <= report["clean_accuracy"]
+    assert (tmp_path / "out" / "report.json").exists()
