@@ -122,7 +122,9 @@ class _PairMode:
 class _PairModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PairMode.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     PAIR_MODE_UNSPECIFIED: _PairMode.ValueType  # 0
-    """Defaults to PAIR_MODE_NEIGHBORS for grid players, PAIR_MODE_ALL otherwise."""
+    """Defaults to PAIR_MODE_NEIGHBORS for grid players, otherwise PAIR_MODE_RANDOM when
+    `num_pairs` is set and PAIR_MODE_ALL when it is not.
+    """
     PAIR_MODE_ALL: _PairMode.ValueType  # 1
     PAIR_MODE_RANDOM: _PairMode.ValueType  # 2
     """`num_pairs` random pairs."""
@@ -133,7 +135,9 @@ class PairMode(_PairMode, metaclass=_PairModeEnumTypeWrapper):
     """Which pairs (i, j) the sampled estimator looks at (the exact estimator does all pairs)."""
 
 PAIR_MODE_UNSPECIFIED: PairMode.ValueType  # 0
-"""Defaults to PAIR_MODE_NEIGHBORS for grid players, PAIR_MODE_ALL otherwise."""
+"""Defaults to PAIR_MODE_NEIGHBORS for grid players, otherwise PAIR_MODE_RANDOM when
+`num_pairs` is set and PAIR_MODE_ALL when it is not.
+"""
 PAIR_MODE_ALL: PairMode.ValueType  # 1
 PAIR_MODE_RANDOM: PairMode.ValueType  # 2
 """`num_pairs` random pairs."""
@@ -478,7 +482,10 @@ class SamplingSpec(_message.Message):
     INDEPENDENT_CONTEXTS_FIELD_NUMBER: _builtins.int
     pair_mode: Global___PairMode.ValueType
     num_pairs: _builtins.int
-    """For PAIR_MODE_RANDOM: how many pairs, >= 1. Default when 0: 200, or every pair if fewer."""
+    """For PAIR_MODE_RANDOM: how many pairs, >= 1. Default when 0: 200, or every pair if fewer.
+    For PAIR_MODE_NEIGHBORS: when > 0, that many of the neighbour pairs, drawn with the seed
+    (default 0: every neighbour pair). Refused with PAIR_MODE_ALL.
+    """
     neighbor_radius: _builtins.int
     """For PAIR_MODE_NEIGHBORS: radius in cells, >= 1. Default 1 when 0."""
     contexts_per_order: _builtins.int

@@ -66,6 +66,9 @@ class ProfileSpec:
     pairs: PairSelection = PairSelection.ALL
     n_random_pairs: int = 200
     neighbour_radius: int = 1
+    #: With NEIGHBOURS: draw this many of the neighbour pairs with the seed (the paper samples
+    #: 200 neighbour pairs of a 16x16 grid); 0 keeps every neighbour pair.
+    n_neighbour_pairs: int = 0
     contexts_per_order: int = 100  # expected contexts S per pair and order (sampled)
     independent_contexts: bool = False  # the paper's per-pair contexts instead of shared ones
     seed: int = 0
@@ -89,15 +92,18 @@ def select_pairs(spec: ProfileSpec, n: int) -> np.ndarray:
         pairs = spec.players.neighbour_pairs(spec.neighbour_radius)
         if pairs.shape[0] == 0:
             raise InvalidArgument("the grid has no neighbouring cells; use a larger grid")
-        return pairs
-    total = n * (n - 1) // 2
-    if not 1 <= spec.n_random_pairs <= total:
-        raise InvalidArgument(
-            f"{spec.n_random_pairs} random pairs is not allowed for {n} players: give 1..{total}"
-        )
-    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 0]))
-    chosen = np.sort(rng.choice(total, size=spec.n_random_pairs, replace=False))
-    return all_pairs(n)[chosen]
+        if not spec.n_neighbour_pairs:
+            return pairs
+        return _draw(pairs, spec.n_neighbour_pairs, spec.seed, "neighbour pairs")
+    return _draw(all_pairs(n), spec.n_random_pairs, spec.seed, f"random pairs for {n} players")
+
+
+def _draw(pairs: np.ndarray, k: int, seed: int, what: str) -> np.ndarray:
+    """k of the (sorted) pairs, drawn without replacement with the seed, kept sorted."""
+    if not 1 <= k <= pairs.shape[0]:
+        raise InvalidArgument(f"{k} {what} is not allowed: give 1..{pairs.shape[0]}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
+    return pairs[np.sort(rng.choice(pairs.shape[0], size=k, replace=False))]
 
 
 def resolve_orders(spec: ProfileSpec, n: int) -> np.ndarray:

@@ -204,9 +204,17 @@ def profile_spec(
         orders = tuple(range(n - 1))  # exact costs the same for every order: return them all
     sampling = spec.sampling
     if sampling.pair_mode == analysis_pb2.PAIR_MODE_UNSPECIFIED:
-        pairs = PairSelection.NEIGHBOURS if isinstance(players, GridPlayers) else PairSelection.ALL
+        if isinstance(players, GridPlayers):
+            pairs = PairSelection.NEIGHBOURS
+        else:  # a pair count alone asks for that many random pairs
+            pairs = PairSelection.RANDOM if sampling.num_pairs else PairSelection.ALL
     else:
         pairs = _enum(PAIR_MODES, sampling.pair_mode, "sampling.pair_mode", analysis_pb2.PairMode)
+    if sampling.num_pairs and pairs is PairSelection.ALL:
+        raise errors.InvalidArgument(
+            "sampling.num_pairs applies to random and neighbor pairs; pair mode all takes "
+            "every pair (leave num_pairs 0, or choose PAIR_MODE_RANDOM)"
+        )
     if estimator is EstimatorChoice.EXACT:
         pairs = PairSelection.ALL
     limit = max(1, settings.max_forwards_per_request // max(1, n_evaluations))
@@ -221,6 +229,7 @@ def profile_spec(
         # The documented default, 200, capped by the pairs there are (n < 21 has fewer).
         n_random_pairs=int(sampling.num_pairs or min(200, n * (n - 1) // 2)),
         neighbour_radius=int(sampling.neighbor_radius or 1),
+        n_neighbour_pairs=int(sampling.num_pairs) if pairs is PairSelection.NEIGHBOURS else 0,
         contexts_per_order=int(sampling.contexts_per_order or 100),
         independent_contexts=bool(sampling.independent_contexts),
         seed=int(spec.seed),

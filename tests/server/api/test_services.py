@@ -138,6 +138,48 @@ def test_independent_contexts_cost_four_forwards_per_sample(analysis, demo_test_
     assert np.isfinite(independent.mean).all() and len(independent.mean) == 2
 
 
+def test_num_pairs_draws_that_many_neighbour_pairs_and_is_refused_with_all(
+    analysis, demo_test_data
+) -> None:
+    """The paper samples 200 of a grid's neighbour pairs: num_pairs with neighbour pairs draws
+    that many of them with the seed (it used to be ignored); with pair mode all it is refused."""
+    x, y = demo_test_data
+
+    def pairs(mode: int, num_pairs: int, seed: int = 0) -> set[tuple[int, int]]:
+        spec = grid(
+            4,
+            4,
+            estimator=analysis_pb2.ESTIMATOR_KIND_SAMPLED,
+            orders=analysis_pb2.OrderSpec(orders=[2]),
+            sampling=analysis_pb2.SamplingSpec(
+                pair_mode=mode, num_pairs=num_pairs, contexts_per_order=2
+            ),
+            return_pairs=True,
+            seed=seed,
+        )
+        request = analysis_pb2.ProfileRequest(
+            model="digits-cnn", inputs=to_tensor(x[:1]), labels=[int(y[0])], spec=spec
+        )
+        profile = list(analysis.Profile(request))[-1].result.profiles[0]
+        return {tuple(p) for p in from_tensor(profile.pairs).tolist()}
+
+    every = pairs(analysis_pb2.PAIR_MODE_NEIGHBORS, 0)
+    assert len(every) == 42  # a 4x4 grid's 8-neighbour pairs
+    drawn = pairs(analysis_pb2.PAIR_MODE_NEIGHBORS, 10)
+    assert len(drawn) == 10 and drawn < every
+    assert pairs(analysis_pb2.PAIR_MODE_NEIGHBORS, 10) == drawn  # the seed decides
+    assert pairs(analysis_pb2.PAIR_MODE_NEIGHBORS, 10, seed=1) != drawn
+    assert pairs(analysis_pb2.PAIR_MODE_UNSPECIFIED, 10) == drawn  # grids default to neighbours
+    for mode, count, phrase in (
+        (analysis_pb2.PAIR_MODE_NEIGHBORS, 43, "43 neighbour pairs is not allowed: give 1..42"),
+        (analysis_pb2.PAIR_MODE_ALL, 10, "num_pairs applies to random and neighbor pairs"),
+    ):
+        with pytest.raises(RpcError) as error:
+            pairs(mode, count)
+        assert error.value.code() == StatusCode.INVALID_ARGUMENT
+        assert phrase in (error.value.details() or "")
+
+
 @pytest.mark.parametrize(
     ("mutate", "code", "phrase"),
     [
