@@ -45,7 +45,11 @@ class Settings(BaseSettings):
         default=0, ge=0, description="Threads per forward pass (0: the runtime's default)."
     )
     max_batch_delay_ms: float = Field(
-        default=2.0, ge=0, le=1000, description="How long the batcher waits to fill a batch."
+        default=2.0,
+        ge=0,
+        le=1000,
+        description="How long the batcher waits to fill a batch while several calls share a "
+        "model (a lone call's rows run at once).",
     )
     max_queue_rows: int = Field(
         default=1_000_000,

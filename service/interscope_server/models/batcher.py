@@ -6,6 +6,12 @@ the oldest waiting row has waited `max_delay_s`, runs one forward pass off the c
 and copies each output row back into the array of the call that asked for it. Round-robin by
 call means a 65,536-row exact profile and an 8-row request share every batch rather than the
 small one waiting behind the whole profile.
+
+The fill delay is paid only while the model is shared: waiting for rows that nobody else is
+going to send would put `max_delay_s` on every forward of a lone caller (a 4-player Profile
+makes two, so the delay was most of its round trip). A submit that finds another thread's rows
+queued or running marks the model shared for `_SHARED_WINDOW_S`; outside that window a batch
+runs as soon as it has rows.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ from interscope_server.errors import (
 
 #: How often a waiting caller re-checks its CancelToken (which has no wake-up hook of its own).
 _CANCEL_POLL_S = 0.01
+#: How long a model counts as shared after two threads' rows last met in its queue: long
+#: against the gaps between one stream's forwards (sub-millisecond to a few ms), so concurrent
+#: streams keep merging; short enough that a lone caller after them stops paying the delay.
+_SHARED_WINDOW_S = 0.05
 
 
 class ModelObserver:
@@ -57,7 +67,8 @@ class ModelObserver:
 class BatcherOptions:
     """Batching knobs shared by every model; max batch size comes from each model's config."""
 
-    #: Longest time the oldest waiting row waits for a batch to fill.
+    #: Longest time the oldest waiting row waits for a batch to fill, while other callers share
+    #: the model (a lone caller's rows run at once).
     max_delay_s: float = 0.002
     #: Rows waiting per model beyond which new calls get RESOURCE_EXHAUSTED.
     max_queue_rows: int = 1_000_000
@@ -68,10 +79,11 @@ class BatcherOptions:
 class _Call:
     """One caller's submission: its rows, where its outputs go, and how far it has got."""
 
-    __slots__ = ("done", "error", "finished", "left", "next_row", "out", "x")
+    __slots__ = ("done", "error", "finished", "left", "next_row", "out", "thread", "x")
 
     def __init__(self, x: np.ndarray, num_outputs: int) -> None:
         self.x = x
+        self.thread = threading.get_ident()  # who submitted: rows of one thread never merge
         self.out = np.empty((x.shape[0], num_outputs), dtype=np.float32)
         self.next_row = 0  # first row not yet handed to a batch
         self.finished = 0  # rows whose outputs are in `out`
@@ -112,6 +124,7 @@ class DynamicBatcher:
         self._calls: collections.deque[_Call] = collections.deque()  # calls with unsent rows
         self._queued_rows = 0
         self._oldest: float | None = None  # when the oldest unsent row arrived
+        self._shared_until = 0.0  # until when the fill delay applies (see the module docstring)
         self._closed = False
         self._drain = False
         self._worker = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
@@ -145,10 +158,13 @@ class DynamicBatcher:
                     f"exceed the queue limit of {self._max_queue_rows} rows; retry later"
                     + (" or send fewer rows per call" if rows > self._max_queue_rows else "")
                 )
+            now = time.monotonic()
+            if any(c.thread != call.thread for c in (*self._calls, *self._running)):
+                self._shared_until = now + _SHARED_WINDOW_S
             self._calls.append(call)
             self._queued_rows += rows
             if self._oldest is None:
-                self._oldest = time.monotonic()
+                self._oldest = now
             depth = self._queued_rows
             # Wake the worker only when it has something to act on: the first rows (it may be
             # idle) or a full batch; otherwise its max-delay timeout wakes it. Waking it on every
@@ -226,8 +242,10 @@ class DynamicBatcher:
                 self._wake.wait()
                 continue
             assert self._oldest is not None
-            wait = self._oldest + self._max_delay_s - time.monotonic()
-            if self._queued_rows < self.max_batch_size and wait > 0 and not self._closed:
+            now = time.monotonic()
+            wait = self._oldest + self._max_delay_s - now
+            shared = now < self._shared_until
+            if shared and self._queued_rows < self.max_batch_size and wait > 0 and not self._closed:
                 self._wake.wait(wait)
                 continue
             break

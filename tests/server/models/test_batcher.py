@@ -227,3 +227,44 @@ def test_forward_errors_reach_every_caller_in_the_batch(tmp_path: Path) -> None:
         assert batcher.queue_depth == 0
     finally:
         batcher.close()
+
+
+def test_a_lone_caller_pays_no_fill_delay_but_concurrent_callers_still_merge() -> None:
+    """With a fill delay far longer than the test, a lone caller's rows run at once (nobody
+    else will send rows); rows of two threads that meet in the queue wait for each other."""
+    gate = _Gate()
+    watch = _DepthWatch(target=3)
+    batcher = DynamicBatcher(
+        "m",
+        gate,
+        num_outputs=2,
+        max_batch_size=64,
+        options=BatcherOptions(max_delay_s=3600.0),
+        observer=watch,
+    )
+    try:
+        gate.release.set()
+        alone = threading.Thread(target=lambda: [batcher.submit(_rows(0, 4)) for _ in range(3)])
+        alone.start()
+        alone.join(timeout=60)  # an hour-long delay per forward would never get here
+        assert not alone.is_alive()
+        assert [len(b) for b in gate.batches] == [4, 4, 4]
+        # Now two threads: the first one's batch is held in the forward; the second submits
+        # while it runs (the model is shared), then a third: they wait and merge.
+        gate.release.clear()
+        gate.entered.clear()
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(batcher.submit, _rows(1, 2))
+            assert gate.entered.wait(10)
+            second = pool.submit(batcher.submit, _rows(2, 1))
+            third = pool.submit(batcher.submit, _rows(3, 2))
+            assert watch.reached.wait(10)  # 3 rows of two callers queued behind the forward
+            gate.release.set()
+            first.result(10)
+            # The delay is an hour: the merged batch runs only because it is closed out.
+            batcher.close(drain=True, timeout=10)
+            np.testing.assert_array_equal(second.result(10), _rows(2, 1))
+            np.testing.assert_array_equal(third.result(10), _rows(3, 2))
+        assert [len(b) for b in gate.batches] == [4, 4, 4, 2, 3]
+    finally:
+        batcher.close()
