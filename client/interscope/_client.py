@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
+import grpc.experimental
 import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -383,10 +384,14 @@ class Client(BaseClient):
 
     def __init__(self, address: str | Sequence[str], **kwargs: Any) -> None:
         super().__init__(address, **kwargs)
+        # Profile and Attack are unary-stream calls; by default grpc starts a polling thread
+        # for each one (about 1 ms per call), which this option replaces with reading the
+        # stream on the caller's own thread.
+        options = [*self._options, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
         if self._credentials is None:
-            self._channel = grpc.insecure_channel(self.target, options=self._options)
+            self._channel = grpc.insecure_channel(self.target, options=options)
         else:
-            self._channel = grpc.secure_channel(self.target, self._credentials, self._options)
+            self._channel = grpc.secure_channel(self.target, self._credentials, options)
         self._models = models_pb2_grpc.ModelServiceStub(self._channel)
         self._analysis = analysis_pb2_grpc.AnalysisServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
