@@ -72,7 +72,8 @@ def proportion(successes: int, n: int) -> Interval:
     return Interval(p, max(0.0, centre - half), min(1.0, centre + half), n)
 
 
-def _ratios(report: dict[str, Any]) -> list[float]:
+def order_ratios(report: dict[str, Any]) -> list[float]:
+    """The ratio m/(n-2) of each order of a report (computed when an old report lacks them)."""
     profile = report["profile"]
     ratios = profile.get("ratios") or []
     if len(ratios) == len(profile["orders"]):
@@ -86,7 +87,7 @@ def band_rows(report: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     adversarial; samples that failed or have other orders than the report's are left out.
     A band with no computed order is NaN."""
     orders = list(report["profile"]["orders"])
-    bands = np.array([band_of(r) for r in _ratios(report)], dtype=np.int64)
+    bands = np.array([band_of(r) for r in order_ratios(report)], dtype=np.int64)
     clean_rows, adv_rows = [], []
     for sample in report.get("samples", []):
         clean, adv = sample.get("clean_mean_abs"), sample.get("adversarial_mean_abs")

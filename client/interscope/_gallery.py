@@ -23,15 +23,19 @@ class _Profiler(Protocol):
 
 def choose(report: AuditReport, count: int) -> list[tuple[int, str]]:
     """(sample index, why) of `count` samples: alternately the most and the least affected by
-    the attack, by utility change v(N|x) - v(N|x_adv); samples without x_adv are skipped."""
-    scored = [
-        (s.perturbation.utility_change, i)
+    the attack, by utility change v(N|x) - v(N|x_adv); samples without x_adv are skipped, and
+    so are those misclassified clean while others remain (the attack had nothing to do there,
+    so "least affected" would only say that)."""
+    usable = [
+        (i, s)
         for i, s in enumerate(report.samples)
         if s.error is None
         and s.perturbation is not None
         and s.adversarial is not None
         and math.isfinite(s.perturbation.utility_change)
     ]
+    correct = [(i, s) for i, s in usable if s.clean_correct]
+    scored = [(s.perturbation.utility_change, i) for i, s in (correct or usable) if s.perturbation]
     scored.sort()
     chosen: list[tuple[int, str]] = []
     most, least = len(scored) - 1, 0

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from interscope._findings import SMALL_CLASS, findings, interval
+from interscope._findings import SMALL_CLASS, findings, interval, order_ratios
 from interscope._models import AuditReport
 
 ReportLike = AuditReport | dict[str, Any]
@@ -63,20 +63,11 @@ def load_report(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _ratios(report: dict[str, Any]) -> list[float]:
-    profile = report["profile"]
-    ratios = profile.get("ratios") or []
-    if len(ratios) == len(profile["orders"]):
-        return [float(r) for r in ratios]
-    n = max(int(report.get("n_players") or 0) - 2, 1)
-    return [int(m) / n for m in profile["orders"]]
-
-
 def band_means(report: dict[str, Any], key: str) -> tuple[float, float, float]:
     """Mean of a per-order curve over low (ratio <= 1/3), middle and high (> 2/3) orders."""
     values = report["profile"].get(key) or []
     bands: tuple[list[float], list[float], list[float]] = ([], [], [])
-    for ratio, value in zip(_ratios(report), values, strict=True):
+    for ratio, value in zip(order_ratios(report), values, strict=True):
         if value is None:
             continue
         bands[0 if ratio <= 1 / 3 else 1 if ratio <= 2 / 3 else 2].append(float(value))
@@ -369,7 +360,9 @@ def plot_sample(entry: dict[str, Any], grid: list[int] | None) -> bytes:
     scale = float(np.abs(delta).max())
     rows = 1 + (1 if have_maps and grid else 0)
     figure = Figure(figsize=(13, 3.2 * rows), layout="constrained")
-    panels = figure.subplots(rows, 6 if rows > 1 else 3, squeeze=False)
+    # One subfigure per row: the rows' colour bars then take room in their own row only.
+    subfigures = figure.subfigures(rows, 1, squeeze=False)[:, 0]
+    panels = [sub.subplots(1, 6 if rows > 1 else 3, squeeze=False)[0] for sub in subfigures]
     gray = "gray" if picture.ndim == 2 else None
     top = panels[0]
     top[0].imshow(_scaled(picture, low, high), cmap=gray)
@@ -380,7 +373,7 @@ def plot_sample(entry: dict[str, Any], grid: list[int] | None) -> bytes:
     shown = amplified if amplified.ndim == 2 else amplified.mean(axis=-1)
     image = top[2].imshow(shown, cmap="RdBu_r", vmin=-1, vmax=1)
     top[2].set_title(f"perturbation ×{1 / scale if scale else 1:.3g} (max {scale:.3g})", fontsize=9)
-    figure.colorbar(image, ax=top[2], fraction=0.046)
+    subfigures[0].colorbar(image, ax=top[2], fraction=0.046)
     for axes in top[3:]:
         axes.set_visible(False)
     if rows > 1 and grid:
@@ -410,8 +403,8 @@ def plot_sample(entry: dict[str, Any], grid: list[int] | None) -> bytes:
                     interpolation="nearest",
                 )
                 axes.set_title(f"{title}\n{which}", fontsize=8)
-            figure.colorbar(drawn, ax=list(bottom), fraction=0.046)
-    for axes in panels.flat:
+            subfigures[1].colorbar(drawn, ax=list(bottom), fraction=0.046)
+    for axes in (a for row in panels for a in row):
         axes.set_xticks([])
         axes.set_yticks([])
     return _png(figure)
