@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -164,3 +165,33 @@ def test_gallery_cell_totals_sum_each_players_pairs_by_band() -> None:
     low, high = cell_totals(result, np.array([0.0, 0.5, 1.0]))
     assert low == [3.0, 1.0, 5.0, 3.0]  # order 0 only: |1| + |-2|, |1|, |-2| + |3|, |3|
     assert high == [0.5, 0.5, 4.0, 4.0]  # order 2 only
+
+
+def test_gallery_pages_for_image_and_tabular_models(tmp_path: Path) -> None:
+    from interscope.report import write_report
+
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 8, 8))
+    tabular = rng.random(4)
+    maps = {
+        f"{kind}_{which}": rng.normal(size=4).tolist()
+        for kind in ("shapley", "cells_low", "cells_high")
+        for which in ("clean", "adversarial")
+    }
+
+    def entry(x: np.ndarray) -> dict[str, Any]:
+        names = {
+            "label_name": "a",
+            "clean_prediction_name": "a",
+            "adversarial_prediction_name": "b",
+        }
+        return {"id": "s0", "why": "most affected", "x": x.tolist(),
+                "x_adv": (x + 0.1).tolist(), **names, **maps}  # fmt: skip
+
+    for name, x, grid in (("img", image, [2, 2]), ("tab", tabular, None)):
+        report = _report(name, (0.0, 0.0, 0.45))
+        report["gallery"] = {"entries": [entry(x)], "grid": grid, "note": ""}
+        write_report(report, tmp_path / name)
+        page = (tmp_path / name / "report.html").read_text()
+        assert page.count("<img alt='Sample s0 (most affected), label a") == 1
+        assert "perturbation" in page
