@@ -285,3 +285,17 @@ def test_audit_from_an_image_folder_with_a_gallery(
     assert "Sample gallery: digits-cnn" in page and page.count("<img alt='Sample ") == 2
     assert main([*argv[:6], str(tmp_path / "nothing.csv"), *argv[7:]]) == 1
     assert "nothing.csv: no such file or folder" in capsys.readouterr().err
+
+
+def test_a_gallery_over_too_many_players_says_why_it_has_no_heatmaps(
+    address: str, data: Path, tmp_path: Path
+) -> None:
+    out_dir = tmp_path / "audit"
+    argv = ["audit", "--address", address, "--model", "digits-cnn", "--data", str(data)]
+    argv += ["--limit", "2", "--steps", "1", "--grid", "5x4", "--contexts", "2"]
+    argv += ["--ratios", "0.1,0.9", "--out", str(out_dir)]
+    assert main(argv) == 0
+    gallery = json.loads((out_dir / "report.json").read_text())["gallery"]
+    assert "2^20 forwards per input" in gallery["note"] and gallery["entries"]
+    assert all("shapley_clean" not in e for e in gallery["entries"])
+    assert "2^20 forwards per input" in (out_dir / "report.html").read_text()

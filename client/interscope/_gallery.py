@@ -15,6 +15,9 @@ from interscope._options import ProfileOptions
 
 #: Samples drawn by default: the most affected and the least affected one.
 DEFAULT_COUNT = 2
+#: The gallery's exact profiles cost 2^n forwards per input: 65,536 at 16 players (about 1.5 s
+#: for the demo CNN on one core); beyond that it draws no heatmaps rather than wait minutes.
+MAX_EXACT_PLAYERS = 16
 
 
 class _Profiler(Protocol):
@@ -84,6 +87,12 @@ def build_gallery(
     """
     entries: list[dict[str, Any]] = []
     note = ""
+    if report.n_players > MAX_EXACT_PLAYERS:
+        note = (
+            f"no heatmaps: their exact profiles of {report.n_players} players would need "
+            f"2^{report.n_players} forwards per input (the gallery draws them up to "
+            f"{MAX_EXACT_PLAYERS} players)"
+        )
     exact = dataclasses.replace(
         profile,
         estimator="exact",
@@ -126,7 +135,7 @@ def build_gallery(
                     label=np.array([sample.label, sample.label]),
                     options=exact,
                 )
-            except InterscopeError as error:
+            except (InterscopeError, ValueError) as error:
                 note = f"no heatmaps: the exact profile they need was refused ({error})"
             else:
                 entry.update(_profiles(result))
