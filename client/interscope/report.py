@@ -220,7 +220,7 @@ def _curve(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-def plot_interactions(reports: Sequence[ReportLike]) -> bytes:
+def interactions_figure(reports: Sequence[ReportLike]) -> Any:
     """PNG: mean |I^(m)| by order, clean (solid) vs adversarial (dashed), one colour per model."""
     from matplotlib.figure import Figure  # the `plot` extra; Figure avoids pyplot's globals
 
@@ -250,10 +250,10 @@ def plot_interactions(reports: Sequence[ReportLike]) -> bytes:
     axes.set_ylabel("mean |I^(m)(i, j)|")
     axes.set_title("Interaction strength by order: clean (solid) vs adversarial (dashed)")
     _legend(axes)
-    return _png(figure)
+    return figure
 
 
-def plot_delta(reports: Sequence[ReportLike]) -> bytes:
+def delta_figure(reports: Sequence[ReportLike]) -> Any:
     """PNG: adversarial minus clean by order, signed mean I^(m) (left) and strength mean
     |I^(m)| (right), with 95% CIs: a rise caused by the attack reads upward."""
     from matplotlib.figure import Figure
@@ -288,10 +288,10 @@ def plot_delta(reports: Sequence[ReportLike]) -> bytes:
         axes.set_title(title + " (up: the attack raised it)", fontsize=10)
         axes.set_ylabel(label)
         _legend(axes)
-    return _png(figure)
+    return figure
 
 
-def plot_contribution(reports: Sequence[ReportLike]) -> bytes | None:
+def contribution_figure(reports: Sequence[ReportLike]) -> Any | None:
     """PNG: each order's share of the utility drop v(x) - v(x_adv), the paper's order-weighted
     sum over ordered pairs of (n-1-m)/(n(n-1)) * Delta I^(m)(i,j); None without the data."""
     from matplotlib.figure import Figure
@@ -315,7 +315,7 @@ def plot_contribution(reports: Sequence[ReportLike]) -> bytes | None:
     axes.set_ylabel("Σ_(i≠j) (n−1−m)/(n(n−1)) · ΔI^(m)(i, j)")
     axes.set_title("Each order's contribution to the utility drop v(x) − v(x_adv) (up: lowers v)")
     _legend(axes)
-    return _png(figure)
+    return figure
 
 
 def _image(values: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -338,7 +338,7 @@ def _scaled(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip((values - low) / (high - low if high > low else 1.0), 0.0, 1.0)
 
 
-def plot_sample(entry: dict[str, Any], grid: list[int] | None) -> bytes:
+def sample_figure(entry: dict[str, Any], grid: list[int] | None) -> Any:
     """PNG of one gallery sample: inputs, amplified perturbation, and heatmaps over the image
     (or bar charts per feature for a tabular model)."""
     from matplotlib.figure import Figure
@@ -407,7 +407,7 @@ def plot_sample(entry: dict[str, Any], grid: list[int] | None) -> bytes:
     for axes in (a for row in panels for a in row):
         axes.set_xticks([])
         axes.set_yticks([])
-    return _png(figure)
+    return figure
 
 
 def _plot_tabular(
@@ -415,7 +415,7 @@ def _plot_tabular(
     clean: np.ndarray,
     adv: np.ndarray,
     maps: list[tuple[str, str, str, bool]],
-) -> bytes:
+) -> Any:
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(12, 2.6 * (1 + len(maps))), layout="constrained")
@@ -435,7 +435,49 @@ def _plot_tabular(
         axes.legend(fontsize=7)
         axes.axhline(0.0, color="black", lw=0.6)
     panels[-1].set_xlabel("player (feature or feature group)")
-    return _png(figure)
+    return figure
+
+
+def plot_interactions(reports: Sequence[ReportLike]) -> bytes:
+    """PNG of `interactions_figure`."""
+    return _png(interactions_figure(reports))
+
+
+def plot_delta(reports: Sequence[ReportLike]) -> bytes:
+    """PNG of `delta_figure`."""
+    return _png(delta_figure(reports))
+
+
+def plot_contribution(reports: Sequence[ReportLike]) -> bytes | None:
+    """PNG of `contribution_figure`; None without per-sample order terms."""
+    figure = contribution_figure(reports)
+    return None if figure is None else _png(figure)
+
+
+def plot_sample(entry: dict[str, Any], grid: list[int] | None) -> bytes:
+    """PNG of `sample_figure`."""
+    return _png(sample_figure(entry, grid))
+
+
+def _text_page(dicts: Sequence[dict[str, Any]], found: dict[str, Any]) -> Any:
+    """The PDF's first page: the summary sentences and each model's settings, as text."""
+    import textwrap
+
+    from matplotlib.figure import Figure
+
+    lines = ["interscope audit report", ""]
+    for model in found["models"]:
+        lines += [*textwrap.wrap(" ".join(model["sentences"]), 100), ""]
+    if found["comparison"]:
+        lines += [*textwrap.wrap(" ".join(found["comparison"]), 100), ""]
+    for report in dicts:
+        lines.append(f"Settings of {report['model']}:")
+        for key, value in settings(report).items():
+            lines += textwrap.wrap(f"  {key}: {value}", 100, subsequent_indent="      ")
+        lines.append("")
+    figure = Figure(figsize=(8.27, 11.69))  # A4 portrait
+    figure.text(0.06, 0.97, "\n".join(lines), va="top", family="DejaVu Sans", fontsize=7.5)
+    return figure
 
 
 # -- HTML --------------------------------------------------------------------------------------
@@ -666,11 +708,39 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
 
 
+def _figures(
+    dicts: Sequence[dict[str, Any]], found: dict[str, Any], pdf: Path
+) -> tuple[dict[str, bytes], dict[str, list[bytes]]]:
+    """Every figure once: its PNG for the page, and a page of report.pdf (matplotlib's PDF
+    backend: vector plots, the summary as text)."""
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    images: dict[str, bytes] = {}
+    gallery_images: dict[str, list[bytes]] = {}
+    with PdfPages(pdf) as pages:
+        pages.savefig(_text_page(dicts, found))
+        built = (interactions_figure(dicts), delta_figure(dicts), contribution_figure(dicts))
+        for name, figure in zip(PLOT_FILES, built, strict=True):
+            if figure is not None:
+                images[name] = _png(figure)
+                pages.savefig(figure, bbox_inches="tight")
+        for report in dicts:
+            gallery = report.get("gallery") or {}
+            shown = gallery_images.setdefault(report["model"], [])
+            for entry in gallery.get("entries", []):
+                figure = sample_figure(entry, gallery.get("grid"))
+                figure.suptitle(f"{report['model']}: sample {entry['id']} ({entry['why']})")
+                shown.append(_png(figure))
+                pages.savefig(figure, bbox_inches="tight")
+    return images, gallery_images
+
+
 def write_report(
     reports: ReportLike | Sequence[ReportLike], out: str | Path, *, plots: bool = True
 ) -> dict[str, Path]:
     """Write report.json (one per model: DIR/report.json, or DIR/<model>/report.json for
-    several), the PNG plots and report.html into `out`; returns the paths by file name.
+    several), the PNG plots, report.html and report.pdf into `out`; returns the paths by file
+    name.
 
     Each report.json carries what the page shows of it: the summary sentences (`findings`),
     the settings table and the comparison with the other models, besides its data and gallery.
@@ -703,17 +773,11 @@ def write_report(
     gallery_images: dict[str, list[bytes]] = {}
     if plots:
         try:
-            images = {PLOT_FILES[0]: plot_interactions(dicts), PLOT_FILES[1]: plot_delta(dicts)}
-            contribution = plot_contribution(dicts)
-            if contribution is not None:
-                images[PLOT_FILES[2]] = contribution
-            for report in dicts:
-                gallery = report.get("gallery") or {}
-                gallery_images[report["model"]] = [
-                    plot_sample(entry, gallery.get("grid")) for entry in gallery.get("entries", [])
-                ]
+            images, gallery_images = _figures(dicts, found, out / "report.pdf")
         except ImportError:
             images, gallery_images = {}, {}
+        else:
+            written["report.pdf"] = out / "report.pdf"
     for name, data in images.items():
         (out / name).write_bytes(data)
         written[name] = out / name

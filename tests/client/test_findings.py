@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -194,4 +195,6 @@ def test_gallery_pages_for_image_and_tabular_models(tmp_path: Path) -> None:
         write_report(report, tmp_path / name)
         page = (tmp_path / name / "report.html").read_text()
         assert page.count("<img alt='Sample s0 (most affected), label a") == 1
-        assert "perturbation" in page
+        # The PDF: the summary page, two plots (no order terms here) and the sample.
+        pdf = (tmp_path / name / "report.pdf").read_bytes()
+        assert pdf.startswith(b"%PDF") and len(re.findall(rb"/Type /Page\b", pdf)) == 4
