@@ -147,7 +147,7 @@ def _image_folder(path: Path, model: ModelShape, resize: bool) -> tuple[np.ndarr
             try:
                 with Image.open(file) as opened:
                     image = opened.convert("L" if channels == 1 else "RGB")
-            except (UnidentifiedImageError, OSError) as error:
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
                 raise DataError(f"{file}: not a readable image ({error})", expected) from None
             if image.size != (width, height):
                 if not resize:
