@@ -38,6 +38,8 @@ class ModelShape:
     classes: Sequence[str] = ()
     value_range: tuple[float, float] = (0.0, 1.0)
     feature_names: Sequence[str] = field(default_factory=tuple)
+    #: "NCHW", "NHWC" or "features" as the server reports it; "" infers from the shape.
+    layout: str = ""
 
 
 def load_data(
@@ -104,8 +106,18 @@ def _class_list(classes: Sequence[str]) -> str:
     return f"the model's classes: {shown}" if classes else "class indices 0, 1, ..."
 
 
-def _image_layout(shape: tuple[int, ...]) -> tuple[int, int, int, bool]:
-    """(height, width, channels, channels_first) of an image input shape."""
+def _image_layout(shape: tuple[int, ...], layout: str) -> tuple[int, int, int, bool]:
+    """(height, width, channels, channels_first) of an image input shape: as the model's
+    layout says, else inferred where the shape leaves no doubt."""
+    if layout == "NCHW" and len(shape) == 3:
+        return shape[1], shape[2], shape[0], True
+    if layout == "NHWC" and len(shape) == 3:
+        return shape[0], shape[1], shape[2], False
+    if layout == "features":
+        raise DataError(
+            f"the model takes a feature vector of shape {shape}, not images",
+            "give tabular data as a .csv / .parquet table or an .npz",
+        )
     if len(shape) == 2:
         return shape[0], shape[1], 1, True
     if len(shape) == 3 and shape[0] in (1, 3):
@@ -127,7 +139,7 @@ def _image_folder(path: Path, model: ModelShape, resize: bool) -> tuple[np.ndarr
     )
     if not model.input_shape:
         raise DataError(f"{path}: the model's input shape is unknown", expected)
-    height, width, channels, first = _image_layout(tuple(model.input_shape))
+    height, width, channels, first = _image_layout(tuple(model.input_shape), model.layout)
     folders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise DataError(f"{path}: no class subfolders in it", expected)

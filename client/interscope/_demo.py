@@ -125,9 +125,15 @@ def run_demo(options: DemoOptions, *, stream: TextIO | None = None) -> list[Audi
                         return_adversarial=options.gallery > 0,
                     )
                 reports.append(report)
-                classes = client.get_model(model).classes
+                info = client.get_model(model)
                 gallery = build_gallery(
-                    client, report, x, profile, count=options.gallery, classes=classes
+                    client,
+                    report,
+                    x,
+                    profile,
+                    count=options.gallery,
+                    classes=info.classes,
+                    layout=info.input.layout,
                 )
                 pages.append({**report.to_dict(), "gallery": gallery})
     print(file=out_stream)

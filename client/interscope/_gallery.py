@@ -76,6 +76,7 @@ def build_gallery(
     *,
     count: int = DEFAULT_COUNT,
     classes: list[str] | None = None,
+    layout: str = "",
 ) -> dict[str, Any]:
     """The gallery of `report` (audited with return_adversarial): per chosen sample, the
     inputs, predictions, margins and the exact profile (Shapley values, per-cell pairwise
@@ -141,9 +142,11 @@ def build_gallery(
                 entry.update(_profiles(result))
         entries.append(entry)
     grid = list(profile.grid) if profile.grid is not None else None
-    if grid is None and not note and entries and len(np.asarray(entries[0]["x"]).shape) > 1:
+    image = layout != "features" and entries and np.asarray(entries[0]["x"]).ndim > 1
+    if grid is None and not note and image:
         note = "no heatmaps over the image: they need grid players"
-    return {"entries": entries, "grid": grid, "note": note}
+    # The input layout ("NCHW", "NHWC", "features"; "" from older servers) says how to draw x.
+    return {"entries": entries, "grid": grid, "note": note, "layout": layout}
 
 
 def _name(classes: list[str], label: int) -> str:

@@ -297,7 +297,8 @@ def _audit_data(args: argparse.Namespace, model: str) -> tuple[np.ndarray, np.nd
             input_shape=tuple(info.input.shape),
             classes=tuple(info.classes),
             value_range=info.value_range,
-            feature_names=tuple(getattr(info, "feature_names", ())),
+            feature_names=tuple(info.feature_names),
+            layout=info.input.layout,
         )
     try:
         return load_data(
@@ -814,9 +815,16 @@ def _with_gallery(
 
     page: dict[str, Any] = report.to_dict()
     if args.gallery and _shard(args) is None:
-        classes = client.get_model(report.model).classes
+        info = client.get_model(report.model)
+        profile = _profile_options(args, feature_names=info.feature_names)
         page["gallery"] = build_gallery(
-            client, report, x, _profile_options(args), count=args.gallery, classes=classes
+            client,
+            report,
+            x,
+            profile,
+            count=args.gallery,
+            classes=info.classes,
+            layout=info.input.layout,
         )
     return page
 

@@ -318,14 +318,16 @@ def contribution_figure(reports: Sequence[ReportLike]) -> Any | None:
     return figure
 
 
-def _image(values: np.ndarray) -> tuple[np.ndarray, bool]:
+def _image(values: np.ndarray, layout: str = "") -> tuple[np.ndarray, bool]:
     """An (H, W) or (H, W, 3) array for imshow from one input, and whether it is an image.
-    Channels-first (C, H, W) with C of 1 or 3 is the usual export; channels-last is taken when
-    the last axis is 1 or 3 and the first is not."""
+    The model's layout decides; without one (older servers), channels-first (C, H, W) with C
+    of 1 or 3 is taken, then channels-last."""
+    if layout == "features":
+        return values.reshape(-1), False
     if values.ndim == 2:
         return values, True
     if values.ndim == 3:
-        if values.shape[0] in (1, 3):
+        if layout == "NCHW" or (layout != "NHWC" and values.shape[0] in (1, 3)):
             values = np.moveaxis(values, 0, -1)
         if values.shape[-1] == 1:
             return values[..., 0], True
@@ -338,14 +340,14 @@ def _scaled(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip((values - low) / (high - low if high > low else 1.0), 0.0, 1.0)
 
 
-def sample_figure(entry: dict[str, Any], grid: list[int] | None) -> Any:
+def sample_figure(entry: dict[str, Any], grid: list[int] | None, layout: str = "") -> Any:
     """PNG of one gallery sample: inputs, amplified perturbation, and heatmaps over the image
     (or bar charts per feature for a tabular model)."""
     from matplotlib.figure import Figure
 
     clean = np.asarray(entry["x"], dtype=np.float64)
     adv = np.asarray(entry["x_adv"], dtype=np.float64)
-    picture, is_image = _image(clean)
+    picture, is_image = _image(clean, layout)
     maps = [
         ("Shapley value", "shapley", "RdBu_r", True),
         ("pairwise |I|, low orders", "cells_low", "viridis", False),
@@ -354,7 +356,7 @@ def sample_figure(entry: dict[str, Any], grid: list[int] | None) -> Any:
     have_maps = entry.get("shapley_clean") is not None or entry.get("cells_low_clean") is not None
     if not is_image:
         return _plot_tabular(entry, clean, adv, maps if have_maps else [])
-    adv_picture, _ = _image(adv)
+    adv_picture, _ = _image(adv, layout)
     low, high = float(min(clean.min(), adv.min())), float(max(clean.max(), adv.max()))
     delta = adv - clean
     scale = float(np.abs(delta).max())
@@ -369,7 +371,7 @@ def sample_figure(entry: dict[str, Any], grid: list[int] | None) -> Any:
     top[0].set_title(f"clean: {entry['clean_prediction_name']}", fontsize=9)
     top[1].imshow(_scaled(adv_picture, low, high), cmap=gray)
     top[1].set_title(f"adversarial: {entry['adversarial_prediction_name']}", fontsize=9)
-    amplified, _ = _image(delta / scale if scale > 0 else delta)
+    amplified, _ = _image(delta / scale if scale > 0 else delta, layout)
     shown = amplified if amplified.ndim == 2 else amplified.mean(axis=-1)
     image = top[2].imshow(shown, cmap="RdBu_r", vmin=-1, vmax=1)
     top[2].set_title(f"perturbation ×{1 / scale if scale else 1:.3g} (max {scale:.3g})", fontsize=9)
@@ -454,9 +456,9 @@ def plot_contribution(reports: Sequence[ReportLike]) -> bytes | None:
     return None if figure is None else _png(figure)
 
 
-def plot_sample(entry: dict[str, Any], grid: list[int] | None) -> bytes:
+def plot_sample(entry: dict[str, Any], grid: list[int] | None, layout: str = "") -> bytes:
     """PNG of `sample_figure`."""
-    return _png(sample_figure(entry, grid))
+    return _png(sample_figure(entry, grid, layout))
 
 
 def _text_page(dicts: Sequence[dict[str, Any]], found: dict[str, Any]) -> Any:
@@ -728,7 +730,7 @@ def _figures(
             gallery = report.get("gallery") or {}
             shown = gallery_images.setdefault(report["model"], [])
             for entry in gallery.get("entries", []):
-                figure = sample_figure(entry, gallery.get("grid"))
+                figure = sample_figure(entry, gallery.get("grid"), gallery.get("layout", ""))
                 figure.suptitle(f"{report['model']}: sample {entry['id']} ({entry['why']})")
                 shown.append(_png(figure))
                 pages.savefig(figure, bbox_inches="tight")

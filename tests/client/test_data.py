@@ -63,6 +63,12 @@ def test_image_folder_rgb_channels_first_and_last(tmp_path: Path) -> None:
     last, _ = load_data(tmp_path / "rgb", ModelShape(input_shape=(8, 8, 3)))
     np.testing.assert_allclose(first, np.moveaxis(pixels, -1, 1) / 255.0, rtol=1e-6)
     np.testing.assert_allclose(last, pixels / 255.0, rtol=1e-6)
+    # The server's layout decides where the shape alone would not: (3, 8, 3) channels-last.
+    _images(tmp_path / "narrow", size=(8, 3), mode="RGB")
+    narrow, _ = load_data(tmp_path / "narrow", ModelShape(input_shape=(3, 8, 3), layout="NHWC"))
+    assert narrow.shape == (4, 3, 8, 3)
+    with pytest.raises(DataError, match=r"takes a feature vector .* \(give tabular data as"):
+        load_data(tmp_path / "rgb", ModelShape(input_shape=(3, 8, 8), layout="features"))
 
 
 def test_image_folder_resize_only_when_asked(tmp_path: Path) -> None:
