@@ -229,3 +229,73 @@ def test_serve_runs_until_sigterm(demo_repository: Path) -> None:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_audit_from_an_image_folder_with_a_gallery(
+    address: str,
+    tmp_path: Path,
+    demo_test_data: tuple[np.ndarray, np.ndarray],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from PIL import Image
+
+    x, y = demo_test_data
+    folder = tmp_path / "digits"
+    for k in range(4):
+        (folder / str(int(y[k]))).mkdir(parents=True, exist_ok=True)
+        pixels = np.round(x[k, 0] * 255).astype(np.uint8)
+        Image.fromarray(pixels, "L").save(folder / str(int(y[k])) / f"{k}.png")
+    out_dir = tmp_path / "audit"
+    argv = [
+        "audit",
+        "--address",
+        address,
+        "--model",
+        "digits-cnn",
+        "--data",
+        str(folder),
+        "--eps",
+        "0.1",
+        "--steps",
+        "3",
+        "--grid",
+        "2x2",
+        "--estimator",
+        "exact",
+        "--out",
+        str(out_dir),
+    ]
+    assert main(argv) == 0
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["n_samples"] == 4
+    assert sorted(s["label"] for s in report["samples"]) == sorted(int(v) for v in y[:4])
+    gallery = report["gallery"]
+    assert [e["why"] for e in gallery["entries"]] == ["most affected", "least affected"]
+    # Chosen among the samples classified right before the attack (the attack's work).
+    changes = [s["utility_change"] for s in report["samples"] if s["clean_correct"]]
+    assert gallery["entries"][0]["utility_change"] == pytest.approx(max(changes))
+    assert gallery["entries"][1]["utility_change"] == pytest.approx(min(changes))
+    for entry in gallery["entries"]:
+        # Exact 2x2 profile: four Shapley values summing to v(N) - v(0) (efficiency).
+        assert len(entry["shapley_clean"]) == 4 and abs(entry["efficiency_gap_clean"]) < 1e-6
+        assert np.isfinite(entry["clean_margin"]) and np.isfinite(entry["adversarial_margin"])
+        assert (entry["clean_margin"] > 0) == (entry["clean_prediction"] == entry["label"])
+    assert report["settings"]["attack"] == "PGD" and report["findings"]["sentences"]
+    page = (out_dir / "report.html").read_text()
+    assert "Sample gallery: digits-cnn" in page and page.count("<img alt='Sample ") == 2
+    assert main([*argv[:6], str(tmp_path / "nothing.csv"), *argv[7:]]) == 1
+    assert "nothing.csv: no such file or folder" in capsys.readouterr().err
+
+
+def test_a_gallery_over_too_many_players_says_why_it_has_no_heatmaps(
+    address: str, data: Path, tmp_path: Path
+) -> None:
+    out_dir = tmp_path / "audit"
+    argv = ["audit", "--address", address, "--model", "digits-cnn", "--data", str(data)]
+    argv += ["--limit", "2", "--steps", "1", "--grid", "5x4", "--contexts", "2"]
+    argv += ["--ratios", "0.1,0.9", "--out", str(out_dir)]
+    assert main(argv) == 0
+    gallery = json.loads((out_dir / "report.json").read_text())["gallery"]
+    assert "2^20 forwards per input" in gallery["note"] and gallery["entries"]
+    assert all("shapley_clean" not in e for e in gallery["entries"])
+    assert "2^20 forwards per input" in (out_dir / "report.html").read_text()

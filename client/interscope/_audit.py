@@ -138,6 +138,9 @@ async def run_audit(
     config = audit_config(plan)
     config_dict = json_format.MessageToDict(config, preserving_proto_field_name=True)
     config_dict.pop("audit_id", None)
+    # Whether x_adv comes back changes no number: an audit asking for it (a report's gallery)
+    # and one that does not are the same audit, and resume from each other's checkpoints.
+    config_dict.pop("return_adversarial", None)
     fp = fingerprint({"config": config_dict, "model_content_hash": info.content_hash})
     state = _State(total=len(plan.ids), queue=asyncio.Queue(), stop=asyncio.Event())
     wanted = set(plan.ids)

@@ -11,6 +11,7 @@ from typing import TextIO
 import numpy as np
 
 from interscope._client import Client
+from interscope._gallery import build_gallery
 from interscope._models import AuditReport
 from interscope._options import AttackOptions, ProfileOptions
 from interscope._progress import ProgressBar
@@ -35,6 +36,8 @@ class DemoOptions:
     contexts: int = 16
     seed: int = 0
     progress: bool = True
+    #: Samples per model in the report's gallery (exact profiles, about 3 s each here).
+    gallery: int = 2
 
 
 def comparison_table(reports: list[AuditReport]) -> str:
@@ -100,6 +103,7 @@ def run_demo(options: DemoOptions, *, stream: TextIO | None = None) -> list[Audi
     )
     out_dir = options.out or options.workdir / "report"
     reports: list[AuditReport] = []
+    pages: list[dict[str, object]] = []
     with BackgroundServer(settings) as server:
         print(
             f"embedded server on {server.address}; auditing {len(x)} digits per model "
@@ -111,19 +115,30 @@ def run_demo(options: DemoOptions, *, stream: TextIO | None = None) -> list[Audi
         with Client(server.address) as client:
             for model in DEMO_MODELS:
                 with ProgressBar(f"audit {model}", enabled=options.progress) as bar:
-                    reports.append(
-                        client.audit(
-                            model=model,
-                            x=x,
-                            y=y,
-                            attack=attack,
-                            profile=profile,
-                            on_progress=bar.audit_progress,
-                        )
+                    report = client.audit(
+                        model=model,
+                        x=x,
+                        y=y,
+                        attack=attack,
+                        profile=profile,
+                        on_progress=bar.audit_progress,
+                        return_adversarial=options.gallery > 0,
                     )
+                reports.append(report)
+                info = client.get_model(model)
+                gallery = build_gallery(
+                    client,
+                    report,
+                    x,
+                    profile,
+                    count=options.gallery,
+                    classes=info.classes,
+                    layout=info.input.layout,
+                )
+                pages.append({**report.to_dict(), "gallery": gallery})
     print(file=out_stream)
     print(comparison_table(reports), file=out_stream)
-    written = write_report(reports, out_dir)
+    written = write_report(pages, out_dir)
     print(
         f"\nreport: {written['report.html']} (+ per-model report.json and PNG plots) "
         f"in {time.monotonic() - started:.0f} s",

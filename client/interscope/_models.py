@@ -522,6 +522,9 @@ class SampleResult(_DictMixin):
     perturbation: PerturbationProfile | None
     adversarial: np.ndarray | None
     error: SampleError | None
+    #: z_label - max_{c != label} z_c, clean and adversarial (NaN from servers before these).
+    clean_margin: float = math.nan
+    adversarial_margin: float = math.nan
 
     @classmethod
     def from_proto(cls, s: analysis_pb2.SampleResult) -> SampleResult:
@@ -543,6 +546,8 @@ class SampleResult(_DictMixin):
             ),
             adversarial=_tensor(s, "adversarial", "adversarial"),
             error=SampleError(s.error.code, s.error.message) if s.HasField("error") else None,
+            clean_margin=s.clean_margin,
+            adversarial_margin=s.adversarial_margin,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -561,6 +566,8 @@ class SampleResult(_DictMixin):
             )
             out["delta_mean"] = _jsonable(p.delta_mean)
             out["utility_change"] = _jsonable(p.utility_change)
+            # The order-weighted contributions (n-1-m)/(n(n-1)) * Delta I^(m) the report plots.
+            out["order_terms"] = _jsonable(p.order_terms)
         return out
 
 

@@ -10,7 +10,6 @@ import math
 import os
 import sys
 import traceback
-import zipfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -274,26 +273,39 @@ def _attack_options(args: argparse.Namespace) -> AttackOptions:
 
 def _load_data(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     """x and y from an .npz, or a CliError saying what was expected."""
-    expected = "an .npz with arrays x (inputs) and y (integer labels), as numpy.savez writes"
-    if not path.is_file():
-        raise CliError(f"{path}: no such file", expected)
-    if not zipfile.is_zipfile(path):
-        raise CliError(f"{path}: not an .npz archive", expected)
+    from interscope._data import DataError, load_npz
+
     try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in ("x", "y") if k not in data]
-            if missing:
-                raise CliError(f"{path}: no array {' or '.join(missing)} in it", expected)
-            x, y = data["x"], data["y"]
-    except (ValueError, OSError, zipfile.BadZipFile) as error:
-        raise CliError(f"{path}: cannot read it ({error})", expected) from None
-    if len(x) != len(y):
-        raise CliError(f"{path}: x has {len(x)} rows but y has {len(y)}", expected)
-    if not np.issubdtype(y.dtype, np.integer):
-        raise CliError(f"{path}: y holds {y.dtype}, not integer class labels", expected)
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
-    return np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)
+        x, y = load_npz(path)
+    except DataError as error:
+        raise CliError(error.message, error.expected) from None
+    return (x[:limit], y[:limit]) if limit is not None else (x, y)
+
+
+def _audit_data(args: argparse.Namespace, model: str) -> tuple[np.ndarray, np.ndarray]:
+    """x and y for an audit: an .npz as it is; image folders and tables fitted to the model
+    (its input shape, classes, value range and feature names: one GetModel call)."""
+    from interscope._data import DataError, ModelShape, load_data
+
+    if args.data.is_file() and args.data.suffix.lower() == ".npz":
+        return _load_data(args.data, args.limit)
+    shape = None
+    if args.data.exists():
+        with _client(args) as client:
+            info = client.get_model(model)
+        shape = ModelShape(
+            input_shape=tuple(info.input.shape),
+            classes=tuple(info.classes),
+            value_range=info.value_range,
+            feature_names=tuple(info.feature_names),
+            layout=info.input.layout,
+        )
+    try:
+        return load_data(
+            args.data, shape, limit=args.limit, label_column=args.label_column, resize=args.resize
+        )
+    except DataError as error:
+        raise CliError(error.message, error.expected) from None
 
 
 def _load_array(path: Path) -> np.ndarray:
@@ -398,9 +410,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", parents=[conn], help="resumable batch audit with a report")
     audit.add_argument("--model", required=True, help="model name; several separated by commas")
-    audit.add_argument("--data", type=Path, required=True, help=".npz with arrays x and y")
+    audit.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help=".npz with arrays x and y, a folder with one subfolder of images per class, or a "
+        ".csv / .parquet table (feature columns named as the model's feature_names)",
+    )
     audit.add_argument("--limit", type=_count(1), help="first N examples only")
     audit.add_argument("--out", type=Path, help="write report.json, report.html and plots here")
+    audit.add_argument(
+        "--label-column", default="label", help="label column of a CSV / Parquet --data"
+    )
+    audit.add_argument(
+        "--resize", action="store_true", help="resize images of a --data folder to the input"
+    )
+    audit.add_argument(
+        "--gallery",
+        type=_count(0),
+        default=2,
+        help="samples shown in the report's gallery, most and least affected (0: none)",
+    )
     audit.add_argument(
         "--checkpoint",
         type=Path,
@@ -698,8 +728,8 @@ def _failure_lines(report: Any) -> list[str]:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from interscope.report import write_report
 
-    x, y = _load_data(args.data, args.limit)
     models = [m.strip() for m in args.model.split(",") if m.strip()]
+    x, y = _audit_data(args, models[0])
     shard = _shard(args)
     suffix = "" if shard is None else f"-shard-{shard[0]}-of-{shard[1]}"
     header = _audit_header(args, len(x))
@@ -707,6 +737,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         header += f"; shard {shard[0]} of {shard[1]}"
     print(header, file=sys.stderr, flush=True)
     reports = []
+    pages: list[dict[str, Any]] = []
     with _client(args) as client:
         for model in models:
             checkpoint = args.checkpoint
@@ -730,6 +761,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                         streams_per_address=args.streams_per_address,
                         on_progress=watch,
                         shard=shard,
+                        return_adversarial=args.gallery > 0 and args.out is not None,
                     )
             except KeyboardInterrupt:
                 where = (
@@ -743,8 +775,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                     exit_code=EXIT_INTERRUPTED,
                 ) from None
             reports.append(report)
+            if args.out is not None:
+                pages.append(_with_gallery(args, client, report, x))
     if args.out is not None:
-        write_report(reports, args.out, plots=not args.no_plots)
+        write_report(pages, args.out, plots=not args.no_plots)
     data: Any = reports[0].to_dict() if len(reports) == 1 else [r.to_dict() for r in reports]
     lines = []
     for r in reports:
@@ -770,6 +804,29 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         )
         print("\n".join(_failure_lines(r)), file=sys.stderr)
     return EXIT_ERROR if failed else 0
+
+
+def _with_gallery(
+    args: argparse.Namespace, client: Client, report: Any, x: np.ndarray
+) -> dict[str, Any]:
+    """The report.json form of `report` with its sample gallery (exact profiles of the most
+    and least affected samples; none with --gallery 0 or for a sharded audit's part)."""
+    from interscope._gallery import build_gallery
+
+    page: dict[str, Any] = report.to_dict()
+    if args.gallery and _shard(args) is None:
+        info = client.get_model(report.model)
+        profile = _profile_options(args, feature_names=info.feature_names)
+        page["gallery"] = build_gallery(
+            client,
+            report,
+            x,
+            profile,
+            count=args.gallery,
+            classes=info.classes,
+            layout=info.input.layout,
+        )
+    return page
 
 
 def _shard(args: argparse.Namespace) -> tuple[int, int] | None:

@@ -1487,6 +1487,8 @@ class SampleResult(_message.Message):
     PERTURBATION_FIELD_NUMBER: _builtins.int
     ADVERSARIAL_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    CLEAN_MARGIN_FIELD_NUMBER: _builtins.int
+    ADVERSARIAL_MARGIN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     label: _builtins.int
     clean_prediction: _builtins.int
@@ -1498,6 +1500,11 @@ class SampleResult(_message.Message):
     l2: _builtins.float
     forwards: _builtins.int
     """Forwards spent on this sample (attack and profiles)."""
+    clean_margin: _builtins.float
+    """z_label - max_{c != label} z_c on the clean and the adversarial input (negative:
+    misclassified), as ExampleResult reports them; the report's gallery shows them.
+    """
+    adversarial_margin: _builtins.float
     @_builtins.property
     def perturbation(self) -> Global___PerturbationProfile:
         """Per order: clean and adversarial mean |I|, delta mean, and the decomposition (profiles
@@ -1526,10 +1533,12 @@ class SampleResult(_message.Message):
         perturbation: Global___PerturbationProfile | None = ...,
         adversarial: _tensor_pb2.Tensor | None = ...,
         error: Global___SampleError | None = ...,
+        clean_margin: _builtins.float = ...,
+        adversarial_margin: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["adversarial", b"adversarial", "error", b"error", "perturbation", b"perturbation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adversarial", b"adversarial", "adversarial_prediction", b"adversarial_prediction", "attack_success", b"attack_success", "clean_correct", b"clean_correct", "clean_prediction", b"clean_prediction", "error", b"error", "forwards", b"forwards", "id", b"id", "l2", b"l2", "label", b"label", "linf", b"linf", "perturbation", b"perturbation", "robust", b"robust"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adversarial", b"adversarial", "adversarial_margin", b"adversarial_margin", "adversarial_prediction", b"adversarial_prediction", "attack_success", b"attack_success", "clean_correct", b"clean_correct", "clean_margin", b"clean_margin", "clean_prediction", b"clean_prediction", "error", b"error", "forwards", b"forwards", "id", b"id", "l2", b"l2", "label", b"label", "linf", b"linf", "perturbation", b"perturbation", "robust", b"robust"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -324,6 +324,8 @@ def _audit_sample(
         attack_success=outcome.success,
         linf=outcome.linf,
         l2=outcome.l2,
+        clean_margin=outcome.clean_margin,
+        adversarial_margin=outcome.adv_margin,
         # Square's queries went through `evaluate`; white-box steps did not.
         forwards=forwards + (outcome.queries if attack.white_box else 0),
     )

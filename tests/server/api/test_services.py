@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import threading
 import warnings
 
@@ -381,6 +382,38 @@ def test_audit_answers_every_sample_once_and_reports_bad_ones(analysis, demo_tes
     assert (low <= np.array(summary.delta_mean.mean)).all() and (high >= low).all()
     assert summary.clean_accuracy == np.mean([s.clean_correct for s in good])
     assert sum(c.n for c in summary.per_class) == 5
+
+
+def test_audit_margins_are_the_models_own(analysis, demo_test_data, demo_repository) -> None:
+    """SampleResult's margins: z_label - max other logit of the served ONNX file, recomputed
+    here with onnxruntime on the clean input and on the x_adv the audit returned (normalised
+    by the config's mean and std, as the server feeds the graph)."""
+    import onnxruntime
+
+    x, y = demo_test_data
+    requests = list(_audit_requests(x[:3], y[:3], []))
+    requests[0].config.return_adversarial = True
+    samples = [
+        e.sample for e in analysis.Audit(iter(requests)) if e.WhichOneof("event") == "sample"
+    ]
+    folder = demo_repository / "digits-cnn-adv"
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"))
+    name = session.get_inputs()[0].name
+    norm = json.loads((folder / "config.json").read_text())["normalization"]
+    mean, std = norm["mean"][0], norm["std"][0]
+
+    def margin(inputs: np.ndarray, label: int) -> float:
+        normalised = ((inputs[None] - mean) / std).astype(np.float32)
+        (logits,) = session.run(None, {name: normalised})[0][:1]
+        return float(logits[label] - np.max(np.delete(logits, label)))
+
+    assert len(samples) == 3
+    for sample in samples:
+        k = int(sample.id[1:])
+        assert sample.clean_margin == pytest.approx(margin(x[k], int(y[k])), abs=1e-4)
+        adversarial = from_tensor(sample.adversarial).reshape(x[k].shape)
+        assert sample.adversarial_margin == pytest.approx(margin(adversarial, int(y[k])), abs=1e-4)
+        assert (sample.adversarial_margin < 0) == (not sample.robust)
 
 
 def test_a_sample_resent_after_its_error_is_a_retry_not_a_duplicate(
