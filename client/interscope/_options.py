@@ -33,13 +33,12 @@ _PAIR_MODES = {
     "random": analysis_pb2.PAIR_MODE_RANDOM,
     "neighbors": analysis_pb2.PAIR_MODE_NEIGHBORS,
 }
+# From the proto enum, so a new AttackKind reaches the SDK and the CLI's choices by itself:
+# ATTACK_KIND_PGD_MARGIN -> "pgd-margin".
 _ATTACKS = {
-    "fgsm": analysis_pb2.ATTACK_KIND_FGSM,
-    "pgd": analysis_pb2.ATTACK_KIND_PGD,
-    "pgd-margin": analysis_pb2.ATTACK_KIND_PGD_MARGIN,
-    "apgd": analysis_pb2.ATTACK_KIND_APGD,
-    "square": analysis_pb2.ATTACK_KIND_SQUARE,
-    "simba": analysis_pb2.ATTACK_KIND_SIMBA,
+    name.removeprefix("ATTACK_KIND_").lower().replace("_", "-"): value
+    for name, value in analysis_pb2.AttackKind.items()
+    if value != analysis_pb2.ATTACK_KIND_UNSPECIFIED
 }
 _NORMS = {"linf": analysis_pb2.NORM_LINF, "l2": analysis_pb2.NORM_L2}
 
