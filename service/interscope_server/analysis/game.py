@@ -106,7 +106,6 @@ class ModelGame:
         *,
         chunk_size: int = 1024,
         cancel: CancelToken | None = None,
-        on_chunk: Callable[[int], None] | None = None,
     ) -> None:
         x = np.asarray(x, dtype=np.float32)
         if not np.all(np.isfinite(x)):
@@ -126,7 +125,6 @@ class ModelGame:
         self._class = class_index
         self._chunk = chunk_size
         self._cancel = cancel
-        self._on_chunk = on_chunk
         self._forwards = 0
         self._ext: np.ndarray | None = None
         self._keep: np.ndarray | None = None
@@ -175,6 +173,4 @@ class ModelGame:
                 )
             out[start : start + part.shape[0]] = class_values(logits, self._class, self._value_fn)
             self._forwards += part.shape[0]
-            if self._on_chunk is not None:
-                self._on_chunk(self._forwards)
         return out
