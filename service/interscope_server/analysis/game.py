@@ -17,6 +17,23 @@ from interscope_server.errors import InvalidArgument
 Evaluator = Callable[[np.ndarray], np.ndarray]
 
 
+class CountingEvaluator:
+    """The model's forward pass, counting the rows it is asked for.
+
+    A profile sends every forward through one of these (its games' and the predicted-class
+    pass alike), so the `forwards` it reports is what the model actually ran.
+    """
+
+    def __init__(self, evaluate: Evaluator) -> None:
+        self._evaluate = evaluate
+        self.forwards = 0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        out = self._evaluate(x)
+        self.forwards += int(x.shape[0])
+        return out
+
+
 class Game(Protocol):
     """A cooperative game: coalitions (B, n) bool -> values (B,) float64, with a forward count."""
 
