@@ -164,8 +164,8 @@ class ProfileOptions:
 
 @dataclass(frozen=True)
 class AttackOptions:
-    """An adversarial attack: kind ("fgsm", "pgd", "pgd-margin", "apgd", "square", "simba"),
-    norm, budget.
+    """An adversarial attack: kind (`attack`, one of ATTACKS: the proto's AttackKind names in
+    lower case with dashes, e.g. "pgd", "pgd-margin", "square"), norm, budget.
 
     Zeros mean the server's defaults (steps 10, step size 2.5 * eps / steps, one restart,
     margin threshold 8, query budget 1000); random_start None means the attack's own default
