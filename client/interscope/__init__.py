@@ -30,6 +30,7 @@ from interscope._audit import AuditProgress
 from interscope._client import (
     AsyncClient,
     AttackEvent,
+    AuditRun,
     BaseClient,
     Client,
     ProfileEvent,
@@ -84,6 +85,7 @@ __all__ = [
     "AttackSummary",
     "AuditProgress",
     "AuditReport",
+    "AuditRun",
     "AuditSummary",
     "BaseClient",
     "CancelledError",

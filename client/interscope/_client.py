@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import ipaddress
 import json
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -175,6 +177,34 @@ class _AttackAssembler:
         return None
 
 
+@dataclass(frozen=True)
+class AuditRun:
+    """Everything `audit` takes, in one place: the model's name, x (N, *input_shape), y.
+
+    Fields besides those: attack and profile (the options, or dicts of their fields); checkpoint (a
+    JSON-lines file of finished samples, so a rerun sends only what is missing); addresses
+    (default the client's) and streams_per_address; ids (default "0" .. "N-1"); targets (one
+    per sample, targeted attacks); window (samples in flight per stream); return_adversarial;
+    audit_id; on_progress (called with each AuditProgress); shard=(index, count).
+    """
+
+    model: str
+    x: npt.ArrayLike
+    y: npt.ArrayLike
+    attack: AttackOptions | Mapping[str, Any]
+    profile: ProfileOptions | Mapping[str, Any]
+    checkpoint: str | os.PathLike[str] | None = None
+    addresses: Sequence[str] | str | None = None
+    streams_per_address: int = 2
+    ids: Sequence[str] | None = None
+    targets: npt.ArrayLike | None = None
+    window: int = 4
+    return_adversarial: bool = False
+    audit_id: str = ""
+    on_progress: Callable[[AuditProgress], None] | None = None
+    shard: tuple[int, int] | None = None
+
+
 class BaseClient:
     """What Client and AsyncClient share: target, credentials, metadata, request building."""
 
@@ -191,6 +221,15 @@ class BaseClient:
         retries: int = 4,
         max_message_bytes: int = 128 * MiB,
     ) -> None:
+        """Connect to `address` ("host:port", a comma-separated list or a list of them).
+
+        Args:
+            token: bearer token sent with every call. tls: use TLS (default: when certificates
+                are given). root_certificates, client_cert, client_key: PEM bytes or paths
+                (client_cert and client_key together for mutual TLS).
+            timeout: default seconds per call (None: no deadline). retries: attempts for
+                UNAVAILABLE calls (at most 4). max_message_bytes: largest message either way.
+        """
         self.addresses = split_addresses(address)
         self.target = combined_target(self.addresses)
         self.timeout = timeout
@@ -218,6 +257,11 @@ class BaseClient:
             ("grpc.enable_retries", 1),
             ("grpc.service_config", json.dumps(service_config(retries))),
         ]
+        self._open()
+
+    def _open(self) -> None:
+        """Open the channel and its stubs (blocking or asyncio: the subclass's kind)."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r})"
@@ -266,7 +310,7 @@ class BaseClient:
         spec: Mapping[str, Any],
     ) -> analysis_pb2.ProfileRequest:
         batch = _as_batch(x)
-        opts = ProfileOptions.coerce({**_options_dict(options), **spec})
+        opts = ProfileOptions.coerce({**_fields(options), **spec})
         choice = class_choice or ("label" if label is not None else "predicted")
         if choice not in _CLASS_CHOICES:
             raise ValueError(f"class_choice {choice!r}: use one of {', '.join(_CLASS_CHOICES)}")
@@ -301,27 +345,11 @@ class BaseClient:
             request.perturbation_profile.CopyFrom(ProfileOptions.coerce(profile).to_proto())
         return request
 
-    def _audit_plan(
-        self,
-        *,
-        model: str,
-        x: npt.ArrayLike,
-        y: npt.ArrayLike,
-        attack: AttackOptions | Mapping[str, Any],
-        profile: ProfileOptions | Mapping[str, Any],
-        checkpoint: str | os.PathLike[str] | None,
-        ids: Sequence[str] | None,
-        targets: npt.ArrayLike | None,
-        streams_per_address: int,
-        window: int,
-        return_adversarial: bool,
-        audit_id: str,
-        on_progress: Callable[[AuditProgress], None] | None,
-        shard: tuple[int, int] | None = None,
-    ) -> AuditPlan:
-        batch = _as_batch(x)
+    def _audit_plan(self, run: AuditRun) -> AuditPlan:
+        ids, targets, shard = run.ids, run.targets, run.shard
+        batch = _as_batch(run.x)
         n = len(batch)
-        labels = np.asarray(y, dtype=np.int64).reshape(-1)
+        labels = np.asarray(run.y, dtype=np.int64).reshape(-1)
         goals = None if targets is None else np.asarray(targets, dtype=np.int64).reshape(-1)
         names = [str(i) for i in ids] if ids is not None else [str(i) for i in range(n)]
         placed: tuple[int, int, int] | None = None
@@ -338,20 +366,20 @@ class BaseClient:
             goals = None if goals is None else goals[index::count]
             placed = (index, count, n)
         return AuditPlan(
-            model=model,
+            model=run.model,
             x=batch,
             y=labels,
             targets=goals,
             ids=names,
             shard=placed,
-            attack=AttackOptions.coerce(attack).to_proto(),
-            profile=ProfileOptions.coerce(profile).to_proto(),
-            checkpoint=Path(checkpoint) if checkpoint is not None else None,
-            streams_per_address=streams_per_address,
-            window=window,
-            return_adversarial=return_adversarial,
-            audit_id=audit_id,
-            on_progress=on_progress,
+            attack=AttackOptions.coerce(run.attack).to_proto(),
+            profile=ProfileOptions.coerce(run.profile).to_proto(),
+            checkpoint=Path(run.checkpoint) if run.checkpoint is not None else None,
+            streams_per_address=run.streams_per_address,
+            window=run.window,
+            return_adversarial=run.return_adversarial,
+            audit_id=run.audit_id,
+            on_progress=run.on_progress,
             metadata=self._metadata,
         )
 
@@ -367,12 +395,26 @@ class BaseClient:
                 await channel.close()
 
 
-def _options_dict(options: ProfileOptions | Mapping[str, Any] | None) -> dict[str, Any]:
+def _fields(options: ProfileOptions | AttackOptions | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fields of an options dataclass, or a dict of them, as a dict."""
     if options is None:
         return {}
-    if isinstance(options, ProfileOptions):
-        return {k: getattr(options, k) for k in ProfileOptions.__dataclass_fields__}
+    if isinstance(options, ProfileOptions | AttackOptions):
+        return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
     return dict(options)
+
+
+def _given(
+    options: type[ProfileOptions] | type[AttackOptions], args: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The options fields a verb was called with: its parameters of those names not None."""
+    names = (f.name for f in dataclasses.fields(options))
+    return {name: args[name] for name in names if args.get(name) is not None}
+
+
+def _arguments(args: Mapping[str, Any]) -> dict[str, Any]:
+    """A verb's own arguments (its locals() on entry) to pass on unchanged to its stream form."""
+    return {k: v for k, v in args.items() if k not in ("self", "__class__")}
 
 
 class Client(BaseClient):
@@ -382,8 +424,7 @@ class Client(BaseClient):
     ...     result = client.profile(model="digits-cnn", x=x[:1], label=y[:1], grid=(4, 4))
     """
 
-    def __init__(self, address: str | Sequence[str], **kwargs: Any) -> None:
-        super().__init__(address, **kwargs)
+    def _open(self) -> None:
         # Profile and Attack are unary-stream calls; by default grpc starts a polling thread
         # for each one (about 1 ms per call), which this option replaces with reading the
         # stream on the caller's own thread.
@@ -491,15 +532,41 @@ class Client(BaseClient):
         class_choice: str | None = None,
         options: ProfileOptions | Mapping[str, Any] | None = None,
         timeout: Timeout = USE_CLIENT_DEFAULT,
-        **spec: Any,
+        grid: tuple[int, int] | None = None,
+        features: Sequence[Sequence[int]] | None = None,
+        mask: np.ndarray | None = None,
+        baseline: str | float | np.ndarray | None = None,
+        baseline_reference: np.ndarray | None = None,
+        value: str | None = None,
+        orders: Sequence[int] | None = None,
+        ratios: Sequence[float] | None = None,
+        estimator: str | None = None,
+        pairs: str | None = None,
+        num_pairs: int | None = None,
+        neighbor_radius: int | None = None,
+        contexts: int | None = None,
+        independent_contexts: bool | None = None,
+        seed: int | None = None,
+        pairwise: bool | None = None,
     ) -> Iterator[ProfileEvent]:
         """Interaction profiles of the inputs `x` (N, *input_shape, or one example), as events.
 
         Yields Progress, OrderEstimate (per-order partials), InteractionProfile (one per
-        input) and last the ProfileResult. `spec` takes ProfileOptions fields: grid=(R, C) |
-        features= | mask=, baseline, value, orders | ratios, estimator, pairs, num_pairs,
-        neighbor_radius, contexts, seed, pairwise.
+        input) and last the ProfileResult.
+
+        Args:
+            model: the model's name. x: FP32 inputs (N, *input_shape) or one example.
+            label: the class to explain per input (or one for all); None with class_choice
+                unset explains the predicted class. class_choice: "label", "target" or
+                "predicted".
+            options: a ProfileOptions (or a dict of its fields) to start from; every
+                ProfileOptions field below that is not None overrides it (see ProfileOptions
+                for their meaning): grid=(R, C) | features= | mask= (the players), baseline,
+                baseline_reference, value, orders | ratios, estimator, pairs, num_pairs,
+                neighbor_radius, contexts, independent_contexts, seed, pairwise.
+            timeout: seconds for the whole call; default the client's.
         """
+        spec = _given(ProfileOptions, locals())
         x = self._batched(model, x)
         request = self._profile_request(model, x, label, class_choice, options, spec)
         for event in self._stream(self._analysis.Profile, request, timeout):
@@ -507,10 +574,36 @@ class Client(BaseClient):
             if converted is not None:
                 yield converted
 
-    def profile(self, **kwargs: Any) -> ProfileResult:
-        """Like `profile_stream`, returning only the final ProfileResult."""
+    def profile(
+        self,
+        *,
+        model: str,
+        x: npt.ArrayLike,
+        label: int | npt.ArrayLike | None = None,
+        class_choice: str | None = None,
+        options: ProfileOptions | Mapping[str, Any] | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+        grid: tuple[int, int] | None = None,
+        features: Sequence[Sequence[int]] | None = None,
+        mask: np.ndarray | None = None,
+        baseline: str | float | np.ndarray | None = None,
+        baseline_reference: np.ndarray | None = None,
+        value: str | None = None,
+        orders: Sequence[int] | None = None,
+        ratios: Sequence[float] | None = None,
+        estimator: str | None = None,
+        pairs: str | None = None,
+        num_pairs: int | None = None,
+        neighbor_radius: int | None = None,
+        contexts: int | None = None,
+        independent_contexts: bool | None = None,
+        seed: int | None = None,
+        pairwise: bool | None = None,
+    ) -> ProfileResult:
+        """Like `profile_stream` (the same parameters), returning only the final ProfileResult."""
+        arguments = _arguments(locals())
         result = None
-        for event in self.profile_stream(**kwargs):
+        for event in self.profile_stream(**arguments):
             if isinstance(event, ProfileResult):
                 result = event
         if result is None:
@@ -526,27 +619,72 @@ class Client(BaseClient):
         targets: npt.ArrayLike | None = None,
         profile: ProfileOptions | Mapping[str, Any] | None = None,
         omit_adversarial: bool = False,
+        options: AttackOptions | Mapping[str, Any] | None = None,
         timeout: Timeout = USE_CLIENT_DEFAULT,
-        **attack: Any,
+        attack: str | None = None,
+        norm: str | None = None,
+        eps: float | None = None,
+        steps: int | None = None,
+        step_size: float | None = None,
+        random_start: bool | None = None,
+        restarts: int | None = None,
+        targeted: bool | None = None,
+        margin_threshold: float | None = None,
+        query_budget: int | None = None,
+        seed: int | None = None,
     ) -> Iterator[AttackEvent]:
         """Attack the inputs `x` with labels `y`, as events: Progress, ExampleResult, AttackResult.
 
-        `attack` takes AttackOptions fields: attack ("pgd", "fgsm", "pgd-margin", "apgd",
-        "square"), norm, eps, steps, step_size, random_start, restarts, targeted,
-        margin_threshold, query_budget, seed. `profile` adds the perturbation profile.
+        Args:
+            model: the model's name. x: FP32 inputs (N, *input_shape) or one example.
+            y: true labels, one per input. targets: target classes when targeted.
+            profile: ProfileOptions (or a dict) for the perturbation profile of each clean and
+                adversarial input; None for none. omit_adversarial: leave x_adv out of results.
+            options: an AttackOptions (or a dict of its fields) to start from; every
+                AttackOptions field below that is not None overrides it (see AttackOptions):
+                attack (a kind: "fgsm", "pgd", "pgd-margin", "apgd", "square", "simba"), norm,
+                eps, steps, step_size, random_start, restarts, targeted, margin_threshold,
+                query_budget, seed.
+            timeout: seconds for the whole call; default the client's.
         """
+        given = _given(AttackOptions, locals())
         x = self._batched(model, x)
-        request = self._attack_request(model, x, y, targets, profile, omit_adversarial, attack)
+        request = self._attack_request(
+            model, x, y, targets, profile, omit_adversarial, {**_fields(options), **given}
+        )
         assembler = _AttackAssembler()
         for event in self._stream(self._analysis.Attack, request, timeout):
             converted = assembler.feed(event)
             if converted is not None:
                 yield converted
 
-    def attack(self, **kwargs: Any) -> AttackResult:
-        """Like `attack_stream`, returning only the final AttackResult."""
+    def attack(
+        self,
+        *,
+        model: str,
+        x: npt.ArrayLike,
+        y: npt.ArrayLike,
+        targets: npt.ArrayLike | None = None,
+        profile: ProfileOptions | Mapping[str, Any] | None = None,
+        omit_adversarial: bool = False,
+        options: AttackOptions | Mapping[str, Any] | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+        attack: str | None = None,
+        norm: str | None = None,
+        eps: float | None = None,
+        steps: int | None = None,
+        step_size: float | None = None,
+        random_start: bool | None = None,
+        restarts: int | None = None,
+        targeted: bool | None = None,
+        margin_threshold: float | None = None,
+        query_budget: int | None = None,
+        seed: int | None = None,
+    ) -> AttackResult:
+        """Like `attack_stream` (the same parameters), returning only the final AttackResult."""
+        arguments = _arguments(locals())
         result = None
-        for event in self.attack_stream(**kwargs):
+        for event in self.attack_stream(**arguments):
             if isinstance(event, AttackResult):
                 result = event
         if result is None:
@@ -573,23 +711,9 @@ class Client(BaseClient):
         shard: tuple[int, int] | None = None,
     ) -> AuditReport:
         """Audit every sample exactly once over concurrent Audit streams; see AsyncClient.audit."""
-        plan = self._audit_plan(
-            shard=shard,
-            model=model,
-            x=x,
-            y=y,
-            attack=attack,
-            profile=profile,
-            checkpoint=checkpoint,
-            ids=ids,
-            targets=targets,
-            streams_per_address=streams_per_address,
-            window=window,
-            return_adversarial=return_adversarial,
-            audit_id=audit_id,
-            on_progress=on_progress,
-        )
-        address_list = None if addresses is None else split_addresses(addresses)
+        run = AuditRun(**_arguments(locals()))
+        plan = self._audit_plan(run)
+        address_list = None if run.addresses is None else split_addresses(run.addresses)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -602,8 +726,7 @@ class Client(BaseClient):
 class AsyncClient(BaseClient):
     """asyncio interscope client (grpc.aio); use it as an async context manager."""
 
-    def __init__(self, address: str | Sequence[str], **kwargs: Any) -> None:
-        super().__init__(address, **kwargs)
+    def _open(self) -> None:
         self._channel = self._aio_channel(self.target)
         self._models = models_pb2_grpc.ModelServiceStub(self._channel)
         self._analysis = analysis_pb2_grpc.AnalysisServiceStub(self._channel)
@@ -705,9 +828,25 @@ class AsyncClient(BaseClient):
         class_choice: str | None = None,
         options: ProfileOptions | Mapping[str, Any] | None = None,
         timeout: Timeout = USE_CLIENT_DEFAULT,
-        **spec: Any,
+        grid: tuple[int, int] | None = None,
+        features: Sequence[Sequence[int]] | None = None,
+        mask: np.ndarray | None = None,
+        baseline: str | float | np.ndarray | None = None,
+        baseline_reference: np.ndarray | None = None,
+        value: str | None = None,
+        orders: Sequence[int] | None = None,
+        ratios: Sequence[float] | None = None,
+        estimator: str | None = None,
+        pairs: str | None = None,
+        num_pairs: int | None = None,
+        neighbor_radius: int | None = None,
+        contexts: int | None = None,
+        independent_contexts: bool | None = None,
+        seed: int | None = None,
+        pairwise: bool | None = None,
     ) -> AsyncIterator[ProfileEvent]:
-        """Interaction profiles as events; see Client.profile_stream."""
+        """Interaction profiles as events; the parameters are Client.profile_stream's."""
+        spec = _given(ProfileOptions, locals())
         x = await self._batched(model, x)
         request = self._profile_request(model, x, label, class_choice, options, spec)
         async for event in self._stream(self._analysis.Profile, request, timeout):
@@ -715,10 +854,36 @@ class AsyncClient(BaseClient):
             if converted is not None:
                 yield converted
 
-    async def profile(self, **kwargs: Any) -> ProfileResult:
-        """Like `profile_stream`, returning only the final ProfileResult."""
+    async def profile(
+        self,
+        *,
+        model: str,
+        x: npt.ArrayLike,
+        label: int | npt.ArrayLike | None = None,
+        class_choice: str | None = None,
+        options: ProfileOptions | Mapping[str, Any] | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+        grid: tuple[int, int] | None = None,
+        features: Sequence[Sequence[int]] | None = None,
+        mask: np.ndarray | None = None,
+        baseline: str | float | np.ndarray | None = None,
+        baseline_reference: np.ndarray | None = None,
+        value: str | None = None,
+        orders: Sequence[int] | None = None,
+        ratios: Sequence[float] | None = None,
+        estimator: str | None = None,
+        pairs: str | None = None,
+        num_pairs: int | None = None,
+        neighbor_radius: int | None = None,
+        contexts: int | None = None,
+        independent_contexts: bool | None = None,
+        seed: int | None = None,
+        pairwise: bool | None = None,
+    ) -> ProfileResult:
+        """Like `profile_stream` (the same parameters), returning only the final ProfileResult."""
+        arguments = _arguments(locals())
         result = None
-        async for event in self.profile_stream(**kwargs):
+        async for event in self.profile_stream(**arguments):
             if isinstance(event, ProfileResult):
                 result = event
         if result is None:
@@ -734,22 +899,59 @@ class AsyncClient(BaseClient):
         targets: npt.ArrayLike | None = None,
         profile: ProfileOptions | Mapping[str, Any] | None = None,
         omit_adversarial: bool = False,
+        options: AttackOptions | Mapping[str, Any] | None = None,
         timeout: Timeout = USE_CLIENT_DEFAULT,
-        **attack: Any,
+        attack: str | None = None,
+        norm: str | None = None,
+        eps: float | None = None,
+        steps: int | None = None,
+        step_size: float | None = None,
+        random_start: bool | None = None,
+        restarts: int | None = None,
+        targeted: bool | None = None,
+        margin_threshold: float | None = None,
+        query_budget: int | None = None,
+        seed: int | None = None,
     ) -> AsyncIterator[AttackEvent]:
-        """Attack events; see Client.attack_stream."""
+        """Attack events; the parameters are Client.attack_stream's."""
+        given = _given(AttackOptions, locals())
         x = await self._batched(model, x)
-        request = self._attack_request(model, x, y, targets, profile, omit_adversarial, attack)
+        request = self._attack_request(
+            model, x, y, targets, profile, omit_adversarial, {**_fields(options), **given}
+        )
         assembler = _AttackAssembler()
         async for event in self._stream(self._analysis.Attack, request, timeout):
             converted = assembler.feed(event)
             if converted is not None:
                 yield converted
 
-    async def attack(self, **kwargs: Any) -> AttackResult:
-        """Like `attack_stream`, returning only the final AttackResult."""
+    async def attack(
+        self,
+        *,
+        model: str,
+        x: npt.ArrayLike,
+        y: npt.ArrayLike,
+        targets: npt.ArrayLike | None = None,
+        profile: ProfileOptions | Mapping[str, Any] | None = None,
+        omit_adversarial: bool = False,
+        options: AttackOptions | Mapping[str, Any] | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+        attack: str | None = None,
+        norm: str | None = None,
+        eps: float | None = None,
+        steps: int | None = None,
+        step_size: float | None = None,
+        random_start: bool | None = None,
+        restarts: int | None = None,
+        targeted: bool | None = None,
+        margin_threshold: float | None = None,
+        query_budget: int | None = None,
+        seed: int | None = None,
+    ) -> AttackResult:
+        """Like `attack_stream` (the same parameters), returning only the final AttackResult."""
+        arguments = _arguments(locals())
         result = None
-        async for event in self.attack_stream(**kwargs):
+        async for event in self.attack_stream(**arguments):
             if isinstance(event, AttackResult):
                 result = event
         if result is None:
@@ -788,21 +990,7 @@ class AsyncClient(BaseClient):
         dataset's); `merge_audits` over the checkpoints of all `count` shards gives the report
         of the whole dataset, as a Kubernetes Indexed Job does with JOB_COMPLETION_INDEX.
         """
-        plan = self._audit_plan(
-            shard=shard,
-            model=model,
-            x=x,
-            y=y,
-            attack=attack,
-            profile=profile,
-            checkpoint=checkpoint,
-            ids=ids,
-            targets=targets,
-            streams_per_address=streams_per_address,
-            window=window,
-            return_adversarial=return_adversarial,
-            audit_id=audit_id,
-            on_progress=on_progress,
-        )
-        address_list = None if addresses is None else split_addresses(addresses)
+        run = AuditRun(**_arguments(locals()))
+        plan = self._audit_plan(run)
+        address_list = None if run.addresses is None else split_addresses(run.addresses)
         return await self._run_audit(plan, address_list)

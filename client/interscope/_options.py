@@ -33,13 +33,12 @@ _PAIR_MODES = {
     "random": analysis_pb2.PAIR_MODE_RANDOM,
     "neighbors": analysis_pb2.PAIR_MODE_NEIGHBORS,
 }
+# From the proto enum, so a new AttackKind reaches the SDK and the CLI's choices by itself:
+# ATTACK_KIND_PGD_MARGIN -> "pgd-margin".
 _ATTACKS = {
-    "fgsm": analysis_pb2.ATTACK_KIND_FGSM,
-    "pgd": analysis_pb2.ATTACK_KIND_PGD,
-    "pgd-margin": analysis_pb2.ATTACK_KIND_PGD_MARGIN,
-    "apgd": analysis_pb2.ATTACK_KIND_APGD,
-    "square": analysis_pb2.ATTACK_KIND_SQUARE,
-    "simba": analysis_pb2.ATTACK_KIND_SIMBA,
+    name.removeprefix("ATTACK_KIND_").lower().replace("_", "-"): value
+    for name, value in analysis_pb2.AttackKind.items()
+    if value != analysis_pb2.ATTACK_KIND_UNSPECIFIED
 }
 _NORMS = {"linf": analysis_pb2.NORM_LINF, "l2": analysis_pb2.NORM_L2}
 
@@ -165,8 +164,8 @@ class ProfileOptions:
 
 @dataclass(frozen=True)
 class AttackOptions:
-    """An adversarial attack: kind ("fgsm", "pgd", "pgd-margin", "apgd", "square", "simba"),
-    norm, budget.
+    """An adversarial attack: kind (`attack`, one of ATTACKS: the proto's AttackKind names in
+    lower case with dashes, e.g. "pgd", "pgd-margin", "square"), norm, budget.
 
     Zeros mean the server's defaults (steps 10, step size 2.5 * eps / steps, one restart,
     margin threshold 8, query budget 1000); random_start None means the attack's own default

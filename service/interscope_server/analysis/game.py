@@ -17,6 +17,23 @@ from interscope_server.errors import InvalidArgument
 Evaluator = Callable[[np.ndarray], np.ndarray]
 
 
+class CountingEvaluator:
+    """The model's forward pass, counting the rows it is asked for.
+
+    A profile sends every forward through one of these (its games' and the predicted-class
+    pass alike), so the `forwards` it reports is what the model actually ran.
+    """
+
+    def __init__(self, evaluate: Evaluator) -> None:
+        self._evaluate = evaluate
+        self.forwards = 0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        out = self._evaluate(x)
+        self.forwards += int(x.shape[0])
+        return out
+
+
 class Game(Protocol):
     """A cooperative game: coalitions (B, n) bool -> values (B,) float64, with a forward count."""
 
@@ -106,7 +123,6 @@ class ModelGame:
         *,
         chunk_size: int = 1024,
         cancel: CancelToken | None = None,
-        on_chunk: Callable[[int], None] | None = None,
     ) -> None:
         x = np.asarray(x, dtype=np.float32)
         if not np.all(np.isfinite(x)):
@@ -126,7 +142,6 @@ class ModelGame:
         self._class = class_index
         self._chunk = chunk_size
         self._cancel = cancel
-        self._on_chunk = on_chunk
         self._forwards = 0
         self._ext: np.ndarray | None = None
         self._keep: np.ndarray | None = None
@@ -175,6 +190,4 @@ class ModelGame:
                 )
             out[start : start + part.shape[0]] = class_values(logits, self._class, self._value_fn)
             self._forwards += part.shape[0]
-            if self._on_chunk is not None:
-                self._on_chunk(self._forwards)
         return out

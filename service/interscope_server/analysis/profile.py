@@ -16,7 +16,7 @@ from interscope_server.analysis.exact import (
     exact_interactions,
     tabulate,
 )
-from interscope_server.analysis.game import Evaluator, ModelGame
+from interscope_server.analysis.game import CountingEvaluator, Evaluator, ModelGame
 from interscope_server.analysis.players import GridPlayers, Players, resolve_players
 from interscope_server.analysis.results import (
     InteractionProfile,
@@ -146,15 +146,17 @@ def _plan(
     _, n = resolve_players(spec.players, np.asarray(x).shape)
     if spec.class_choice is ClassChoice.PREDICTED:
         clean_logits = np.asarray(evaluate(np.asarray(x, dtype=np.float32)[None]))
+        cls = resolve_class(spec.class_choice, class_index, clean_logits)
+    elif class_index is None:
+        raise InvalidArgument(
+            f"class choice {spec.class_choice.value!r} needs a class index; none was given"
+        )
+    elif class_index < 0:
+        raise InvalidArgument(f"class {class_index} is out of range; classes start at 0")
     else:
-        clean_logits = np.zeros((1, 0))
-    if spec.class_choice is not ClassChoice.PREDICTED:
-        if class_index is None:
-            raise InvalidArgument(
-                f"class choice {spec.class_choice.value!r} needs a class index; none was given"
-            )
-        clean_logits = np.zeros((1, max(class_index + 1, 1)))
-    cls = resolve_class(spec.class_choice, class_index, clean_logits)
+        # The upper end needs the model's class count: class_values checks it on the first
+        # forward, against the logits themselves.
+        cls = int(class_index)
     pairs = select_pairs(spec, n)
     orders = resolve_orders(spec, n)
     # Decide and check limits on the expected cost first: a sampling plan's arrays grow with
@@ -380,6 +382,11 @@ def _ends_and_singletons(game: ModelGame, with_singletons: bool) -> np.ndarray:
     return game(coalitions)
 
 
+def _prediction_forwards(spec: ProfileSpec) -> int:
+    """Forwards spent finding the predicted class (one clean input), beyond the plan's own."""
+    return 1 if spec.class_choice is ClassChoice.PREDICTED else 0
+
+
 def profile_events(
     evaluate: Evaluator,
     x: np.ndarray,
@@ -391,13 +398,14 @@ def profile_events(
     InteractionProfile last. Raises InvalidArgument / ResourceExhausted before any heavy work."""
     t0 = time.perf_counter()
     x = np.asarray(x, dtype=np.float32)
+    evaluate = counted = CountingEvaluator(evaluate)
     plan = _plan(evaluate, x, spec, class_index, n_inputs=1, extra_per_input=0)
     game = _game(evaluate, x, spec, plan.class_index, cancel)
-    planned = plan.forwards_per_input
+    planned = plan.forwards_per_input + _prediction_forwards(spec)
     if plan.exact:
         values = np.empty(2**plan.n)
-        for done in tabulate(game, values, spec.chunk_size, cancel):
-            yield Progress(done, planned, "clean")
+        for _ in tabulate(game, values, spec.chunk_size, cancel):
+            yield Progress(counted.forwards, planned, "clean")
         t1 = time.perf_counter()
         e = exact_interactions(values, plan.n)
         prof = exact_profile(
@@ -407,7 +415,7 @@ def profile_events(
             class_index=plan.class_index,
             value_function=spec.value.value,
             return_pairs=spec.return_pairs,
-            forwards=game.forwards,
+            forwards=counted.forwards,
             seed=None,
             timings={"forwards_s": t1 - t0, "compute_s": time.perf_counter() - t1},
         )
@@ -422,7 +430,7 @@ def profile_events(
     for op in sampling.order_plans:
         for item in run_order(game, op, spec.chunk_size, cancel):
             if isinstance(item, int):
-                yield Progress(game.forwards, planned, "clean")
+                yield Progress(counted.forwards, planned, "clean")
             else:
                 s = order_stats(item, op.exhaustive)
                 stats.append(s)
@@ -434,7 +442,7 @@ def profile_events(
         class_index=plan.class_index,
         value_function=spec.value.value,
         return_pairs=spec.return_pairs,
-        forwards=game.forwards,
+        forwards=counted.forwards,
         timings={"total_s": time.perf_counter() - t0},
     )
     yield prof
@@ -460,11 +468,12 @@ def perturbation_events(
             f"the perturbed input's shape {x_adv.shape} differs from the clean one's {x.shape}"
         )
     n_guess = resolve_players(spec.players, x.shape)[1]
+    evaluate = counted = CountingEvaluator(evaluate)
     plan = _plan(evaluate, x, spec, class_index, n_inputs=2, extra_per_input=n_guess)
     n = plan.n
     clean = _game(evaluate, x, spec, plan.class_index, cancel)
     adv = _game(evaluate, x_adv, spec, plan.class_index, cancel)
-    planned = 2 * plan.forwards_per_input
+    planned = 2 * plan.forwards_per_input + _prediction_forwards(spec)
     cls, vf, rp = plan.class_index, spec.value.value, spec.return_pairs
 
     if plan.exact:
@@ -472,7 +481,7 @@ def perturbation_events(
         for stage, game in (("clean", clean), ("perturbed", adv)):
             values = np.empty(2**n)
             for _ in tabulate(game, values, spec.chunk_size, cancel):
-                yield Progress(clean.forwards + adv.forwards, planned, stage)
+                yield Progress(counted.forwards, planned, stage)
             tables.append(values)
         t1 = time.perf_counter()
         ec, ea = exact_interactions(tables[0], n), exact_interactions(tables[1], n)
@@ -536,7 +545,7 @@ def perturbation_events(
             decomposition_residual=gap - empty - single - float(terms.sum()),
             decomposition_complete=True,
             estimator="exact",
-            forwards=clean.forwards + adv.forwards,
+            forwards=counted.forwards,
             seed=None,
             timings={"forwards_s": t1 - t0, "total_s": time.perf_counter() - t0},
         )
@@ -554,7 +563,7 @@ def perturbation_events(
         for stage, game in (("clean", clean), ("perturbed", adv)):
             for item in run_order(game, op, spec.chunk_size, cancel):
                 if isinstance(item, int):
-                    yield Progress(clean.forwards + adv.forwards, planned, stage)
+                    yield Progress(counted.forwards, planned, stage)
                 else:
                     deltas.append(item)
         sc, sa = order_stats(deltas[0], op.exhaustive), order_stats(deltas[1], op.exhaustive)
@@ -619,7 +628,7 @@ def perturbation_events(
         decomposition_residual=residual,
         decomposition_complete=bool(complete),
         estimator="sampled",
-        forwards=clean.forwards + adv.forwards,
+        forwards=counted.forwards,
         seed=sampling.seed,
         timings=timings,
     )

@@ -30,6 +30,7 @@ from interscope_server.analysis.profile import (
 )
 from interscope_server.analysis.sampled import DEFAULT_RATIOS
 from interscope_server.analysis.values import ClassChoice, ValueFunction
+from interscope_server.attacks import attack_class, attack_classes
 from interscope_server.attacks.base import AttackName, AttackSpec, Norm, ValueRange
 from interscope_server.config import Settings
 from interscope_server.layout import Layout
@@ -60,13 +61,10 @@ PAIR_MODES = {
 }
 T = TypeVar("T")
 
+#: AttackKind -> the attack's kind, from the classes: each declares the enum name it answers to.
+#: A class whose kind has no enum value fails here, at import, not on a request.
 ATTACK_NAMES: dict[int, AttackName] = {
-    analysis_pb2.ATTACK_KIND_FGSM: "fgsm",
-    analysis_pb2.ATTACK_KIND_PGD: "pgd",
-    analysis_pb2.ATTACK_KIND_PGD_MARGIN: "margin_pgd",
-    analysis_pb2.ATTACK_KIND_APGD: "apgd",
-    analysis_pb2.ATTACK_KIND_SQUARE: "square",
-    analysis_pb2.ATTACK_KIND_SIMBA: "simba",
+    analysis_pb2.AttackKind.Value(f"ATTACK_KIND_{kind.upper()}"): kind for kind in attack_classes()
 }
 NORMS: dict[int, Norm] = {
     analysis_pb2.NORM_UNSPECIFIED: "linf",
@@ -259,7 +257,7 @@ def attack_spec(
         name=name,
         norm=norm,
         eps=float(spec.eps),
-        steps=(1 if name == "fgsm" else int(spec.steps)) if spec.steps else None,
+        steps=int(spec.steps) if spec.steps and not attack_class(name).fixed_steps else None,
         step_size=float(spec.step_size) if spec.step_size else None,
         random_start=spec.random_start if spec.HasField("random_start") else None,
         restarts=int(spec.restarts or 1),

@@ -41,6 +41,11 @@ class APGD(WhiteBoxAttack):
     Shapes: x (B, *input_shape) float32 in value_range; labels/targets (B,) int64; logits (B, K).
     """
 
+    kind = "apgd"
+    default_steps = 100
+    default_random_start = True
+    own_step_size = True
+
     def single_run(
         self,
         model: torch.nn.Module,

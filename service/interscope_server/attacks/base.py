@@ -23,18 +23,12 @@ from interscope_server.layout import LAYOUTS, Layout
 Evaluator: TypeAlias = Callable[[np.ndarray], np.ndarray]
 
 Norm = Literal["linf", "l2"]
-AttackName = Literal["apgd", "fgsm", "margin_pgd", "pgd", "simba", "square"]
+#: An attack's kind: the `kind` its class declares (the proto's AttackKind name, lower case).
+AttackName: TypeAlias = str
 #: One (low, high) for every element, or one per feature in flattened order.
 ValueRange: TypeAlias = tuple[float, float] | tuple[tuple[float, float], ...]
 
 NORMS: tuple[Norm, ...] = get_args(Norm)
-ATTACK_NAMES: tuple[AttackName, ...] = get_args(AttackName)
-#: Attacks that need the model's gradients (a torch module).
-WHITE_BOX_ATTACKS: tuple[AttackName, ...] = ("apgd", "fgsm", "margin_pgd", "pgd")
-#: Attacks that only call the evaluator (forward passes), so they work on every backend.
-BLACK_BOX_ATTACKS: tuple[AttackName, ...] = ("simba", "square")
-#: Black-box attacks that spend their whole query budget in one run (no restarts).
-_ONE_RUN_ATTACKS: tuple[AttackName, ...] = BLACK_BOX_ATTACKS
 
 # Limits keep one request from occupying a worker for hours; the API layer may tighten them.
 MAX_STEPS = 10_000
@@ -42,14 +36,33 @@ MAX_RESTARTS = 100
 MAX_QUERIES = 100_000
 MAX_SEED = 2**63 - 1
 
-#: Per-attack defaults applied where the spec leaves `steps`, `step_size` or `random_start` unset.
-#: step_size is a fraction of eps; None there means the attack sets its own schedule.
-_DEFAULT_STEPS = MappingProxyType(
-    {"fgsm": 1, "pgd": 10, "margin_pgd": 100, "apgd": 100, "simba": 0, "square": 0}
-)
-_DEFAULT_RANDOM_START = MappingProxyType(
-    {"fgsm": False, "pgd": True, "margin_pgd": False, "apgd": True}
-)
+# Filled once, as each attack module is imported (attacks/__init__.py imports them all), by
+# Attack.__init_subclass__; read-only afterwards. Class creation is the one place that knows
+# every attack, so nothing else has to list them.
+_ATTACK_CLASSES: dict[AttackName, type[Attack]] = {}
+
+
+def attack_classes() -> MappingProxyType[AttackName, type[Attack]]:
+    """Every attack class by its kind, in kind order (the registry the runner and API use)."""
+    return MappingProxyType(dict(sorted(_ATTACK_CLASSES.items())))
+
+
+def attack_class(name: AttackName) -> type[Attack]:
+    """The class of attack `name`; InvalidArgument naming the known kinds if there is none."""
+    classes = attack_classes()
+    if name not in classes:
+        raise InvalidArgument(f"unknown attack {name!r}; allowed: {', '.join(classes)}")
+    return classes[name]
+
+
+def white_box_attacks() -> tuple[AttackName, ...]:
+    """Kinds that need the model's gradients (a torch module)."""
+    return tuple(k for k, c in attack_classes().items() if c.white_box)
+
+
+def black_box_attacks() -> tuple[AttackName, ...]:
+    """Kinds that only call the evaluator (forward passes), so they work on every backend."""
+    return tuple(k for k, c in attack_classes().items() if not c.white_box)
 
 
 def _finite(value: object) -> bool:
@@ -74,22 +87,22 @@ class AttackSpec:
     `resolved_random_start`).
 
     Fields:
-        name: one of ATTACK_NAMES.
+        name: an attack's kind (see `attack_classes`).
         norm: "linf" or "l2".
         eps: radius of the perturbation ball, > 0.
         steps: gradient steps per restart (white-box); fgsm allows only 1. Square ignores it.
         step_size: absolute step size; default pgd 2.5*eps/steps (Madry et al.), fgsm eps,
-            margin_pgd eps/16 (the paper's 2/255 at eps 32/255), simba eps (linf) or eps/2
+            pgd_margin eps/16 (the paper's 2/255 at eps 32/255), simba eps (linf) or eps/2
             (l2) per coordinate. apgd and square set their own and reject an explicit one.
         random_start: start from a random point in the ball (default: pgd, apgd yes; fgsm,
-            margin_pgd no).
+            pgd_margin no).
         restarts: independent runs (white-box only; square takes 1); each later run attacks
             only the examples not yet done, and the best run per example is kept.
         targeted: aim at `target_classes` instead of away from the label.
         target_classes: one class for every example, or one per example (in input order);
             required when targeted, forbidden otherwise.
-        margin_threshold: margin_pgd stops an example once max_{c!=y} z_c - z_y >= this.
-        margin_tolerance: margin_pgd rejects (and halves the step of) any step that overshoots
+        margin_threshold: pgd_margin stops an example once max_{c!=y} z_c - z_y >= this.
+        margin_tolerance: pgd_margin rejects (and halves the step of) any step that overshoots
             the threshold by more than this, so kept examples end in [threshold, threshold+tol].
         max_queries: square's and simba's per-example forward-pass budget, including the
             first query.
@@ -152,10 +165,14 @@ class AttackSpec:
         return float(high - low)
 
     def __post_init__(self) -> None:
-        if self.name not in ATTACK_NAMES:
-            raise InvalidArgument(
-                f"unknown attack {self.name!r}; allowed: {', '.join(ATTACK_NAMES)}"
-            )
+        attack = attack_class(self.name)
+        self._check_ball()
+        self._check_budget()
+        self._check_goal()
+        self._check_for(attack)
+
+    def _check_ball(self) -> None:
+        """Norm, layout, value range and eps: the feasible set every attack searches."""
         if self.norm not in NORMS:
             raise InvalidArgument(f"unknown norm {self.norm!r}; allowed: {', '.join(NORMS)}")
         if self.layout not in LAYOUTS:
@@ -179,43 +196,40 @@ class AttackSpec:
                 f"linf eps {self.eps} exceeds the width of value_range ({width}); "
                 f"allowed: {allowed}"
             )
+
+    def _check_budget(self) -> None:
+        """Steps, step size, restarts, queries, p_init and seed: how much work and which."""
         if self.steps is not None:
             if not _integer(self.steps):
                 raise InvalidArgument(f"steps must be an integer, got {self.steps!r}")
             if not 1 <= self.steps <= MAX_STEPS:
                 raise InvalidArgument(f"steps must be in 1..{MAX_STEPS}, got {self.steps}")
-            if self.name == "fgsm" and self.steps != 1:
-                raise InvalidArgument(
-                    f"fgsm takes exactly one step, got steps={self.steps}; use pgd for more"
-                )
-        if self.step_size is not None:
-            if not _finite(self.step_size) or self.step_size <= 0:
-                raise InvalidArgument(
-                    f"step_size must be a finite number > 0, got {self.step_size!r}"
-                )
-            if self.name in ("apgd", "square"):
-                raise InvalidArgument(
-                    f"{self.name} sets its own step size; leave step_size unset "
-                    "(allowed with fgsm, pgd, margin_pgd)"
-                )
+        if self.step_size is not None and (not _finite(self.step_size) or self.step_size <= 0):
+            raise InvalidArgument(f"step_size must be a finite number > 0, got {self.step_size!r}")
         if not _integer(self.restarts):
             raise InvalidArgument(f"restarts must be an integer, got {self.restarts!r}")
         if not 1 <= self.restarts <= MAX_RESTARTS:
             raise InvalidArgument(f"restarts must be in 1..{MAX_RESTARTS}, got {self.restarts}")
-        if self.name in _ONE_RUN_ATTACKS and self.restarts != 1:
+        if not _integer(self.max_queries):
+            raise InvalidArgument(f"max_queries must be an integer, got {self.max_queries!r}")
+        if not 1 <= self.max_queries <= MAX_QUERIES:
             raise InvalidArgument(
-                f"{self.name} spends its whole query budget in one run; restarts must be 1 "
-                "(raise max_queries instead)"
+                f"max_queries must be in 1..{MAX_QUERIES}, got {self.max_queries}"
             )
+        if not _finite(self.p_init) or not 0 < self.p_init <= 1:
+            raise InvalidArgument(f"p_init must be in (0, 1], got {self.p_init!r}")
+        if not _integer(self.seed):
+            raise InvalidArgument(f"seed must be an integer, got {self.seed!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise InvalidArgument(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
+
+    def _check_goal(self) -> None:
+        """Targets and margin_threshold/-tolerance: what counts as done."""
         if self.targeted:
             if not self.target_classes:
                 raise InvalidArgument(
                     "a targeted attack needs target_classes: one class for all examples "
                     "or one per example"
-                )
-            if self.name == "margin_pgd":
-                raise InvalidArgument(
-                    "margin_pgd is untargeted (as in the paper); use pgd or apgd for targeted"
                 )
         elif self.target_classes:
             raise InvalidArgument("target_classes given but targeted is false; set targeted")
@@ -231,45 +245,42 @@ class AttackSpec:
             raise InvalidArgument(
                 f"margin_tolerance must be a finite number > 0, got {self.margin_tolerance!r}"
             )
-        if not _integer(self.max_queries):
-            raise InvalidArgument(f"max_queries must be an integer, got {self.max_queries!r}")
-        if not 1 <= self.max_queries <= MAX_QUERIES:
+
+    def _check_for(self, attack: type[Attack]) -> None:
+        """What the attack's class declares: its norms, its own step size, its own checks."""
+        if self.norm not in attack.norms:
             raise InvalidArgument(
-                f"max_queries must be in 1..{MAX_QUERIES}, got {self.max_queries}"
+                f"{self.name} does not support norm {self.norm!r}; allowed: "
+                f"{', '.join(attack.norms)}"
             )
-        if not _finite(self.p_init) or not 0 < self.p_init <= 1:
-            raise InvalidArgument(f"p_init must be in (0, 1], got {self.p_init!r}")
-        if not _integer(self.seed):
-            raise InvalidArgument(f"seed must be an integer, got {self.seed!r}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise InvalidArgument(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
+        if self.step_size is not None and attack.own_step_size:
+            allowed = [k for k, c in attack_classes().items() if not c.own_step_size]
+            raise InvalidArgument(
+                f"{self.name} sets its own step size; leave step_size unset "
+                f"(allowed with {', '.join(allowed)})"
+            )
+        attack.check(self)
 
     @property
     def white_box(self) -> bool:
         """Whether the attack needs gradients (a torch module) rather than forward passes."""
-        return self.name in WHITE_BOX_ATTACKS
+        return attack_class(self.name).white_box
 
     @property
     def resolved_steps(self) -> int:
-        return self.steps if self.steps is not None else _DEFAULT_STEPS[self.name]
+        return self.steps if self.steps is not None else attack_class(self.name).default_steps
 
     @property
     def resolved_step_size(self) -> float:
         if self.step_size is not None:
             return self.step_size
-        if self.name == "pgd":
-            return 2.5 * self.eps / self.resolved_steps
-        if self.name == "margin_pgd":
-            return self.eps / 16
-        if self.name == "simba":
-            return self.eps if self.norm == "linf" else self.eps / 2
-        return self.eps if self.name == "fgsm" else 2 * self.eps
+        return attack_class(self.name).default_step_size(self)
 
     @property
     def resolved_random_start(self) -> bool:
         if self.random_start is not None:
             return self.random_start
-        return _DEFAULT_RANDOM_START.get(self.name, False)
+        return attack_class(self.name).default_random_start
 
 
 @dataclass(frozen=True)
@@ -280,7 +291,7 @@ class ExampleResult:
     (positive: classified correctly), for both clean and adversarial inputs, targeted or not.
     Success: untargeted, adv_pred != label; targeted, adv_pred == target. Examples the attack had
     nothing to do for (untargeted and already misclassified, or targeted and already at the
-    target) are returned unchanged with attacked=False, steps=0 (margin_pgd attacks them all).
+    target) are returned unchanged with attacked=False, steps=0 (pgd_margin attacks them all).
     Norms are of x_adv - x, computed in float64. steps: gradient steps (white-box) or iterations
     (square); queries: model forward passes the attack spent on this example (white-box: one
     forward-backward per step plus any final evaluation; square: every evaluator call row).
@@ -547,15 +558,50 @@ class BatchOutcome(NamedTuple):
 
 
 class Attack(ABC):
-    """Common base: holds the validated spec. Subclasses are WhiteBoxAttack or BlackBoxAttack."""
+    """Common base: holds the validated spec. Subclasses are WhiteBoxAttack or BlackBoxAttack.
 
+    A concrete attack declares itself: `kind` (its AttackKind name in lower case, e.g. "pgd"
+    for ATTACK_KIND_PGD), the `norms` it supports, its defaults and its own spec checks
+    (`check`). Declaring `kind` registers the class; the runner, the API's enum table and the
+    white-/black-box lists are all read from that registry.
+    """
+
+    #: The attack's name in AttackSpec and, upper-cased after "ATTACK_KIND_", in the proto.
+    kind: ClassVar[AttackName]
     white_box: ClassVar[bool]
-    #: Whether examples that already meet the goal are attacked too (margin_pgd's stop is a
+    #: Norms the attack supports.
+    norms: ClassVar[tuple[Norm, ...]] = NORMS
+    #: Steps per restart when the spec leaves `steps` unset (0: the attack does not step).
+    default_steps: ClassVar[int] = 0
+    #: Whether the step count is the attack's own (fgsm: one), so the wire's `steps` is ignored.
+    fixed_steps: ClassVar[bool] = False
+    #: Whether to start from a random point when the spec leaves `random_start` unset.
+    default_random_start: ClassVar[bool] = False
+    #: Whether the attack sets its own step size (schedule or search), so the spec may not.
+    own_step_size: ClassVar[bool] = False
+    #: Whether examples that already meet the goal are attacked too (pgd_margin's stop is a
     #: margin, not success); otherwise the runner passes on only examples still to fool.
     attacks_all: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        # Only classes that name themselves register; WhiteBoxAttack and BlackBoxAttack do not.
+        if "kind" in cls.__dict__:
+            if cls.kind in _ATTACK_CLASSES:
+                raise TypeError(f"two attack classes declare kind {cls.kind!r}")
+            _ATTACK_CLASSES[cls.kind] = cls
+
     def __init__(self, spec: AttackSpec) -> None:
         self.spec = spec
+
+    @classmethod
+    def default_step_size(cls, spec: AttackSpec) -> float:
+        """The step size when the spec leaves it unset; attacks with a schedule ignore it."""
+        return 2 * spec.eps
+
+    @classmethod  # noqa: B027 - optional hook
+    def check(cls, spec: AttackSpec) -> None:
+        """The attack's own checks on a spec that passed the common ones (InvalidArgument)."""
 
     def prepare(self, input_shape: tuple[int, ...]) -> None:  # noqa: B027 - optional hook
         """Check the input shape suits the attack; raise InvalidArgument if not."""
@@ -609,9 +655,20 @@ class WhiteBoxAttack(Attack):
 
 
 class BlackBoxAttack(Attack):
-    """An attack that only calls the evaluator (forward passes), so any backend will do."""
+    """An attack that only calls the evaluator (forward passes), so any backend will do.
+
+    It spends its whole query budget in one run, so it takes no restarts.
+    """
 
     white_box = False
+
+    @classmethod
+    def check(cls, spec: AttackSpec) -> None:
+        if spec.restarts != 1:
+            raise InvalidArgument(
+                f"{spec.name} spends its whole query budget in one run; restarts must be 1 "
+                "(raise max_queries instead)"
+            )
 
     @abstractmethod
     def perturb(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from interscope_server.attacks.base import (
+    AttackSpec,
     Ball,
     BatchOutcome,
     Goal,
@@ -13,6 +14,7 @@ from interscope_server.attacks.base import (
     forward_backward,
 )
 from interscope_server.cancel import CancelToken
+from interscope_server.errors import InvalidArgument
 
 
 class FGSM(WhiteBoxAttack):
@@ -26,6 +28,21 @@ class FGSM(WhiteBoxAttack):
     Loss: cross-entropy of the label, ascended (untargeted), or of the target, descended.
     Shapes: x (B, *input_shape) float32 in value_range; labels/targets (B,) int64; logits (B, K).
     """
+
+    kind = "fgsm"
+    default_steps = 1
+    fixed_steps = True
+
+    @classmethod
+    def default_step_size(cls, spec: AttackSpec) -> float:
+        return spec.eps
+
+    @classmethod
+    def check(cls, spec: AttackSpec) -> None:
+        if spec.steps is not None and spec.steps != 1:
+            raise InvalidArgument(
+                f"fgsm takes exactly one step, got steps={spec.steps}; use pgd for more"
+            )
 
     def single_run(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from interscope_server.attacks.base import (
+    AttackSpec,
     Ball,
     BatchOutcome,
     Goal,
@@ -31,6 +32,14 @@ class PGD(WhiteBoxAttack):
     Shapes: x (B, *input_shape) float32 in value_range; labels/targets (B,) int64; the model
     returns logits (B, K).
     """
+
+    kind = "pgd"
+    default_steps = 10
+    default_random_start = True
+
+    @classmethod
+    def default_step_size(cls, spec: AttackSpec) -> float:
+        return 2.5 * spec.eps / spec.resolved_steps
 
     def single_run(
         self,

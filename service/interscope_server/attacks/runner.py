@@ -11,9 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from interscope_server.attacks.apgd import APGD
 from interscope_server.attacks.base import (
-    BLACK_BOX_ATTACKS,
     Attack,
     AttackEvent,
     AttackSpec,
@@ -25,15 +23,13 @@ from interscope_server.attacks.base import (
     Goal,
     Progress,
     WhiteBoxAttack,
+    attack_class,
+    black_box_attacks,
     forward,
     label_margin,
     scalar_range,
 )
-from interscope_server.attacks.fgsm import FGSM
-from interscope_server.attacks.margin_pgd import MarginPGD
-from interscope_server.attacks.pgd import PGD
-from interscope_server.attacks.simba import SimBA
-from interscope_server.attacks.square import Square, evaluate_tensor
+from interscope_server.attacks.square import evaluate_tensor
 from interscope_server.cancel import CancelToken
 from interscope_server.errors import FailedPrecondition, InvalidArgument
 
@@ -41,18 +37,8 @@ MAX_BATCH_SIZE = 4096
 
 
 def build_attack(spec: AttackSpec) -> Attack:
-    """The attack object for a validated spec."""
-    if spec.name == "fgsm":
-        return FGSM(spec)
-    if spec.name == "pgd":
-        return PGD(spec)
-    if spec.name == "margin_pgd":
-        return MarginPGD(spec)
-    if spec.name == "apgd":
-        return APGD(spec)
-    if spec.name == "simba":
-        return SimBA(spec)
-    return Square(spec)
+    """The attack object for a validated spec: an instance of the class that declares its kind."""
+    return attack_class(spec.name)(spec)
 
 
 @dataclass(frozen=True)
@@ -114,7 +100,7 @@ def attack_events(
     if isinstance(attack, WhiteBoxAttack) and model is None:
         raise FailedPrecondition(
             f"attack {spec.name!r} needs gradients, but this model's backend provides none; "
-            f"attacks that need only forward passes work: {', '.join(BLACK_BOX_ATTACKS)}"
+            f"attacks that need only forward passes work: {', '.join(black_box_attacks())}"
         )
     if isinstance(attack, BlackBoxAttack) and evaluate is None:
         raise FailedPrecondition(f"attack {spec.name!r} needs the model's evaluator")

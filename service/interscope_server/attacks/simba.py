@@ -7,7 +7,14 @@ import math
 import torch
 from torch import Tensor
 
-from interscope_server.attacks.base import Ball, BatchOutcome, BlackBoxAttack, Evaluator, Goal
+from interscope_server.attacks.base import (
+    AttackSpec,
+    Ball,
+    BatchOutcome,
+    BlackBoxAttack,
+    Evaluator,
+    Goal,
+)
 from interscope_server.attacks.square import evaluate_tensor
 from interscope_server.cancel import CancelToken
 
@@ -31,6 +38,12 @@ class SimBA(BlackBoxAttack):
     restarts 1; step_size overrides s. Shapes: inputs (B, *input_shape) float32 in value_range
     (any layout); the evaluator returns logits (B, K).
     """
+
+    kind = "simba"
+
+    @classmethod
+    def default_step_size(cls, spec: AttackSpec) -> float:
+        return spec.eps if spec.norm == "linf" else spec.eps / 2
 
     def perturb(
         self,

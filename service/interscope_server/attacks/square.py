@@ -71,6 +71,9 @@ class Square(BlackBoxAttack):
     (L2 needs H, W >= 5); a features layout takes any shape; the evaluator returns logits (B, K).
     """
 
+    kind = "square"
+    own_step_size = True
+
     def prepare(self, input_shape: tuple[int, ...]) -> None:
         layout = self.spec.layout
         if layout == "features":

@@ -259,7 +259,6 @@ class OnnxBackend(Backend):
                 "model %s: asked for %s, onnxruntime runs it with %s", config.name, providers, used
             )
         self._on_gpu = used[0] in (_CUDA, _TENSORRT)
-        self._provider = used[0]
         self._fixed_batch: int | None = None
         self._output_is_map = False
         self._norm: tuple[np.ndarray, np.ndarray] | None = None
@@ -281,11 +280,6 @@ class OnnxBackend(Backend):
     @property
     def device(self) -> str:
         return "cuda" if self._on_gpu else "cpu"
-
-    @property
-    def provider(self) -> str:
-        """The onnxruntime execution provider that runs the model."""
-        return self._provider
 
     @property
     def gradients_available(self) -> bool:

@@ -72,7 +72,7 @@ def test_margin_pgd_ends_at_the_threshold(
     x, y = digits[0][:24], digits[1][:24]
     threshold, tolerance = 6.0, 0.5
     spec = AttackSpec(
-        "margin_pgd", eps=0.3, steps=100, margin_threshold=threshold, margin_tolerance=tolerance
+        "pgd_margin", eps=0.3, steps=100, margin_threshold=threshold, margin_tolerance=tolerance
     )
     report = run_attack(spec, x, y, standard_model, _refuse, batch_size=12)
     # The paper's margin, max_{c != y} z_c - z_y, is minus the label margin reported.

@@ -146,7 +146,7 @@ def test_results_are_determined_by_the_seed(
     assert not np.array_equal(first.x_adv, moved.x_adv)
 
 
-@pytest.mark.parametrize("name", ["pgd", "apgd", "margin_pgd", "fgsm"])
+@pytest.mark.parametrize("name", ["pgd", "apgd", "pgd_margin", "fgsm"])
 def test_cancellation_stops_at_the_next_step(
     name: AttackName, standard_model: torch.nn.Module, digits: tuple[np.ndarray, np.ndarray]
 ) -> None:

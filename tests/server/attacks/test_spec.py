@@ -15,7 +15,7 @@ from interscope_server.errors import InvalidArgument
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"name": "cw"}, "allowed: apgd, fgsm, margin_pgd, pgd, simba, square"),
+        ({"name": "cw"}, "allowed: apgd, fgsm, pgd, pgd_margin, simba, square"),
         ({"name": "pgd", "norm": "l1"}, "allowed: linf, l2"),
         ({"name": "pgd", "eps": 0.0}, "eps must be"),
         ({"name": "pgd", "eps": float("nan")}, "eps must be"),
@@ -28,8 +28,8 @@ from interscope_server.errors import InvalidArgument
         ({"name": "pgd", "targeted": True}, "needs target_classes"),
         ({"name": "pgd", "target_classes": (1,)}, "targeted is false"),
         ({"name": "pgd", "targeted": True, "target_classes": (-1,)}, "non-negative"),
-        ({"name": "margin_pgd", "targeted": True, "target_classes": (1,)}, "untargeted"),
-        ({"name": "margin_pgd", "margin_threshold": 0.0}, "margin_threshold"),
+        ({"name": "pgd_margin", "targeted": True, "target_classes": (1,)}, "untargeted"),
+        ({"name": "pgd_margin", "margin_threshold": 0.0}, "margin_threshold"),
         ({"name": "square", "max_queries": 0}, "max_queries must be in 1.."),
         ({"name": "square", "restarts": 2}, "restarts must be 1"),
         ({"name": "square", "p_init": 1.5}, "p_init must be in (0, 1]"),
@@ -58,9 +58,9 @@ def test_defaults_resolve_per_attack() -> None:
     assert AttackSpec("simba", eps=0.1).resolved_step_size == 0.1
     assert AttackSpec("simba", norm="l2", eps=0.1).resolved_step_size == 0.05
     assert AttackSpec("simba", eps=0.1, step_size=0.02).resolved_step_size == 0.02
-    assert AttackSpec("margin_pgd", eps=32 / 255).resolved_step_size == pytest.approx(2 / 255)
+    assert AttackSpec("pgd_margin", eps=32 / 255).resolved_step_size == pytest.approx(2 / 255)
     assert AttackSpec("pgd").resolved_random_start
-    assert not AttackSpec("margin_pgd").resolved_random_start
+    assert not AttackSpec("pgd_margin").resolved_random_start
     assert [AttackSpec(name).white_box for name in ATTACK_NAMES] == [True] * 4 + [False] * 2
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from interscope_server.attacks.base import (
+    AttackSpec,
     Ball,
     BatchOutcome,
     Goal,
@@ -13,6 +14,7 @@ from interscope_server.attacks.base import (
     label_margin,
 )
 from interscope_server.cancel import CancelToken
+from interscope_server.errors import InvalidArgument
 
 
 class MarginPGD(WhiteBoxAttack):
@@ -36,7 +38,20 @@ class MarginPGD(WhiteBoxAttack):
     Shapes: x (B, *input_shape) float32 in value_range; labels (B,) int64; logits (B, K).
     """
 
+    kind = "pgd_margin"
+    default_steps = 100
     attacks_all = True
+
+    @classmethod
+    def default_step_size(cls, spec: AttackSpec) -> float:
+        return spec.eps / 16
+
+    @classmethod
+    def check(cls, spec: AttackSpec) -> None:
+        if spec.targeted:
+            raise InvalidArgument(
+                "pgd_margin is untargeted (as in the paper); use pgd or apgd for targeted"
+            )
 
     def single_run(
         self,
