@@ -21,7 +21,11 @@ MAX_EXACT_PLAYERS = 16
 
 
 class _Profiler(Protocol):
-    def profile(self, **kwargs: Any) -> ProfileResult: ...
+    """What the gallery needs of a client: one exact Profile call."""
+
+    def profile(
+        self, *, model: str, x: np.ndarray, label: np.ndarray, options: ProfileOptions
+    ) -> ProfileResult: ...
 
 
 def choose(report: AuditReport, count: int) -> list[tuple[int, str]]:
