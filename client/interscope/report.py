@@ -149,7 +149,7 @@ def settings(report: ReportLike) -> dict[str, str]:
         "eps": f"{float(attack.get('eps', 0.0)):g}",
         "steps": str(steps) if steps else "the attack's default",
         "step size": f"{float(attack['step_size']):g}" if attack.get("step_size") else "default",
-        "restarts": str(int(attack.get("restarts") or 0)),
+        "restarts": str(int(attack.get("restarts") or 1)),  # 0 on the wire: the default, 1
         "players": _players(profile, int(data.get("n_players") or 0)),
         "baseline": _baseline(profile),
         "value function": _VALUES.get(str(profile.get("value", "")), "log p(y | x)"),

@@ -148,6 +148,8 @@ def test_page_states_settings_in_words_and_flags_small_classes() -> None:
     for shown in ("PGD", "L∞", "4×4 grid of cells (16 players)", "log p(y | x)", "16 per order"):
         assert shown in page
     assert "1, 4, 7, 10, 13 (not computed: 0, 2, 3, 5, 6, 8, 9, 11, 12, 14)" in page
+    # Fields the spec leaves at 0 mean the server's default: one restart, not zero.
+    assert settings(_report("a", (0.0, 0.0, 0.45)))["restarts"] == "1"
     assert "one <em>(small n)</em>" in page and "zero <em>(small n)</em>" not in page
     assert page.count("<img ") == page.count("<img alt='")
 
