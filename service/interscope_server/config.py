@@ -135,6 +135,23 @@ class Settings(BaseSettings):
     worker_threads: int = Field(
         default=16, ge=1, description="Threads that run engine and attack work off the event loop."
     )
+    reserved_worker_threads: int = Field(
+        default=4,
+        ge=0,
+        description=(
+            "Worker threads long calls may never take, so short calls always find them free "
+            "(capped at half of worker_threads)."
+        ),
+    )
+    long_call_forwards: int = Field(
+        default=100_000,
+        ge=0,
+        description=(
+            "A call (or audit sample) planning more forward plus gradient passes than this is "
+            "long: long calls share worker_threads minus reserved_worker_threads, first come "
+            "first served."
+        ),
+    )
 
     audit_idle_seconds: float = Field(
         default=300.0,

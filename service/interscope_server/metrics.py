@@ -78,6 +78,16 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.long_calls_running = Gauge(
+            "interscope_long_calls_running",
+            "Long analysis calls (or audit samples) holding a worker thread of the long lane.",
+            registry=self.registry,
+        )
+        self.long_calls_waiting = Gauge(
+            "interscope_long_calls_waiting",
+            "Long analysis calls (or audit samples) waiting for a slot of the long lane.",
+            registry=self.registry,
+        )
         self.gpu_memory = Gauge(
             "interscope_gpu_memory_bytes",
             "GPU memory allocated by torch on each CUDA device.",

@@ -25,6 +25,7 @@ from interscope_server.api.interceptors import (
     StallInterceptor,
     WireInterceptor,
 )
+from interscope_server.api.lanes import WorkerLanes
 from interscope_server.api.model_servicer import ModelServicer
 from interscope_server.config import Settings
 from interscope_server.errors import StartupError
@@ -129,7 +130,14 @@ class InterscopeServer:
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.analysis = AnalysisServicer(settings, self.registry, self.executor)
+        lanes = WorkerLanes(
+            settings.worker_threads,
+            settings.reserved_worker_threads,
+            settings.long_call_forwards,
+            running=self.metrics.long_calls_running,
+            waiting=self.metrics.long_calls_waiting,
+        )
+        self.analysis = AnalysisServicer(settings, self.registry, self.executor, lanes)
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         s = self.settings

@@ -8,7 +8,13 @@ holding worker threads for minutes or computing a result that cannot be sent.
 from __future__ import annotations
 
 from interscope_server import errors
-from interscope_server.analysis.profile import PairSelection, ProfileSpec, resolve_orders
+from interscope_server.analysis.profile import (
+    EstimatorChoice,
+    PairSelection,
+    ProfileSpec,
+    resolve_orders,
+)
+from interscope_server.analysis.sampled import expected_sampled_forwards
 from interscope_server.attacks.base import AttackSpec
 from interscope_server.config import Settings
 
@@ -29,6 +35,24 @@ def attack_cost(spec: AttackSpec, n_inputs: int) -> tuple[int, int]:
     return n_inputs * spec.max_queries, 0
 
 
+#: Scheduling weights: a gradient pass costs about a forward and a backward (3 forwards), and
+#: each sequential step of an attack costs about as much as this many rows of a large batch
+#: (small batches are dominated by per-pass overhead), so 100,000 Square queries on 2 inputs
+#: count as long although they are only 200,000 rows.
+_GRADIENT_WEIGHT = 3
+_STEP_ROWS = 64
+#: Inputs the attack runner works on at once (attacks.runner's default batch).
+_ATTACK_BATCH = 64
+
+
+def attack_schedule_cost(spec: AttackSpec, n_inputs: int) -> int:
+    """An attack's cost in forward-equivalents, for scheduling (WorkerLanes), not admission."""
+    forwards, gradients = attack_cost(spec, n_inputs)
+    per_batch = spec.resolved_steps * max(1, spec.restarts) if spec.white_box else spec.max_queries
+    steps = per_batch * -(-n_inputs // _ATTACK_BATCH)
+    return forwards + _GRADIENT_WEIGHT * gradients + _STEP_ROWS * steps
+
+
 def admit_attack(spec: AttackSpec, n_inputs: int, settings: Settings) -> None:
     """Refuse an attack whose planned forwards or gradient passes exceed the server's limits."""
     forwards, gradients = attack_cost(spec, n_inputs)
@@ -47,18 +71,47 @@ def admit_attack(spec: AttackSpec, n_inputs: int, settings: Settings) -> None:
         )
 
 
+def _pair_count(spec: ProfileSpec, n_players: int) -> int:
+    """Upper bound of the pairs `spec` profiles over `n_players`."""
+    if spec.pairs is PairSelection.ALL:
+        return n_players * (n_players - 1) // 2
+    if spec.pairs is PairSelection.NEIGHBOURS:
+        # Each cell has at most (2r+1)^2 - 1 neighbours; each pair is counted once.
+        return n_players * ((2 * spec.neighbour_radius + 1) ** 2 - 1) // 2
+    return spec.n_random_pairs
+
+
+def profile_cost(spec: ProfileSpec, n_players: int, n_inputs: int) -> int:
+    """About how many forward passes a profile of `n_inputs` inputs plans (for scheduling).
+
+    The engine decides exact against sampled per input; this takes the cheaper of the two where
+    the engine may choose, so a call counts as long only when either way is long.
+    """
+    exact = 2 ** min(n_players, 62)
+    if spec.estimator is EstimatorChoice.EXACT:
+        per_input = exact
+    else:
+        orders = resolve_orders(spec, n_players)
+        sampled = expected_sampled_forwards(
+            n_players,
+            orders,
+            _pair_count(spec, n_players),
+            spec.contexts_per_order,
+            spec.independent_contexts,
+        )
+        # Each context's own row, the empty and full coalitions and the clean prediction.
+        per_input = int(sampled) + n_players + 3
+        if spec.estimator is not EstimatorChoice.SAMPLED and n_players <= spec.max_exact_players:
+            per_input = min(per_input, exact)
+    return per_input * n_inputs
+
+
 def profile_message_bytes(spec: ProfileSpec, n_players: int) -> int:
     """Upper bound of one InteractionProfile message's size for `spec` over `n_players`."""
     orders = len(resolve_orders(spec, n_players))
     size = _MESSAGE_OVERHEAD + 8 * orders * _F64  # the per-order arrays
     if spec.return_pairs:
-        if spec.pairs is PairSelection.ALL:
-            pairs = n_players * (n_players - 1) // 2
-        elif spec.pairs is PairSelection.NEIGHBOURS:
-            # Each cell has at most (2r+1)^2 - 1 neighbours; each pair is counted once.
-            pairs = n_players * ((2 * spec.neighbour_radius + 1) ** 2 - 1) // 2
-        else:
-            pairs = spec.n_random_pairs
+        pairs = _pair_count(spec, n_players)
         # (k, 2) int64 pairs, (orders, k) interactions and their standard errors.
         size += pairs * 2 * 8 + 2 * orders * pairs * _F64
         if n_players <= spec.max_exact_players:  # exact may run: it adds the Shapley tables

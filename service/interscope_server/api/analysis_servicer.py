@@ -27,6 +27,7 @@ from interscope_server.analysis.profile import (
 from interscope_server.analysis.values import ClassChoice, check_defined
 from interscope_server.api import admission, convert, numerics, specs
 from interscope_server.api.errors import stream_errors
+from interscope_server.api.lanes import WorkerLanes
 from interscope_server.api.streaming import iterate_in_thread
 from interscope_server.attacks.base import AttackSpec
 from interscope_server.cancel import CancelToken
@@ -86,10 +87,22 @@ class _Throttle:
 class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     """Profile, Attack and Audit over the registry, the engine and the attacks."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, executor: Executor) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        executor: Executor,
+        lanes: WorkerLanes | None = None,
+    ) -> None:
         self._settings = settings
         self._registry = registry
         self._executor = executor
+        # Long calls share a bounded part of `executor`, so short ones always find a thread.
+        self.lanes = lanes or WorkerLanes(
+            settings.worker_threads,
+            settings.reserved_worker_threads,
+            settings.long_call_forwards,
+        )
         self._calls: set[_Call] = set()
         self._idle = asyncio.Event()  # set while no analysis call runs; lets shutdown drain
         self._idle.set()
@@ -201,8 +214,10 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             throttle = _Throttle()
             profiles: list[analysis_pb2.InteractionProfile] = []
             planned = 0
+            # One more forward per input: its clean prediction.
+            cost = admission.profile_cost(spec, n_players, len(x)) + len(x)
             async for index, prediction, event in iterate_in_thread(
-                self._executor, events, call.cancel
+                self._executor, events, call.cancel, self.lanes.slot(cost, call.cancel)
             ):
                 if isinstance(event, engine.Progress):
                     planned = event.forwards_planned * len(x)
@@ -297,6 +312,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                 raise errors.InvalidArgument("targets given but attack.targeted is false")
             domain, torch_model = self._attack_setup(model, request.attack, targets, call.cancel)
             admission.admit_attack(domain, len(x), self._settings)
+            cost = admission.attack_schedule_cost(domain, len(x))
             profile: ProfileSpec | None = None
             if request.HasField("perturbation_profile"):
                 profile, n_players = specs.profile_spec(
@@ -314,6 +330,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                     self._settings,
                 )
                 check_defined(profile.value, model.backend.output_kind, model.name)
+                cost += 2 * admission.profile_cost(profile, n_players, len(x))
             evaluate = self._evaluator(model, call.cancel)
 
             def events() -> Iterator[tuple[object, engine.PerturbationProfile | None]]:
@@ -343,7 +360,9 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                         yield event, None
 
             deltas: list[analysis_pb2.PerturbationProfile] = []
-            async for event, perturbation in iterate_in_thread(self._executor, events, call.cancel):
+            async for event, perturbation in iterate_in_thread(
+                self._executor, events, call.cancel, self.lanes.slot(cost, call.cancel)
+            ):
                 if isinstance(event, attacks.Progress):
                     yield analysis_pb2.AttackEvent(
                         progress=analysis_pb2.Progress(

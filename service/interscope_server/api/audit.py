@@ -92,6 +92,10 @@ async def _audit(
             settings,
         )
         check_defined(profile.value, model.backend.output_kind, model.name)
+        # Each sample takes a lane slot of its own when long (an attack, two profiles).
+        sample_cost = admission.attack_schedule_cost(attack, 1) + 2 * admission.profile_cost(
+            profile, n_players, 1
+        )
         per_sample_baseline = (
             config.profile.baseline.WhichOneof("kind") == "mean"
             and not config.profile.baseline.mean.values
@@ -140,20 +144,21 @@ async def _audit(
                             n_evaluations=2,
                             layout=model.config.layout,
                         )
-                    result = await loop.run_in_executor(
-                        servicer._executor,
-                        _audit_sample,
-                        model,
-                        attack,
-                        torch_model,
-                        sample_profile,
-                        sample.id,
-                        x,
-                        label,
-                        target,
-                        config,
-                        call.cancel,
-                    )
+                    async with servicer.lanes.slot(sample_cost, call.cancel):
+                        result = await loop.run_in_executor(
+                            servicer._executor,
+                            _audit_sample,
+                            model,
+                            attack,
+                            torch_model,
+                            sample_profile,
+                            sample.id,
+                            x,
+                            label,
+                            target,
+                            config,
+                            call.cancel,
+                        )
                 except (errors.Cancelled, errors.DeadlineExceeded) as exc:
                     await outbox.put(exc)
                     return

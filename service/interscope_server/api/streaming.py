@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
+from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
 from interscope_server.cancel import CancelToken
@@ -13,13 +15,32 @@ T = TypeVar("T")
 
 
 async def iterate_in_thread(
-    executor: Executor, make_events: Callable[[], Iterator[T]], cancel: CancelToken
+    executor: Executor,
+    make_events: Callable[[], Iterator[T]],
+    cancel: CancelToken,
+    slot: AbstractAsyncContextManager[None] | None = None,
 ) -> AsyncIterator[T]:
     """Yield what `make_events()` yields, computed on `executor` without blocking the loop.
+
+    `slot` (a WorkerLanes slot) is entered before the work is handed to `executor` and left
+    when it has stopped, so a long computation holds its lane exactly while it has a thread.
 
     When the consumer stops early (the client cancelled, or an error), the token is cancelled so
     the worker stops at its next chunk, and this waits for it: no computation outlives its call.
     """
+    # The events are closed explicitly, before the slot is left: the worker must have stopped
+    # before the slot is given back.
+    async with (
+        slot if slot is not None else contextlib.nullcontext(),
+        contextlib.aclosing(_iterate(executor, make_events, cancel)) as events,
+    ):
+        async for item in events:
+            yield item
+
+
+async def _iterate(
+    executor: Executor, make_events: Callable[[], Iterator[T]], cancel: CancelToken
+) -> AsyncGenerator[T, None]:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[bool, T | BaseException | None]] = asyncio.Queue()
 
