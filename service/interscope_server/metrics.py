@@ -78,6 +78,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.send_stalls = Counter(
+            "interscope_send_stalls",
+            "Streaming calls cancelled because the client read nothing for send_stall_seconds.",
+            ["method"],
+            registry=self.registry,
+        )
         self.long_calls_running = Gauge(
             "interscope_long_calls_running",
             "Long analysis calls (or audit samples) holding a worker thread of the long lane.",

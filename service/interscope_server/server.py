@@ -168,7 +168,7 @@ class InterscopeServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [
             ObservabilityInterceptor(self.metrics),
             WireInterceptor(),
-            StallInterceptor(s.send_stall_seconds),
+            StallInterceptor(s.send_stall_seconds, self.metrics),
         ]
         if s.auth_tokens:
             interceptors.insert(0, AuthInterceptor([*s.auth_tokens, *s.admin_tokens]))

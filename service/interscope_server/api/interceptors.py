@@ -291,11 +291,13 @@ class StallInterceptor(grpc.aio.ServerInterceptor):
     A server-streaming handler's events are written with a time limit: when the client has not
     taken the previous ones (HTTP/2 flow control holds the write) for `stall_seconds`, the
     handler is closed, which ends its computation and releases its admission slot, and the call
-    ends with DEADLINE_EXCEEDED.
+    ends with DEADLINE_EXCEEDED (sent once the client takes the message grpc still holds, or
+    ended by the client's own deadline or cancel; grpc cannot reset the stream earlier).
     """
 
-    def __init__(self, stall_seconds: float) -> None:
+    def __init__(self, stall_seconds: float, metrics: Metrics | None = None) -> None:
         self._stall = stall_seconds
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -316,20 +318,33 @@ class StallInterceptor(grpc.aio.ServerInterceptor):
                 events = behaviour(request, context)
                 try:
                     async for item in events:
-                        try:
-                            await asyncio.wait_for(context.write(item), timeout=stall)
-                        except asyncio.TimeoutError:
+                        # The write is never cancelled: grpc cannot withdraw a message it has
+                        # taken, and a cancelled write left the call unable to send any status
+                        # (ExecuteBatchError, INTERNAL "Internal error from Core").
+                        write = asyncio.ensure_future(context.write(item))
+                        done, _ = await asyncio.wait({write}, timeout=stall)
+                        if not done:
                             log.warning(
                                 "%s: the client read nothing for %.0f s; cancelling the call",
                                 method,
                                 stall,
                             )
                             await events.aclose()  # stops the work, frees the call's slot
+                            if self._metrics is not None:
+                                self._metrics.send_stalls.labels(_short_method(method)).inc()
+                            # grpc can send no status while a message waits for the client's
+                            # flow-control window (the attempt fails in core, and the caller
+                            # used to see INTERNAL "Internal error from Core"). The work and
+                            # slot are released already; what waits is one message in grpc's
+                            # buffer, until the client reads again, cancels or its deadline
+                            # ends the call. Then the client learns why.
+                            await write
                             await context.abort(
                                 grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"the client stopped reading: no event could be sent for "
                                 f"{stall:.0f} s (send_stall_seconds); the call was cancelled",
                             )
+                        write.result()  # a failed write (client gone) ends the call here
                 finally:
                     await events.aclose()
 
