@@ -268,9 +268,24 @@ async def _run_stream(
     call = stub.Audit(metadata=plan.metadata)
     in_flight: dict[str, int] = {}
     slots = asyncio.Semaphore(plan.window)
+    accepted = asyncio.Event()
+    write_failed = False
 
     async def writer() -> None:
-        await call.write(analysis_pb2.AuditRequest(config=config))
+        nonlocal write_failed
+        try:
+            await call.write(analysis_pb2.AuditRequest(config=config))
+            # No sample goes out before the server accepts the config. A sample written while
+            # the server refuses the config races the call's end, and a write that loses that
+            # race makes grpc set INTERNAL "Internal error from Core" on the call, hiding the
+            # server's status (issue 14 item 13).
+            await accepted.wait()
+            await _write_samples()
+        except grpc.RpcError:
+            write_failed = True
+            raise
+
+    async def _write_samples() -> None:
         while True:
             await slots.acquire()
             getter = asyncio.ensure_future(state.queue.get())
@@ -301,6 +316,7 @@ async def _run_stream(
             kind = event.WhichOneof("event")
             if kind == "accepted":
                 state.n_players = state.n_players or event.accepted.n_players
+                accepted.set()
             elif kind == "sample":
                 _on_sample(plan, state, checkpoint, event.sample, in_flight)
                 slots.release()
@@ -311,6 +327,13 @@ async def _run_stream(
             raise _StreamBroken(UnavailableError("stream ended with samples unanswered"))
     except grpc.RpcError as error:
         code = error.code() if callable(getattr(error, "code", None)) else None
+        if write_failed and code == grpc.StatusCode.INTERNAL:
+            # The server ended an accepted stream (a drain, a restart) while a sample was being
+            # written: grpc reports its own INTERNAL instead of the server's status. The
+            # unanswered samples go to another stream.
+            raise _StreamBroken(
+                UnavailableError("the server ended the stream while a sample was being sent")
+            ) from None
         mapped = from_rpc_error(error)
         if code in RETRYABLE:
             raise _StreamBroken(mapped) from None
