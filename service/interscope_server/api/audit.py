@@ -105,7 +105,6 @@ async def _audit(
             accepted=analysis_pb2.AuditAccepted(audit_id=config.audit_id, n_players=n_players)
         )
 
-        loop = asyncio.get_running_loop()
         outbox: asyncio.Queue[analysis_pb2.AuditEvent | BaseException | None] = asyncio.Queue()
         slots = asyncio.Semaphore(AUDIT_PARALLELISM)
         results: list[analysis_pb2.SampleResult] = []
@@ -144,21 +143,22 @@ async def _audit(
                             n_evaluations=2,
                             layout=model.config.layout,
                         )
-                    async with servicer.lanes.slot(sample_cost, call.cancel):
-                        result = await loop.run_in_executor(
-                            servicer._executor,
-                            _audit_sample,
-                            model,
-                            attack,
-                            torch_model,
-                            sample_profile,
-                            sample.id,
-                            x,
-                            label,
-                            target,
-                            config,
-                            call.cancel,
-                        )
+                    result = await servicer.lanes.run(
+                        servicer._executor,
+                        sample_cost,
+                        call.cancel,
+                        _audit_sample,
+                        model,
+                        attack,
+                        torch_model,
+                        sample_profile,
+                        sample.id,
+                        x,
+                        label,
+                        target,
+                        config,
+                        call.cancel,
+                    )
                 except (errors.Cancelled, errors.DeadlineExceeded) as exc:
                     await outbox.put(exc)
                     return

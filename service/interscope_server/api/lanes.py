@@ -26,11 +26,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
 
 from prometheus_client import Gauge
 
 from interscope_server.cancel import CancelToken
+
+T = TypeVar("T")
 
 #: How often a long call waiting for a slot re-checks its token (deadline, shutdown drain).
 _WAIT_POLL_S = 0.05
@@ -93,6 +97,27 @@ class WorkerLanes:
             yield
         finally:
             self._release()
+
+    async def run(
+        self,
+        executor: Executor,
+        cost: int,
+        cancel: CancelToken,
+        function: Callable[..., T],
+        *args: Any,
+    ) -> T:
+        """`function(*args)` on `executor` under a slot for `cost`; the slot is kept until the
+        thread has returned, even when the awaiting task is cancelled (the token is cancelled
+        then, so the work stops at its next check)."""
+        async with self.slot(cost, cancel):
+            future = asyncio.get_running_loop().run_in_executor(executor, function, *args)
+            try:
+                return await asyncio.shield(future)
+            except asyncio.CancelledError:
+                cancel.cancel()
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(future)
+                raise
 
     async def _acquire(self, cancel: CancelToken) -> None:
         if self._running < self.long_slots and not self._waiters:

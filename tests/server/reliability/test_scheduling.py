@@ -3,6 +3,9 @@ small Profile and the control RPCs still answer with their reference values (iss
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from interscope.codec import to_tensor
 from interscope.v1 import analysis_pb2, analysis_pb2_grpc, models_pb2, models_pb2_grpc
+from interscope_server.api.lanes import WorkerLanes
+from interscope_server.cancel import CancelToken
+from interscope_server.errors import DeadlineExceeded
 from interscope_server.server import BackgroundServer
 from tests.server.api.conftest import grid, server_settings
 from tests.server.reliability.conftest import (
@@ -138,3 +144,43 @@ def test_small_calls_answer_while_long_attacks_fill_the_pool(
         )
         numbers = profile_numbers(_final(analysis.Profile(profile, timeout=10)))
         np.testing.assert_allclose(numbers, reference, rtol=1e-6, atol=1e-9)
+
+
+def test_the_long_lane_is_first_come_first_served_and_leaks_no_slot() -> None:
+    """The lane on its own: FIFO hand-over, a waiter's deadline and cancellation, no leaks."""
+
+    async def scenario() -> None:
+        lanes = WorkerLanes(worker_threads=3, reserved_threads=2, long_call_forwards=10)
+        assert lanes.long_slots == 2  # at most half of the threads are reserved
+        order: list[str] = []
+        release = asyncio.Event()
+
+        async def long_call(name: str, token: CancelToken) -> None:
+            async with lanes.slot(11, token):
+                order.append(name)
+                await release.wait()
+
+        tasks = {n: asyncio.ensure_future(long_call(n, CancelToken())) for n in "abcd"}
+        expired = asyncio.ensure_future(long_call("late", CancelToken(time.monotonic() + 0.1)))
+        cancelled = asyncio.ensure_future(long_call("gone", CancelToken()))
+        await _until(lambda: lanes.running == 2 and lanes.waiting == 4)
+        # Short work never waits, however full the lane.
+        async with lanes.slot(10, CancelToken()):
+            order.append("short")
+        cancelled.cancel()
+        with pytest.raises(DeadlineExceeded):
+            await expired
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert lanes.waiting == 2
+        release.set()
+        await asyncio.gather(*tasks.values())
+        assert order == ["a", "b", "short", "c", "d"]
+        assert (lanes.running, lanes.waiting) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0)  # a yield to the loop, not a wait for time
