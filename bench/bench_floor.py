@@ -1,0 +1,224 @@
+"""The per-call floor: tiny calls against a health check on the same server, and Square through
+the server against torchattacks' Square in-process on the same model.
+
+Run from the repository root: `python bench/bench_floor.py [--hosts process|inline]`. The server
+is `interscope serve` in a subprocess (the product's defaults: models in host processes unless
+`--hosts inline`), the clients are the SDK over loopback; every ratio is of two things measured
+in this one run.
+
+- (a) one client, sequential calls: the median round trip of a 4-player exact Profile (17
+  forwards of the demo CNN), of ListModels and of a health check;
+- (b) 8 client processes for a fixed time each: calls/s of tiny Profiles against calls/s of
+  health checks from the same 8 processes;
+- (c) Square L-inf on 100 digits with 1000 queries each, through the server (the CLI's path)
+  against torchattacks.Square in this process on the same TorchScript model: time and robust
+  accuracy (`pip install --no-deps torchattacks`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import interscope
+from interscope_server.demo import TEST_DATA_FILE, build_demo_repository
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENTS = 8
+
+
+def start_server(repository: Path, hosts: str) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "INTERSCOPE_HOST": "127.0.0.1",
+        "INTERSCOPE_PORT": str(port),
+        "INTERSCOPE_METRICS_PORT": "0",
+        "INTERSCOPE_MODEL_REPOSITORY": str(repository),
+        "INTERSCOPE_MODEL_HOSTS": hosts,
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "interscope.cli", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    address = f"127.0.0.1:{port}"
+    with interscope.Client(address) as client:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if all(m.state == "ready" for m in client.list_models()):
+                    break
+            except interscope.InterscopeError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("the server did not become ready")
+            time.sleep(0.2)
+    return server, address
+
+
+def median_ms(call: Callable[[], object], n: int) -> float:
+    for _ in range(10):
+        call()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def tiny_profile(client: interscope.Client, x: np.ndarray, y: np.ndarray) -> object:
+    return client.profile(model="digits-cnn", x=x, label=y, grid=(2, 2), estimator="exact")
+
+
+def load_client(address: str, kind: str, seconds: float, start: Any, queue: Any) -> None:
+    """One client process: as many calls of `kind` as it can make in `seconds`."""
+    repository = build_demo_repository(ROOT / ".cache" / "demo-repository")
+    with np.load(repository / TEST_DATA_FILE) as data:
+        x, y = data["x"][:1], data["y"][:1]
+    with interscope.Client(address) as client:
+        call: Callable[[], object] = (
+            client.health if kind == "health" else (lambda: tiny_profile(client, x, y))
+        )
+        call()
+        start.wait()
+        done, began = 0, time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            call()
+            done += 1
+        queue.put(done / (time.perf_counter() - began))
+
+
+def concurrent_rate(address: str, kind: str, seconds: float) -> float:
+    context = multiprocessing.get_context("spawn")
+    start, queue = context.Event(), context.Queue()
+    procs = [
+        context.Process(target=load_client, args=(address, kind, seconds, start, queue))
+        for _ in range(CLIENTS)
+    ]
+    for p in procs:
+        p.start()
+    time.sleep(1.0)  # not synchronisation: lets the spawned interpreters finish importing
+    start.set()
+    rates = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(rates)
+
+
+class RawInput(torch.nn.Module):
+    """The demo network behind its normalisation, as the server applies it."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.inner((x - 0.5) / 0.5)
+        return out
+
+
+def square(address: str, repository: Path, queries: int, eps: float) -> None:
+    import torchattacks  # bench-only comparison
+
+    with np.load(repository / TEST_DATA_FILE) as data:
+        x, y = data["x"][:100], data["y"][:100]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        inner = torch.jit.load(str(repository / "digits-cnn-ts" / "model.pt"), map_location="cpu")
+    model = RawInput(inner.eval()).eval()
+    reference = torchattacks.Square(model, eps=eps, n_queries=queries, seed=0)
+    x_t, y_t = torch.from_numpy(x), torch.from_numpy(y)
+
+    def theirs() -> float:
+        adv = reference(x_t, y_t)
+        with torch.no_grad():
+            return float((model(adv).argmax(dim=1) == y_t).float().mean())
+
+    with interscope.Client(address) as client:
+
+        def ours() -> float:
+            result = client.attack(
+                model="digits-cnn-ts",
+                x=x,
+                y=y,
+                attack="square",
+                eps=eps,
+                query_budget=queries,
+                omit_adversarial=True,
+            )
+            return result.robust_accuracy
+
+        ours(), theirs()  # warm-up
+        rounds = []
+        for i in range(3):
+            order = (ours, theirs) if i % 2 == 0 else (theirs, ours)
+            timed = {}
+            for run in order:
+                began = time.perf_counter()
+                accuracy = run()
+                timed[run] = (time.perf_counter() - began, accuracy)
+            rounds.append((timed[ours], timed[theirs]))
+    t_ours = statistics.median(o[0] for o, _ in rounds)
+    t_theirs = statistics.median(t[0] for _, t in rounds)
+    print(
+        f"(c) Square L-inf eps {eps}, {queries} queries, 100 digits, digits-cnn-ts: through the "
+        f"server {t_ours:.2f} s (robust accuracy {rounds[-1][0][1]:.2f}), torchattacks "
+        f"in-process {t_theirs:.2f} s ({rounds[-1][1][1]:.2f}): "
+        f"{statistics.median(o[0] / t[0] for o, t in rounds):.2f}x (median of 3 rounds)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--hosts", choices=["process", "inline"], default="process")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--skip-square", action="store_true")
+    args = parser.parse_args()
+    repository = build_demo_repository(ROOT / ".cache" / "demo-repository")
+    with np.load(repository / TEST_DATA_FILE) as data:
+        x, y = data["x"][:1], data["y"][:1]
+    server, address = start_server(repository, args.hosts)
+    try:
+        print(f"server: interscope serve, models in {args.hosts} hosts; SDK over loopback")
+        with interscope.Client(address) as client:
+            health = median_ms(client.health, args.calls)
+            listing = median_ms(client.list_models, args.calls)
+            profile = median_ms(lambda: tiny_profile(client, x, y), args.calls)
+        print(
+            f"(a) median round trip: health {health:.2f} ms, ListModels {listing:.2f} ms, "
+            f"4-player exact Profile {profile:.2f} ms = {profile / health:.1f}x health"
+        )
+        health_rate = concurrent_rate(address, "health", args.seconds)
+        profile_rate = concurrent_rate(address, "profile", args.seconds)
+        print(
+            f"(b) {CLIENTS} client processes: {profile_rate:,.0f} tiny Profiles/s against "
+            f"{health_rate:,.0f} health checks/s = {profile_rate / health_rate:.2f}x"
+        )
+        if not args.skip_square:
+            square(address, repository, queries=1000, eps=0.1)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+if __name__ == "__main__":
+    main()
