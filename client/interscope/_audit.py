@@ -34,6 +34,8 @@ RETRYABLE = frozenset(
     }
 )
 _RETRYABLE_NAMES = frozenset(code.name for code in RETRYABLE)
+#: The server's retry hint on RESOURCE_EXHAUSTED (interscope_server.api.errors.RETRY_METADATA).
+RETRY_METADATA = "interscope-retry"
 
 
 @dataclass(frozen=True)
@@ -335,7 +337,7 @@ async def _run_stream(
                 UnavailableError("the server ended the stream while a sample was being sent")
             ) from None
         mapped = from_rpc_error(error)
-        if code in RETRYABLE:
+        if code in RETRYABLE and not _over_a_limit(error):
             raise _StreamBroken(mapped) from None
         raise mapped from None
     except asyncio.InvalidStateError:
@@ -352,6 +354,14 @@ async def _run_stream(
             state.queue.put_nowait(index)
         in_flight.clear()
         call.cancel()
+
+
+def _over_a_limit(error: grpc.RpcError) -> bool:
+    """A RESOURCE_EXHAUSTED the server marks as the request's own (over a cost or size limit),
+    which every stream and replica would refuse again; a busy server says "later" instead."""
+    trailing = getattr(error, "trailing_metadata", None)
+    metadata = trailing() if callable(trailing) else None
+    return any(key == RETRY_METADATA and value == "no" for key, value in metadata or ())
 
 
 def _sample_request(plan: AuditPlan, index: int) -> analysis_pb2.AuditRequest:

@@ -6,7 +6,8 @@
     ├── AlreadyExists        loading a name already loaded    -> ALREADY_EXISTS
     ├── PermissionDenied     uploads off, no admin token      -> PERMISSION_DENIED
     ├── FailedPrecondition   e.g. white-box attack, no grads  -> FAILED_PRECONDITION
-    ├── ResourceExhausted    limits, full queue               -> RESOURCE_EXHAUSTED
+    ├── ResourceExhausted    the request is over a limit      -> RESOURCE_EXHAUSTED
+    │   └── Overloaded       call limit, full queue: retry    -> RESOURCE_EXHAUSTED
     ├── Unavailable          model loading, shutting down     -> UNAVAILABLE
     │   └── BackendFailed    the model's forward pass raised  -> UNAVAILABLE
     ├── Cancelled            the caller cancelled             -> CANCELLED
@@ -48,6 +49,12 @@ class FailedPrecondition(InterscopeError):
 
 class ResourceExhausted(InterscopeError):
     """A configured limit would be exceeded, or a queue is full."""
+
+
+class Overloaded(ResourceExhausted):
+    """The server or a model is busy (the call limit, a full queue): the same request may be
+    admitted later. Other ResourceExhausted refusals are about the request itself and would be
+    refused again; the status's trailing metadata tells clients which (`RETRY_METADATA`)."""
 
 
 class Unavailable(InterscopeError):

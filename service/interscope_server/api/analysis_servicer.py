@@ -115,7 +115,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         if self.shutting_down:
             raise errors.Unavailable("the server is shutting down; retry on another replica")
         if len(self._calls) >= self._settings.max_concurrent_calls:
-            raise errors.ResourceExhausted(
+            raise errors.Overloaded(
                 f"{len(self._calls)} analysis calls are running, the most this server allows "
                 f"({self._settings.max_concurrent_calls}); retry later"
             )

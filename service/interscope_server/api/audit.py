@@ -18,7 +18,7 @@ from interscope_server import attacks, errors
 from interscope_server.analysis.profile import ProfileSpec, run_perturbation
 from interscope_server.analysis.values import ClassChoice, check_defined
 from interscope_server.api import admission, convert, numerics, specs
-from interscope_server.api.errors import status_of
+from interscope_server.api.errors import status_of, trailing_metadata
 from interscope_server.attacks.base import AttackSpec
 from interscope_server.cancel import CancelToken
 from interscope_server.models.registry import LoadedModel
@@ -46,7 +46,7 @@ async def run_audit(
         raise
     except Exception as exc:  # mapped in one place
         code, message = status_of(exc)
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata(exc))
 
 
 async def _audit(

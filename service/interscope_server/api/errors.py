@@ -32,6 +32,23 @@ STATUS_OF_ERROR: dict[type[errors.InterscopeError], grpc.StatusCode] = {
 }
 
 
+#: Trailing metadata on a RESOURCE_EXHAUSTED status: "later" when the server was busy (the call
+#: limit, a full queue), "no" when the request itself is over a limit and would be refused
+#: again. The SDK's audit retries only the first; any client may read it.
+RETRY_METADATA = "interscope-retry"
+
+
+def trailing_metadata(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """The retry hint that goes with the status of `exc` (empty unless RESOURCE_EXHAUSTED)."""
+    if isinstance(exc, errors.Overloaded):
+        return ((RETRY_METADATA, "later"),)
+    if isinstance(exc, errors.ResourceExhausted) or (
+        isinstance(exc, TensorError) and str(exc).startswith("too large")
+    ):
+        return ((RETRY_METADATA, "no"),)
+    return ()
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status and message a caller gets for an exception raised while serving it."""
     if isinstance(exc, errors.InterscopeError):
@@ -70,7 +87,7 @@ def unary_errors(
             raise
         except Exception as exc:  # the point is to map everything
             code, message = status_of(exc)
-            await context.abort(code, message)
+            await context.abort(code, message, trailing_metadata(exc))
             raise AssertionError("context.abort returned") from None
 
     return wrapper
@@ -90,6 +107,6 @@ def stream_errors(
             raise
         except Exception as exc:
             code, message = status_of(exc)
-            await context.abort(code, message)
+            await context.abort(code, message, trailing_metadata(exc))
 
     return wrapper

@@ -28,7 +28,7 @@ from interscope_server.cancel import CancelToken
 from interscope_server.errors import (
     BackendFailed,
     InterscopeError,
-    ResourceExhausted,
+    Overloaded,
     Unavailable,
 )
 
@@ -139,9 +139,9 @@ class DynamicBatcher:
     def submit(self, x: np.ndarray, cancel: CancelToken | None = None) -> np.ndarray:
         """Logits for every row of `x` (float32, (B, ...)), in order. Blocks until done.
 
-        Raises ResourceExhausted when the queue is full, Unavailable when the batcher is closed,
-        BackendFailed when the forward pass raised, Cancelled / DeadlineExceeded from `cancel`
-        (the call's unsent rows are dropped).
+        Raises Overloaded (a ResourceExhausted) when the queue is full, Unavailable when the
+        batcher is closed, BackendFailed when the forward pass raised, Cancelled /
+        DeadlineExceeded from `cancel` (the call's unsent rows are dropped).
         """
         if cancel is not None:
             cancel.check()
@@ -153,7 +153,7 @@ class DynamicBatcher:
             if self._closed:
                 raise Unavailable(f"model {self.name!r} is unloading or the server is stopping")
             if self._queued_rows + rows > self._max_queue_rows:
-                raise ResourceExhausted(
+                raise Overloaded(
                     f"model {self.name!r} has {self._queued_rows} rows queued; {rows} more would "
                     f"exceed the queue limit of {self._max_queue_rows} rows; retry later"
                     + (" or send fewer rows per call" if rows > self._max_queue_rows else "")
