@@ -158,6 +158,8 @@ class NormalizedModule(torch.nn.Module):
     model returning a tuple or dict, turns the output kind into canonical scores (see
     `scores_from_output`) and feeds at most `batch` rows at a time (padding the last chunk) to
     a model with a fixed batch dimension, so attacks always see float32 scores of any batch.
+    `max_batch` only caps the rows per call (a declared max_batch_size): no padding, since
+    padding every call up to a maximum would multiply the work of small batches.
     """
 
     def __init__(
@@ -167,9 +169,11 @@ class NormalizedModule(torch.nn.Module):
         dtype: torch.dtype = torch.float32,
         *,
         fixed_batch: int | None = None,
+        max_batch: int | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
+        self.max_batch = max_batch
         self.dtype = dtype
         self.output_name = config.output.name
         self.kind: OutputKind = config.output.kind or "logits"
@@ -191,7 +195,10 @@ class NormalizedModule(torch.nn.Module):
         if x.dtype != torch.float64:  # a float64 input stays float64 end to end
             x = x.to(self.dtype)
         if self.fixed_batch is None:
-            return self._run(x)
+            if self.max_batch is None or x.shape[0] <= self.max_batch:
+                return self._run(x)
+            step = self.max_batch
+            return torch.cat([self._run(x[i : i + step]) for i in range(0, x.shape[0], step)])
         size = self.fixed_batch
         parts = []
         for start in range(0, x.shape[0], size):

@@ -95,14 +95,14 @@ class TorchScriptBackend(Backend):
         self._integer_only = self.config.input.datatype == "UINT8"
         declared = "max_batch_size" in config.model_fields_set
         # A declared max batch (e.g. 1 for a traced batch-1 model) also binds attacks.
-        fixed_batch = self.config.max_batch_size if declared else None
+        max_batch = self.config.max_batch_size if declared else None
         if self._integer_only:
             # Integer inputs cannot carry gradients; forwards cast, white-box attacks are refused.
             self.gradient_note = "the model takes UINT8 inputs, which have no gradients"
         else:
             # Checked in float32, before any FP16 conversion: the question is whether the
             # graph's ops have (correct) derivatives, which precision does not change.
-            probe_module = NormalizedModule(inner, self.config, fixed_batch=fixed_batch)
+            probe_module = NormalizedModule(inner, self.config, max_batch=max_batch)
             probe_module = probe_module.to(self._device).eval().requires_grad_(False)
             shape, value_range = tuple(self.config.input.shape), value_bounds(self.config)
             self.gradient_note = check_gradients(probe_module, shape, value_range, self._device)
@@ -112,9 +112,7 @@ class TorchScriptBackend(Backend):
             inner = inner.half()
             self._inner = inner
             self._input_torch_dtype = self._input_dtype(dtype)
-        module = NormalizedModule(
-            inner, self.config, self._input_dtype(dtype), fixed_batch=fixed_batch
-        )
+        module = NormalizedModule(inner, self.config, self._input_dtype(dtype), max_batch=max_batch)
         module = module.to(self._device).eval()
         module.requires_grad_(False)
         self._module = module

@@ -187,3 +187,39 @@ def test_graph_signature_mismatch_is_reported(demo_repository: Path) -> None:
     )
     with pytest.raises(InvalidArgument, match=r"shape \[1, 8, 8\] does not match"):
         OnnxBackend(config, demo_repository / "digits-cnn" / "model.onnx", CPU)
+
+
+class _BatchSeen(nn.Module):
+    """Logits whose first entry is the number of rows the model was given in that call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = torch.full((x.shape[0], 1), float(x.shape[0]))
+        return torch.cat([rows, x.reshape(x.shape[0], -1)[:, :1]], dim=1)
+
+
+def test_a_declared_max_batch_caps_torchscript_calls_without_padding_them(tmp_path: Path) -> None:
+    """max_batch_size is a maximum: a TorchScript model gets the rows there are (it used to be
+    padded up to the maximum on every call, 1024 rows for the demo's few), in chunks of at
+    most the maximum, in forwards and in the differentiable module attacks use."""
+    path = tmp_path / "model.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is in maintenance
+        torch.jit.save(torch.jit.script(_BatchSeen()), str(path))
+    config = ModelConfig(
+        name="seen",
+        format="torchscript",
+        file="model.pt",
+        input=TensorSpec(name="x", shape=[4]),
+        output={"kind": "logits"},
+        max_batch_size=8,
+    )
+    backend = TorchScriptBackend(config, path, CPU)
+    x = np.random.default_rng(0).uniform(size=(11, 4)).astype(np.float32)
+    # Canonical scores are logits as they are: the first column is the rows seen per call.
+    assert backend.forward(x[:3])[:, 0].tolist() == [3.0] * 3
+    assert backend.forward(x)[:, 0].tolist() == [8.0] * 8 + [3.0] * 3
+    module = backend.torch_module()
+    assert module is not None
+    with torch.no_grad():
+        seen = module(torch.from_numpy(x[:5]))[:, 0]
+    assert seen.tolist() == [5.0] * 5
