@@ -460,6 +460,29 @@ class Backend(ABC):
         """Free what the backend holds (sessions, GPU memory)."""
 
 
+class TorchBackend(Backend):
+    """A backend whose model is a torch module (TorchScript, torch.export): subclasses set
+    `_device`, `_module` (a NormalizedModule) and `gradient_note` ("" when gradients work)."""
+
+    _device: torch.device
+    _module: torch.nn.Module
+
+    @property
+    def device(self) -> str:
+        return self._device.type
+
+    @property
+    def gradients_available(self) -> bool:
+        return not self.gradient_note
+
+    @property
+    def torch_device(self) -> torch.device:
+        return self._device
+
+    def torch_module(self) -> torch.nn.Module | None:
+        return None if self.gradient_note else self._module
+
+
 def check_batch(x: np.ndarray, config: ModelConfig) -> np.ndarray:
     """`x` as a C-contiguous float32 batch of the model's input shape, or InvalidArgument."""
     if not isinstance(x, np.ndarray):

@@ -35,9 +35,9 @@ import torch
 
 from interscope_server.errors import InvalidArgument
 from interscope_server.models.backend import (
-    Backend,
     BackendOptions,
     NormalizedModule,
+    TorchBackend,
     value_bounds,
 )
 from interscope_server.models.config import ModelConfig
@@ -212,7 +212,7 @@ class _Program(torch.nn.Module):
         return torch.cat(outs)
 
 
-class TorchExportBackend(Backend):
+class TorchExportBackend(TorchBackend):
     """A torch.export ExportedProgram (.pt2); gradients are native once the load check passes."""
 
     def __init__(
@@ -281,21 +281,6 @@ class TorchExportBackend(Backend):
     @property
     def format(self) -> str:
         return "torch_export"
-
-    @property
-    def device(self) -> str:
-        return self._device.type
-
-    @property
-    def gradients_available(self) -> bool:
-        return not self.gradient_note
-
-    @property
-    def torch_device(self) -> torch.device:
-        return self._device
-
-    def torch_module(self) -> torch.nn.Module | None:
-        return None if self.gradient_note else self._module
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

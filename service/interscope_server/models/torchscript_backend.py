@@ -16,10 +16,10 @@ import torch
 
 from interscope_server.errors import InvalidArgument
 from interscope_server.models.backend import (
-    Backend,
     BackendOptions,
     ModelSignature,
     NormalizedModule,
+    TorchBackend,
     blank_input,
     check_output_kind,
     describe_outputs,
@@ -64,7 +64,7 @@ def scripted_output_kind(module: torch.jit.ScriptModule, name: str) -> tuple[Out
     return "logits", f"the graph ends in {kind}, no softmax"
 
 
-class TorchScriptBackend(Backend):
+class TorchScriptBackend(TorchBackend):
     """A TorchScript archive; gradients are native once the load-time check passes."""
 
     def __init__(
@@ -181,21 +181,6 @@ class TorchScriptBackend(Backend):
     @property
     def format(self) -> str:
         return "torchscript"
-
-    @property
-    def device(self) -> str:
-        return self._device.type
-
-    @property
-    def gradients_available(self) -> bool:
-        return not self.gradient_note
-
-    @property
-    def torch_device(self) -> torch.device:
-        return self._device
-
-    def torch_module(self) -> torch.nn.Module | None:
-        return None if self.gradient_note else self._module
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         tensor = torch.from_numpy(x).to(self._device)
