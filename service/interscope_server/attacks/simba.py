@@ -15,7 +15,7 @@ from interscope_server.attacks.base import (
     Evaluator,
     Goal,
 )
-from interscope_server.attacks.square import evaluate_tensor
+from interscope_server.attacks.square import first_query, keep_improvements
 from interscope_server.cancel import CancelToken
 
 
@@ -58,16 +58,7 @@ class SimBA(BlackBoxAttack):
         step = self.spec.resolved_step_size
         unit = ball.unit
         unit_flat = unit.reshape(-1) if isinstance(unit, Tensor) else None
-        x_best = ball.x.clone()
-        logits = evaluate_tensor(evaluate, x_best, input_shape)
-        best = BatchOutcome(
-            x_adv=x_best,
-            logits=logits,
-            steps=torch.zeros(n, dtype=torch.long),
-            queries=torch.ones(n, dtype=torch.long),
-            done=goal.success(logits),
-            score=goal.margin_objective(logits),
-        )
+        best = first_query(evaluate, ball.x.clone(), goal, input_shape)
         orders = torch.stack([torch.randperm(n_coords, generator=generator) for _ in range(n)])
         position = torch.zeros(n, dtype=torch.long)
         # A whole pass without a query (every coordinate pinned by the ball) would repeat
@@ -99,17 +90,7 @@ class SimBA(BlackBoxAttack):
                 if not bool(moved.any()):
                     continue
                 query_rows, candidate = rows[moved], candidate[moved]
-                out = evaluate_tensor(evaluate, candidate, input_shape)
-                best.queries[query_rows] += 1
-                sub_goal = goal.subset(query_rows)
-                loss = sub_goal.margin_objective(out)
-                fooled = sub_goal.success(out)
-                better = (loss < best.score[query_rows]) | fooled
-                kept = query_rows[better]
-                best.x_adv[kept] = candidate[better]
-                best.logits[kept] = out[better]
-                best.score[kept] = loss[better]
-                best.done[query_rows[fooled]] = True
+                kept = keep_improvements(evaluate, best, goal, query_rows, candidate, input_shape)
                 # Map the kept rows back to their place in `active`.
                 hit = torch.zeros(n, dtype=torch.bool)
                 hit[kept] = True

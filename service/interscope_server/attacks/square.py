@@ -35,6 +35,31 @@ def evaluate_tensor(evaluate: Evaluator, x: Tensor, input_shape: tuple[int, ...]
     return torch.from_numpy(logits.astype(np.float32, copy=False))
 
 
+def keep_improvements(
+    evaluate: Evaluator,
+    best: BatchOutcome,
+    goal: Goal,
+    rows: Tensor,
+    candidate: Tensor,
+    input_shape: tuple[int, ...],
+) -> Tensor:
+    """Query `candidate` (one per row of `rows`, indices into `best`), count the queries, and
+    keep each candidate that lowers its margin objective or fools the model; a fooled row is
+    done. Returns the rows whose candidate was kept. Shared by the score-based attacks."""
+    out = evaluate_tensor(evaluate, candidate, input_shape)
+    best.queries[rows] += 1
+    sub_goal = goal.subset(rows)
+    loss = sub_goal.margin_objective(out)
+    fooled = sub_goal.success(out)
+    better = (loss < best.score[rows]) | fooled
+    kept = rows[better]
+    best.x_adv[kept] = candidate[better]
+    best.logits[kept] = out[better]
+    best.score[kept] = loss[better]
+    best.done[rows[fooled]] = True
+    return kept
+
+
 #: A batch (n, *input_shape) -> the attack's working view of it, and back.
 _View = Callable[[Tensor], Tensor]
 
@@ -123,7 +148,8 @@ class Square(BlackBoxAttack):
 
             c, h, w = to_work(ball.x[:1]).shape[1:]
             start_delta = _image_start(self.spec, ball.x.shape[0], (c, h, w), generator)
-        best = _start(evaluate, ball, goal, from_work(start_delta), input_shape)
+        x_start = ball.project(ball.x + from_work(start_delta))
+        best = first_query(evaluate, x_start, goal, input_shape)
         for i_iter in range(self.spec.max_queries - 1):
             active = (~best.done).nonzero()[:, 0]
             if active.numel() == 0:
@@ -132,18 +158,8 @@ class Square(BlackBoxAttack):
             x = to_work(ball.x[active])
             x_best = to_work(best.x_adv[active])
             x_new = ball.project(from_work(candidate(x, x_best, self._p(i_iter))), active)
-            logits = evaluate_tensor(evaluate, x_new, input_shape)
-            best.queries[active] += 1
             best.steps[active] += 1
-            sub_goal = goal.subset(active)
-            loss = sub_goal.margin_objective(logits)
-            fooled = sub_goal.success(logits)
-            improved = (loss < best.score[active]) | fooled
-            rows = active[improved]
-            best.x_adv[rows] = x_new[improved]
-            best.logits[rows] = logits[improved]
-            best.score[rows] = loss[improved]
-            best.done[active[fooled]] = True
+            keep_improvements(evaluate, best, goal, active, x_new, input_shape)
         # Higher score means a better attack elsewhere; here the margin was minimised.
         return best._replace(score=-best.score)
 
@@ -265,12 +281,11 @@ def _image_start(
     return tiles / (1e-12 + _norm(tiles, dims=(1, 2, 3))) * eps
 
 
-def _start(
-    evaluate: Evaluator, ball: Ball, goal: Goal, delta: Tensor, input_shape: tuple[int, ...]
+def first_query(
+    evaluate: Evaluator, x_adv: Tensor, goal: Goal, input_shape: tuple[int, ...]
 ) -> BatchOutcome:
-    """The first query, at x + delta projected into the ball."""
-    n = ball.x.shape[0]
-    x_adv = ball.project(ball.x + delta)
+    """A score-based attack's state after its first query, at the starting points `x_adv`."""
+    n = x_adv.shape[0]
     logits = evaluate_tensor(evaluate, x_adv, input_shape)
     return BatchOutcome(
         x_adv=x_adv,
