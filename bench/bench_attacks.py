@@ -30,7 +30,8 @@ class RawInput(torch.nn.Module):
         return out
 
 
-def _load(path: Path) -> torch.nn.Module:
+def load_torchscript(path: Path) -> torch.nn.Module:
+    """A demo TorchScript model behind its normalisation, taking raw [0, 1] inputs."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         inner = torch.jit.load(str(path), map_location="cpu")
@@ -59,7 +60,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     root = build_demo_repository(DEMO_CACHE)
-    model = _load(root / args.model / "model.pt")
+    model = load_torchscript(root / args.model / "model.pt")
     with np.load(root / TEST_DATA_FILE) as data:
         x, y = data["x"], data["y"]
     x_t, y_t = torch.from_numpy(x), torch.from_numpy(y)

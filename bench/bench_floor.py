@@ -25,13 +25,13 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from bench_attacks import load_torchscript
 
 import interscope
 from interscope_server.demo import TEST_DATA_FILE, build_demo_repository
@@ -123,27 +123,12 @@ def concurrent_rate(address: str, kind: str, seconds: float) -> float:
     return sum(rates)
 
 
-class RawInput(torch.nn.Module):
-    """The demo network behind its normalisation, as the server applies it."""
-
-    def __init__(self, inner: torch.nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.inner((x - 0.5) / 0.5)
-        return out
-
-
 def square(address: str, repository: Path, queries: int, eps: float) -> None:
     import torchattacks  # bench-only comparison
 
     with np.load(repository / TEST_DATA_FILE) as data:
         x, y = data["x"][:100], data["y"][:100]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        inner = torch.jit.load(str(repository / "digits-cnn-ts" / "model.pt"), map_location="cpu")
-    model = RawInput(inner.eval()).eval()
+    model = load_torchscript(repository / "digits-cnn-ts" / "model.pt")
     reference = torchattacks.Square(model, eps=eps, n_queries=queries, seed=0)
     x_t, y_t = torch.from_numpy(x), torch.from_numpy(y)
 

@@ -91,7 +91,8 @@ class ResNet18(nn.Module):
         return self.fc(self.stages(self.stem(x)).mean(dim=(2, 3)))  # type: ignore[no-any-return]
 
 
-def build_repository(root: Path) -> Path:
+def build_repository(root: Path, **config_fields: object) -> Path:
+    """A model repository under `root` holding the seeded network as resnet18-64/model.onnx."""
     torch.manual_seed(0)
     net = ResNet18().eval()
     folder = root / "resnet18-64"
@@ -105,7 +106,7 @@ def build_repository(root: Path) -> Path:
         dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         dynamo=False,
     )
-    config = {"name": folder.name, "format": "onnx", "file": "model.onnx"}
+    config = {"name": folder.name, "format": "onnx", "file": "model.onnx", **config_fields}
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 

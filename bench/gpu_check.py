@@ -22,7 +22,7 @@ import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_paper import SIZE, ResNet18, profile_options
+from bench_paper import SIZE, ResNet18, build_repository, profile_options
 
 BATCHES = (256, 1024, 4096)
 SECONDS = 3.0
@@ -119,24 +119,17 @@ def main() -> None:
                     line += f"; {provider}: failed ({type(exc).__name__}: {exc})"
             print(line, flush=True)
     target.float()
-    serve(net, root, device)
+    serve(root, device)
 
 
-def serve(net: torch.nn.Module, root: Path, device: str) -> None:
+def serve(root: Path, device: str) -> None:
     """One paper-scale Profile through an interscope server on `device`."""
-    import json
-
     import interscope
     from interscope_server.config import Settings
     from interscope_server.server import BackgroundServer
 
-    folder = root / "repository" / "resnet18-64"
-    folder.mkdir(parents=True)
-    export(net.cpu(), folder / "model.onnx", half=False)
-    config = {"name": "resnet18-64", "format": "onnx", "file": "model.onnx"}
-    if device == "cuda":  # large batches are what a GPU needs to be busy
-        config["max_batch_size"] = 4096
-    (folder / "config.json").write_text(json.dumps(config))
+    # Large batches are what a GPU needs to be busy.
+    build_repository(root / "repository", **({"max_batch_size": 4096} if device == "cuda" else {}))
     os.environ.setdefault("INTERSCOPE_MODEL_HOSTS", "process")
     settings = Settings(
         host="127.0.0.1",
