@@ -3,7 +3,6 @@ network taking (N, C, H, W), on the transposed input, through a real server and 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import interscope
 from interscope_server.models.config import CONFIG_FILE, ModelConfig, Normalization, TensorSpec
 from interscope_server.server import BackgroundServer
 from tests.server.api.conftest import server_settings
+from tests.server.models.torch_exports import export_onnx
 
 H, W, C = 8, 8, 3
 MEAN, STD = [0.2, 0.5, 0.7], [0.5, 0.25, 1.0]
@@ -48,18 +48,7 @@ class _ChannelsLast(torch.nn.Module):
 
 def _export(folder: Path, net: torch.nn.Module, shape: list[int]) -> None:
     folder.mkdir()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            net,
-            (torch.zeros(1, *shape),),
-            str(folder / "model.onnx"),
-            dynamo=False,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-        )
+    (folder / "model.onnx").write_bytes(export_onnx(net, tuple(shape), dynamo=False, opset=17))
     config = ModelConfig(
         name=folder.name,
         format="onnx",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from interscope.cli import main
 from interscope_server.models.config import CONFIG_FILE, ModelConfig, Normalization, TensorSpec
 from interscope_server.server import BackgroundServer
 from tests.server.api.conftest import server_settings
+from tests.server.models.torch_exports import export_onnx
 
 N_FEATURES = 6
 NAMES = ["age", "income", "height", "score", "debt", "visits"]
@@ -81,18 +81,7 @@ def _mlp(folder: Path, x: np.ndarray, y: np.ndarray, ranges: list[tuple[float, f
         optimiser.step()
     net.eval()
     folder.mkdir()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            net,
-            (torch.zeros(1, N_FEATURES),),
-            str(folder / "model.onnx"),
-            dynamo=False,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-        )
+    (folder / "model.onnx").write_bytes(export_onnx(net, (N_FEATURES,), dynamo=False, opset=17))
     # The network was trained on standardised features: the server standardises per feature.
     norm = Normalization(mean=mean.tolist(), std=std.tolist())
     _write_config(folder, ranges, normalization=norm)
