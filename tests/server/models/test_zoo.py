@@ -89,15 +89,10 @@ def _reference_values(model: ZooModel) -> np.ndarray:
 def _reference_interactions(v: np.ndarray, i: int, j: int, m: int) -> np.ndarray:
     """The paper's I^(m)(i, j): the mean over contexts S of size m, S in N \\ {i, j}, of
     v(S + i + j) - v(S + i) - v(S + j) + v(S)."""
-    others = [k for k in range(4) if k not in (i, j)]
     terms = []
     for s in range(16):
-        if (
-            s & (1 << i | 1 << j)
-            or bin(s).count("1") != m
-            or any(s >> k & 1 for k in range(4) if k not in others)
-        ):
-            continue
+        if s & (1 << i | 1 << j) or bin(s).count("1") != m:
+            continue  # S must leave out i and j and have m players
         terms.append(v[:, s | 1 << i | 1 << j] - v[:, s | 1 << i] - v[:, s | 1 << j] + v[:, s])
     return np.mean(terms, axis=0)
 
