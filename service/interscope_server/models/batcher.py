@@ -17,6 +17,7 @@ runs as soon as it has rows.
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -159,7 +160,7 @@ class DynamicBatcher:
                     + (" or send fewer rows per call" if rows > self._max_queue_rows else "")
                 )
             now = time.monotonic()
-            if any(c.thread != call.thread for c in (*self._calls, *self._running)):
+            if any(c.thread != call.thread for c in itertools.chain(self._calls, self._running)):
                 self._shared_until = now + _SHARED_WINDOW_S
             self._calls.append(call)
             self._queued_rows += rows
