@@ -170,10 +170,15 @@ def sampled(
     return wall, sum(p.forwards for p in result.profiles), mean_variance(result)
 
 
+def peak_rss_kib() -> int:
+    """This process's peak resident memory so far (VmHWM), in KiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+
+
 def memory_child(repository: str, pairs: int, queue: Any) -> None:
     """One fresh in-process server: its peak RSS after a profile with `pairs` pairs."""
-    with open("/proc/self/status") as f:
-        before = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+    before = peak_rss_kib()
     x = np.random.default_rng(2).uniform(size=(1, 3, SIZE, SIZE)).astype(np.float32)
     options = profile_options(2, False, pairs=pairs)
     with (
@@ -181,9 +186,7 @@ def memory_child(repository: str, pairs: int, queue: Any) -> None:
         interscope.Client(server.address) as client,
     ):
         client.profile(model="resnet18-64", x=x, label=[0], **options)
-    with open("/proc/self/status") as f:
-        after = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
-    queue.put((before, after))
+    queue.put((before, peak_rss_kib()))
 
 
 def main() -> None:
