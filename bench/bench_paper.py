@@ -145,7 +145,7 @@ def profile_options(contexts: int, independent: bool, pairs: int = PAIRS) -> dic
         "num_pairs": pairs,
         "ratios": RATIOS,
         "contexts": contexts,
-        "independent_contexts": independent,
+        "context_sharing": "independent" if independent else "shared",
         "pairwise": True,
         "seed": 1,
     }

@@ -545,7 +545,8 @@ class Client(BaseClient):
         num_pairs: int | None = None,
         neighbor_radius: int | None = None,
         contexts: int | None = None,
-        independent_contexts: bool | None = None,
+        context_sharing: str | None = None,
+        target_statistic: str | None = None,
         seed: int | None = None,
         pairwise: bool | None = None,
     ) -> Iterator[ProfileEvent]:
@@ -563,7 +564,7 @@ class Client(BaseClient):
                 ProfileOptions field below that is not None overrides it (see ProfileOptions
                 for their meaning): grid=(R, C) | features= | mask= (the players), baseline,
                 baseline_reference, value, orders | ratios, estimator, pairs, num_pairs,
-                neighbor_radius, contexts, independent_contexts, seed, pairwise.
+                neighbor_radius, contexts, context_sharing, target_statistic, seed, pairwise.
             timeout: seconds for the whole call; default the client's.
         """
         spec = _given(ProfileOptions, locals())
@@ -596,7 +597,8 @@ class Client(BaseClient):
         num_pairs: int | None = None,
         neighbor_radius: int | None = None,
         contexts: int | None = None,
-        independent_contexts: bool | None = None,
+        context_sharing: str | None = None,
+        target_statistic: str | None = None,
         seed: int | None = None,
         pairwise: bool | None = None,
     ) -> ProfileResult:
@@ -841,7 +843,8 @@ class AsyncClient(BaseClient):
         num_pairs: int | None = None,
         neighbor_radius: int | None = None,
         contexts: int | None = None,
-        independent_contexts: bool | None = None,
+        context_sharing: str | None = None,
+        target_statistic: str | None = None,
         seed: int | None = None,
         pairwise: bool | None = None,
     ) -> AsyncIterator[ProfileEvent]:
@@ -876,7 +879,8 @@ class AsyncClient(BaseClient):
         num_pairs: int | None = None,
         neighbor_radius: int | None = None,
         contexts: int | None = None,
-        independent_contexts: bool | None = None,
+        context_sharing: str | None = None,
+        target_statistic: str | None = None,
         seed: int | None = None,
         pairwise: bool | None = None,
     ) -> ProfileResult:

@@ -108,7 +108,7 @@ def build_gallery(
         num_pairs=0,
         neighbor_radius=0,
         contexts=0,
-        independent_contexts=False,
+        context_sharing="shared",
     )
     names = classes or []
     for index, why in choose(report, count):

@@ -33,6 +33,16 @@ _PAIR_MODES = {
     "random": analysis_pb2.PAIR_MODE_RANDOM,
     "neighbors": analysis_pb2.PAIR_MODE_NEIGHBORS,
 }
+_CONTEXT_SHARINGS = {
+    "auto": analysis_pb2.CONTEXT_SHARING_AUTO,
+    "shared": analysis_pb2.CONTEXT_SHARING_SHARED,
+    "independent": analysis_pb2.CONTEXT_SHARING_INDEPENDENT,
+}
+_TARGET_STATISTICS = {
+    "pairs": analysis_pb2.TARGET_STATISTIC_PAIRS,
+    "strength": analysis_pb2.TARGET_STATISTIC_STRENGTH,
+    "signed-mean": analysis_pb2.TARGET_STATISTIC_SIGNED_MEAN,
+}
 # From the proto enum, so a new AttackKind reaches the SDK and the CLI's choices by itself:
 # ATTACK_KIND_PGD_MARGIN -> "pgd-margin".
 _ATTACKS = {
@@ -47,6 +57,8 @@ VALUE_FUNCTIONS = tuple(_VALUES)
 CLASS_CHOICES = tuple(_CLASS_CHOICES)
 ESTIMATORS = tuple(_ESTIMATORS)
 PAIR_MODES = tuple(_PAIR_MODES)
+CONTEXT_SHARINGS = tuple(_CONTEXT_SHARINGS)
+TARGET_STATISTICS = tuple(_TARGET_STATISTICS)
 ATTACKS = tuple(_ATTACKS)
 NORMS = tuple(_NORMS)
 BASELINES = ("zero", "mean", "blur")
@@ -83,7 +95,8 @@ class ProfileOptions:
     num_pairs: int = 0
     neighbor_radius: int = 0
     contexts: int = 0
-    independent_contexts: bool = False
+    context_sharing: str = "auto"
+    target_statistic: str = "pairs"
     seed: int = 0
     pairwise: bool = False
 
@@ -127,7 +140,10 @@ class ProfileOptions:
                 num_pairs=int(self.num_pairs),
                 neighbor_radius=int(self.neighbor_radius),
                 contexts_per_order=int(self.contexts),
-                independent_contexts=bool(self.independent_contexts),
+                context_sharing=_pick(_CONTEXT_SHARINGS, self.context_sharing, "context sharing"),
+                target_statistic=_pick(
+                    _TARGET_STATISTICS, self.target_statistic, "target statistic"
+                ),
             ),
             seed=int(self.seed),
             return_pairs=bool(self.pairwise),

@@ -23,9 +23,11 @@ from interscope._models import AttackResult, ExampleResult, ModelInfo, ProfileRe
 from interscope._options import (
     ATTACKS,
     CLASS_CHOICES,
+    CONTEXT_SHARINGS,
     ESTIMATORS,
     NORMS,
     PAIR_MODES,
+    TARGET_STATISTICS,
     VALUE_FUNCTIONS,
     AttackOptions,
     ProfileOptions,
@@ -196,9 +198,17 @@ def _profile_args(parser: argparse.ArgumentParser, *, default_estimator: str = "
     group.add_argument("--neighbor-radius", type=_count(0), default=0)
     group.add_argument("--contexts", type=_count(0), default=0, help="sampled contexts per order")
     group.add_argument(
-        "--independent-contexts",
-        action="store_true",
-        help="separate contexts per pair (the paper's scheme): better per-order signed means",
+        "--context-sharing",
+        default="auto",
+        choices=CONTEXT_SHARINGS,
+        help="shared contexts, or separate ones per pair (the paper's scheme); auto picks by "
+        "--target-statistic and the number of pairs",
+    )
+    group.add_argument(
+        "--target-statistic",
+        default="pairs",
+        choices=TARGET_STATISTICS,
+        help="the statistic whose standard error matters most (steers --context-sharing auto)",
     )
     group.add_argument("--profile-seed", type=_count(0), default=0)
 
@@ -229,7 +239,8 @@ def _profile_options(
         num_pairs=args.num_pairs,
         neighbor_radius=args.neighbor_radius,
         contexts=args.contexts,
-        independent_contexts=args.independent_contexts,
+        context_sharing=args.context_sharing,
+        target_statistic=args.target_statistic,
         seed=args.profile_seed,
         pairwise=pairwise,
     )

@@ -122,7 +122,8 @@ def _contexts(profile: dict[str, Any]) -> str:
     sampling = profile.get("sampling") or {}
     count = int(sampling.get("contexts_per_order") or 0)
     text = f"{count} per order" if count else "the server's default"
-    if sampling.get("independent_contexts"):
+    sharing = sampling.get("context_sharing", "CONTEXT_SHARING_AUTO")
+    if sharing == "CONTEXT_SHARING_INDEPENDENT":
         text += ", separate per pair"
     return text
 

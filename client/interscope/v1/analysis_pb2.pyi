@@ -145,6 +145,80 @@ PAIR_MODE_NEIGHBORS: PairMode.ValueType  # 3
 """Each pair of grid cells within `neighbor_radius` (Chebyshev distance); grid players only."""
 Global___PairMode: _TypeAlias = PairMode  # noqa: Y015
 
+class _ContextSharing:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ContextSharingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ContextSharing.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONTEXT_SHARING_AUTO: _ContextSharing.ValueType  # 0
+    """Shared, unless the pairs are more than the measured crossover of target_statistic: 40 for
+    the signed mean, 80 for mean |I| (never for per-pair values); then independent. The number
+    of contexts per pair stays as asked, so an independent plan costs more forwards and gives
+    a smaller standard error. The way chosen is in InteractionProfile.context_sharing.
+    """
+    CONTEXT_SHARING_INDEPENDENT: _ContextSharing.ValueType  # 1
+    """Separate contexts for every pair (the paper's scheme: 4 forwards per Delta v sample). Field
+    5 was `bool independent_contexts`; true reads as this value.
+    """
+    CONTEXT_SHARING_SHARED: _ContextSharing.ValueType  # 2
+    """One sampled context serves every selected pair it fits."""
+
+class ContextSharing(_ContextSharing, metaclass=_ContextSharingEnumTypeWrapper):
+    """How sampled contexts S are drawn. Shared contexts give each pair's I^(m)(i,j), and so mean |I|,
+    more samples per forward (about 1.4 forwards per Delta v sample against 4); but the pairs a
+    context serves move together, so the signed per-order mean over many pairs converges faster
+    per forward with independent contexts. bench/bench_crossover.py measures the crossover.
+    """
+
+CONTEXT_SHARING_AUTO: ContextSharing.ValueType  # 0
+"""Shared, unless the pairs are more than the measured crossover of target_statistic: 40 for
+the signed mean, 80 for mean |I| (never for per-pair values); then independent. The number
+of contexts per pair stays as asked, so an independent plan costs more forwards and gives
+a smaller standard error. The way chosen is in InteractionProfile.context_sharing.
+"""
+CONTEXT_SHARING_INDEPENDENT: ContextSharing.ValueType  # 1
+"""Separate contexts for every pair (the paper's scheme: 4 forwards per Delta v sample). Field
+5 was `bool independent_contexts`; true reads as this value.
+"""
+CONTEXT_SHARING_SHARED: ContextSharing.ValueType  # 2
+"""One sampled context serves every selected pair it fits."""
+Global___ContextSharing: _TypeAlias = ContextSharing  # noqa: Y015
+
+class _TargetStatistic:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TargetStatisticEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TargetStatistic.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TARGET_STATISTIC_UNSPECIFIED: _TargetStatistic.ValueType  # 0
+    """Defaults to TARGET_STATISTIC_PAIRS: the per-pair values feed every per-pair view (the
+    report's heatmaps, per-class patterns) and the order means alike.
+    """
+    TARGET_STATISTIC_PAIRS: _TargetStatistic.ValueType  # 1
+    """Each pair's I^(m)(i,j) (return_pairs, InteractionProfile.interactions)."""
+    TARGET_STATISTIC_STRENGTH: _TargetStatistic.ValueType  # 2
+    """mean |I^(m)| over pairs (InteractionProfile.mean_abs, strength)."""
+    TARGET_STATISTIC_SIGNED_MEAN: _TargetStatistic.ValueType  # 3
+    """The signed mean E_ij I^(m)(i,j) (InteractionProfile.mean)."""
+
+class TargetStatistic(_TargetStatistic, metaclass=_TargetStatisticEnumTypeWrapper):
+    """The statistic of a profile whose standard error matters most to the caller (every statistic is
+    always returned; this only steers CONTEXT_SHARING_AUTO).
+    """
+
+TARGET_STATISTIC_UNSPECIFIED: TargetStatistic.ValueType  # 0
+"""Defaults to TARGET_STATISTIC_PAIRS: the per-pair values feed every per-pair view (the
+report's heatmaps, per-class patterns) and the order means alike.
+"""
+TARGET_STATISTIC_PAIRS: TargetStatistic.ValueType  # 1
+"""Each pair's I^(m)(i,j) (return_pairs, InteractionProfile.interactions)."""
+TARGET_STATISTIC_STRENGTH: TargetStatistic.ValueType  # 2
+"""mean |I^(m)| over pairs (InteractionProfile.mean_abs, strength)."""
+TARGET_STATISTIC_SIGNED_MEAN: TargetStatistic.ValueType  # 3
+"""The signed mean E_ij I^(m)(i,j) (InteractionProfile.mean)."""
+Global___TargetStatistic: _TypeAlias = TargetStatistic  # noqa: Y015
+
 class _AttackKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -479,7 +553,8 @@ class SamplingSpec(_message.Message):
     NUM_PAIRS_FIELD_NUMBER: _builtins.int
     NEIGHBOR_RADIUS_FIELD_NUMBER: _builtins.int
     CONTEXTS_PER_ORDER_FIELD_NUMBER: _builtins.int
-    INDEPENDENT_CONTEXTS_FIELD_NUMBER: _builtins.int
+    CONTEXT_SHARING_FIELD_NUMBER: _builtins.int
+    TARGET_STATISTIC_FIELD_NUMBER: _builtins.int
     pair_mode: Global___PairMode.ValueType
     num_pairs: _builtins.int
     """For PAIR_MODE_RANDOM: how many pairs, >= 1. Default when 0: 200, or every pair if fewer.
@@ -495,11 +570,11 @@ class SamplingSpec(_message.Message):
     Delta v sample instead of the 4 of a per-pair scheme. An order with fewer distinct contexts
     than asked for is enumerated exactly (standard error 0).
     """
-    independent_contexts: _builtins.bool
-    """Draw separate contexts for every pair (the paper's scheme: 4 forwards per Delta v sample)
-    instead of sharing them. Shared contexts give each pair's I^(m)(i,j), and so mean |I|, more
-    samples per forward; but the pairs a context serves move together, so the signed per-order
-    mean converges faster per forward with independent contexts (bench/bench_engine.py).
+    context_sharing: Global___ContextSharing.ValueType
+    """Shared contexts or the paper's per-pair contexts; AUTO picks by `target_statistic`."""
+    target_statistic: Global___TargetStatistic.ValueType
+    """The statistic the caller reads most: AUTO picks the contexts that reach its standard
+    error with fewer forwards.
     """
     def __init__(
         self,
@@ -508,11 +583,12 @@ class SamplingSpec(_message.Message):
         num_pairs: _builtins.int = ...,
         neighbor_radius: _builtins.int = ...,
         contexts_per_order: _builtins.int = ...,
-        independent_contexts: _builtins.bool = ...,
+        context_sharing: Global___ContextSharing.ValueType = ...,
+        target_statistic: Global___TargetStatistic.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contexts_per_order", b"contexts_per_order", "independent_contexts", b"independent_contexts", "neighbor_radius", b"neighbor_radius", "num_pairs", b"num_pairs", "pair_mode", b"pair_mode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_sharing", b"context_sharing", "contexts_per_order", b"contexts_per_order", "neighbor_radius", b"neighbor_radius", "num_pairs", b"num_pairs", "pair_mode", b"pair_mode", "target_statistic", b"target_statistic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -762,6 +838,7 @@ class InteractionProfile(_message.Message):
     PREDICTION_FIELD_NUMBER: _builtins.int
     ESTIMATOR_FIELD_NUMBER: _builtins.int
     FORWARDS_FIELD_NUMBER: _builtins.int
+    CONTEXT_SHARING_FIELD_NUMBER: _builtins.int
     input_index: _builtins.int
     n_players: _builtins.int
     efficiency_residual: _builtins.float
@@ -775,6 +852,8 @@ class InteractionProfile(_message.Message):
     estimator: _builtins.str
     """"exact" or "sampled", and the forwards spent on this input."""
     forwards: _builtins.int
+    context_sharing: _builtins.str
+    """Sampled only: "shared" or "independent", the contexts used (see ContextSharing)."""
     @_builtins.property
     def orders(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Orders m, ascending, and their ratios m / (n-2)."""
@@ -842,10 +921,11 @@ class InteractionProfile(_message.Message):
         prediction: _builtins.int = ...,
         estimator: _builtins.str = ...,
         forwards: _builtins.int = ...,
+        context_sharing: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["interactions", b"interactions", "interactions_stderr", b"interactions_stderr", "pairs", b"pairs", "shapley_interaction", b"shapley_interaction", "shapley_values", b"shapley_values"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_index", b"class_index", "disentanglement", b"disentanglement", "efficiency_residual", b"efficiency_residual", "estimator", b"estimator", "forwards", b"forwards", "input_index", b"input_index", "interactions", b"interactions", "interactions_stderr", b"interactions_stderr", "mean", b"mean", "mean_abs", b"mean_abs", "mean_abs_stderr", b"mean_abs_stderr", "mean_stderr", b"mean_stderr", "n_players", b"n_players", "orders", b"orders", "pairs", b"pairs", "prediction", b"prediction", "ratios", b"ratios", "shapley_interaction", b"shapley_interaction", "shapley_values", b"shapley_values", "strength", b"strength", "value_empty", b"value_empty", "value_full", b"value_full"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_index", b"class_index", "context_sharing", b"context_sharing", "disentanglement", b"disentanglement", "efficiency_residual", b"efficiency_residual", "estimator", b"estimator", "forwards", b"forwards", "input_index", b"input_index", "interactions", b"interactions", "interactions_stderr", b"interactions_stderr", "mean", b"mean", "mean_abs", b"mean_abs", "mean_abs_stderr", b"mean_abs_stderr", "mean_stderr", b"mean_stderr", "n_players", b"n_players", "orders", b"orders", "pairs", b"pairs", "prediction", b"prediction", "ratios", b"ratios", "shapley_interaction", b"shapley_interaction", "shapley_values", b"shapley_values", "strength", b"strength", "value_empty", b"value_empty", "value_full", b"value_full"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

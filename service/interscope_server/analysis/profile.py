@@ -26,11 +26,14 @@ from interscope_server.analysis.results import (
 )
 from interscope_server.analysis.sampled import (
     DEFAULT_RATIOS,
+    ContextSharing,
     OrderStats,
     SampledEstimator,
     SamplingPlan,
+    TargetStatistic,
     check_orders,
     expected_sampled_forwards,
+    independent_contexts,
     order_stats,
     orders_from_ratios,
     run_order,
@@ -70,7 +73,8 @@ class ProfileSpec:
     #: 200 neighbour pairs of a 16x16 grid); 0 keeps every neighbour pair.
     n_neighbour_pairs: int = 0
     contexts_per_order: int = 100  # expected contexts S per pair and order (sampled)
-    independent_contexts: bool = False  # the paper's per-pair contexts instead of shared ones
+    context_sharing: ContextSharing = ContextSharing.AUTO  # shared or the paper's per-pair
+    target_statistic: TargetStatistic = TargetStatistic.PAIRS  # what AUTO sharing optimises
     seed: int = 0
     return_pairs: bool = False
     max_exact_players: int = 20
@@ -161,12 +165,11 @@ def _plan(
     orders = resolve_orders(spec, n)
     # Decide and check limits on the expected cost first: a sampling plan's arrays grow with
     # contexts x pairs, so materialising one that will be refused could take gigabytes.
+    independent = independent_contexts(spec.context_sharing, spec.target_statistic, len(pairs))
     expected = expected_sampled_forwards(
-        n, orders, len(pairs), spec.contexts_per_order, spec.independent_contexts
+        n, orders, len(pairs), spec.contexts_per_order, independent
     )
-    estimator = SampledEstimator(
-        pairs, orders, spec.contexts_per_order, spec.seed, spec.independent_contexts
-    )
+    estimator = SampledEstimator(pairs, orders, spec.contexts_per_order, spec.seed, independent)
     sampling: SamplingPlan | None = None
     if spec.estimator is EstimatorChoice.EXACT:
         if n > spec.max_exact_players:
@@ -316,6 +319,7 @@ def _sampled_profile(
     strength, strength_se = _strength(mean_abs, mean_abs_se)
     return InteractionProfile(
         estimator="sampled",
+        context_sharing="independent" if plan.independent else "shared",
         n_players=n,
         class_index=class_index,
         value_function=value_function,

@@ -73,6 +73,7 @@ class InteractionProfile:
     shapley_efficiency_residual: float | None = None
     forwards: int = 0
     seed: int | None = None
+    context_sharing: str = ""  # sampled: "shared" or "independent" (ContextSharing)
     timings: dict[str, float] = field(default_factory=dict)
 
 

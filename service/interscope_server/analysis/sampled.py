@@ -11,6 +11,7 @@ Contexts that serve no selected pair are dropped before any forward pass.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import math
 from collections.abc import Iterator
@@ -131,6 +132,41 @@ def expected_sampled_forwards(
         contexts = min(math.ceil(samples_per_pair / share), math.comb(n, size))
         total += contexts * share * n_pairs
     return total
+
+
+class ContextSharing(enum.Enum):
+    AUTO = "auto"  # by the target statistic and the number of pairs (independent_contexts)
+    SHARED = "shared"  # one context serves every selected pair it fits
+    INDEPENDENT = "independent"  # the paper's scheme: contexts of its own for every pair
+
+
+class TargetStatistic(enum.Enum):
+    """The statistic whose standard error the caller cares most about (all are returned)."""
+
+    PAIRS = "pairs"  # each pair's I^(m)(i,j); the default
+    STRENGTH = "strength"  # mean |I^(m)| over pairs
+    SIGNED_MEAN = "signed_mean"  # E_ij I^(m)(i,j)
+
+
+#: Above this many pairs, independent contexts reach the standard error of the given statistic
+#: with fewer forwards than shared ones (bench/bench_crossover.py: digits CNN, 8 x 8 grid,
+#: neighbour pairs, twelve orders, four images; efficiency of shared at equal standard error
+#: 1.06x at 32 pairs and 0.80x at 64 for the signed mean, 1.05x at 64 and 0.92x at 128 for
+#: mean |I|; the crossovers, interpolated in log pairs, near 37 and 82). Shared
+#: contexts cost fewer forwards per sample, but the pairs one context serves move together, so
+#: averages over many pairs gain less from them. Per-pair values always favour sharing.
+SHARED_MAX_PAIRS: dict[TargetStatistic, float] = {
+    TargetStatistic.SIGNED_MEAN: 40,
+    TargetStatistic.STRENGTH: 80,
+    TargetStatistic.PAIRS: math.inf,
+}
+
+
+def independent_contexts(sharing: ContextSharing, target: TargetStatistic, n_pairs: int) -> bool:
+    """Whether a sampled profile over `n_pairs` pairs draws contexts per pair."""
+    if sharing is ContextSharing.AUTO:
+        return n_pairs > SHARED_MAX_PAIRS[target]
+    return sharing is ContextSharing.INDEPENDENT
 
 
 #: Every sampled pair gets at least this many contexts per order: an estimate and its SE.
@@ -270,6 +306,7 @@ class SamplingPlan:
     samples_per_pair: int
     seed: int
     order_plans: tuple[OrderPlan, ...]
+    independent: bool = False  # contexts drawn per pair instead of shared
 
     @property
     def forwards(self) -> int:
@@ -323,7 +360,9 @@ class SampledEstimator:
             )
             for m in orders
         )
-        return SamplingPlan(n, pairs, orders, self.samples_per_pair, self.seed, plans)
+        return SamplingPlan(
+            n, pairs, orders, self.samples_per_pair, self.seed, plans, self.independent
+        )
 
 
 def run_order(

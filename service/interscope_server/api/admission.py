@@ -14,7 +14,7 @@ from interscope_server.analysis.profile import (
     ProfileSpec,
     resolve_orders,
 )
-from interscope_server.analysis.sampled import expected_sampled_forwards
+from interscope_server.analysis.sampled import expected_sampled_forwards, independent_contexts
 from interscope_server.attacks.base import AttackSpec
 from interscope_server.config import Settings
 
@@ -92,12 +92,13 @@ def profile_cost(spec: ProfileSpec, n_players: int, n_inputs: int) -> int:
         per_input = exact
     else:
         orders = resolve_orders(spec, n_players)
+        pairs = _pair_count(spec, n_players)
         sampled = expected_sampled_forwards(
             n_players,
             orders,
-            _pair_count(spec, n_players),
+            pairs,
             spec.contexts_per_order,
-            spec.independent_contexts,
+            independent_contexts(spec.context_sharing, spec.target_statistic, pairs),
         )
         # Each context's own row, the empty and full coalitions and the clean prediction.
         per_input = int(sampled) + n_players + 3

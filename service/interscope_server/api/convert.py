@@ -130,6 +130,7 @@ def profile_to_proto(
         class_index=int(profile.class_index),
         prediction=int(prediction),
         estimator=profile.estimator,
+        context_sharing=profile.context_sharing,
         forwards=int(profile.forwards),
     )
     if return_pairs and profile.pair_interactions is not None:

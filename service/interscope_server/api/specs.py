@@ -28,7 +28,7 @@ from interscope_server.analysis.profile import (
     PairSelection,
     ProfileSpec,
 )
-from interscope_server.analysis.sampled import DEFAULT_RATIOS
+from interscope_server.analysis.sampled import DEFAULT_RATIOS, ContextSharing, TargetStatistic
 from interscope_server.analysis.values import ClassChoice, ValueFunction
 from interscope_server.attacks import attack_class, attack_classes
 from interscope_server.attacks.base import AttackName, AttackSpec, Norm, ValueRange
@@ -53,6 +53,17 @@ ESTIMATORS = {
     analysis_pb2.ESTIMATOR_KIND_AUTO: EstimatorChoice.AUTO,
     analysis_pb2.ESTIMATOR_KIND_EXACT: EstimatorChoice.EXACT,
     analysis_pb2.ESTIMATOR_KIND_SAMPLED: EstimatorChoice.SAMPLED,
+}
+CONTEXT_SHARINGS = {
+    analysis_pb2.CONTEXT_SHARING_AUTO: ContextSharing.AUTO,
+    analysis_pb2.CONTEXT_SHARING_SHARED: ContextSharing.SHARED,
+    analysis_pb2.CONTEXT_SHARING_INDEPENDENT: ContextSharing.INDEPENDENT,
+}
+TARGET_STATISTICS = {
+    analysis_pb2.TARGET_STATISTIC_UNSPECIFIED: TargetStatistic.PAIRS,
+    analysis_pb2.TARGET_STATISTIC_PAIRS: TargetStatistic.PAIRS,
+    analysis_pb2.TARGET_STATISTIC_STRENGTH: TargetStatistic.STRENGTH,
+    analysis_pb2.TARGET_STATISTIC_SIGNED_MEAN: TargetStatistic.SIGNED_MEAN,
 }
 PAIR_MODES = {
     analysis_pb2.PAIR_MODE_ALL: PairSelection.ALL,
@@ -229,7 +240,18 @@ def profile_spec(
         neighbour_radius=int(sampling.neighbor_radius or 1),
         n_neighbour_pairs=int(sampling.num_pairs) if pairs is PairSelection.NEIGHBOURS else 0,
         contexts_per_order=int(sampling.contexts_per_order or 100),
-        independent_contexts=bool(sampling.independent_contexts),
+        context_sharing=_enum(
+            CONTEXT_SHARINGS,
+            sampling.context_sharing,
+            "sampling.context_sharing",
+            analysis_pb2.ContextSharing,
+        ),
+        target_statistic=_enum(
+            TARGET_STATISTICS,
+            sampling.target_statistic,
+            "sampling.target_statistic",
+            analysis_pb2.TargetStatistic,
+        ),
         seed=int(spec.seed),
         return_pairs=bool(spec.return_pairs),
         max_exact_players=settings.max_exact_players,

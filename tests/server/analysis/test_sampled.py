@@ -19,8 +19,12 @@ from interscope_server.analysis.profile import (
 )
 from interscope_server.analysis.sampled import (
     MIN_SAMPLES_PER_PAIR,
+    SHARED_MAX_PAIRS,
+    ContextSharing,
     SampledEstimator,
+    TargetStatistic,
     estimate,
+    independent_contexts,
     orders_from_ratios,
 )
 from interscope_server.analysis.values import ValueFunction
@@ -103,6 +107,23 @@ def test_every_pair_gets_two_contexts_even_on_a_tiny_budget(
     truth = exact.interactions[m][2, 9]
     spread = np.std(estimates) / np.sqrt(len(estimates))
     assert abs(np.mean(estimates) - truth) < 4 * spread
+
+
+def test_context_sharing_auto_switches_at_each_statistics_crossover() -> None:
+    for target in TargetStatistic:
+        limit = SHARED_MAX_PAIRS[target]
+        assert not independent_contexts(ContextSharing.AUTO, target, 1)
+        assert independent_contexts(ContextSharing.AUTO, target, 10**6) == (limit < 10**6)
+        if limit < 10**6:
+            assert not independent_contexts(ContextSharing.AUTO, target, int(limit))
+            assert independent_contexts(ContextSharing.AUTO, target, int(limit) + 1)
+        # An explicit choice is kept whatever the statistic and the pairs.
+        assert independent_contexts(ContextSharing.INDEPENDENT, target, 1)
+        assert not independent_contexts(ContextSharing.SHARED, target, 10**6)
+    # Per-pair values always favour sharing; averages over many pairs do not.
+    assert SHARED_MAX_PAIRS[TargetStatistic.PAIRS] == float("inf")
+    signed, strength = TargetStatistic.SIGNED_MEAN, TargetStatistic.STRENGTH
+    assert SHARED_MAX_PAIRS[signed] < SHARED_MAX_PAIRS[strength]
 
 
 def test_independent_contexts_are_the_papers_per_pair_scheme(

@@ -131,12 +131,50 @@ def test_independent_contexts_cost_four_forwards_per_sample(analysis, demo_test_
         model="digits-cnn", inputs=to_tensor(x[:1]), labels=[int(y[0])], spec=spec
     )
     shared = list(analysis.Profile(request))[-1].result.profiles[0]
-    request.spec.sampling.independent_contexts = True
+    request.spec.sampling.context_sharing = analysis_pb2.CONTEXT_SHARING_INDEPENDENT
     independent = list(analysis.Profile(request))[-1].result.profiles[0]
     # 2 orders x 5 pairs x 6 contexts x 4 rows, plus v(N) and v(empty).
     assert independent.forwards == 2 * 5 * 6 * 4 + 2
     assert shared.forwards < independent.forwards
     assert np.isfinite(independent.mean).all() and len(independent.mean) == 2
+    assert (shared.context_sharing, independent.context_sharing) == ("shared", "independent")
+
+
+def test_auto_context_sharing_follows_the_target_statistic_and_the_pair_count(
+    analysis, demo_test_data
+) -> None:
+    """AUTO shares contexts unless the caller's statistic is an average over more pairs than
+    the measured crossover (SHARED_MAX_PAIRS); the profile says which way it went."""
+    x, y = demo_test_data
+
+    def sharing(target: int, num_pairs: int) -> tuple[str, int]:
+        spec = grid(
+            8,
+            8,
+            estimator=analysis_pb2.ESTIMATOR_KIND_SAMPLED,
+            orders=analysis_pb2.OrderSpec(orders=[5]),
+            sampling=analysis_pb2.SamplingSpec(
+                pair_mode=analysis_pb2.PAIR_MODE_NEIGHBORS,
+                num_pairs=num_pairs,
+                contexts_per_order=2,
+                target_statistic=target,
+            ),
+        )
+        request = analysis_pb2.ProfileRequest(
+            model="digits-cnn", inputs=to_tensor(x[:1]), labels=[int(y[0])], spec=spec
+        )
+        profile = list(analysis.Profile(request))[-1].result.profiles[0]
+        return profile.context_sharing, profile.forwards
+
+    signed = analysis_pb2.TARGET_STATISTIC_SIGNED_MEAN
+    strength = analysis_pb2.TARGET_STATISTIC_STRENGTH
+    assert sharing(signed, 40)[0] == "shared"
+    # Independent: 41 pairs x 2 contexts x 4 rows, plus v(N) and v(empty).
+    assert sharing(signed, 41) == ("independent", 41 * 2 * 4 + 2)
+    assert sharing(strength, 80)[0] == "shared"
+    assert sharing(strength, 81)[0] == "independent"
+    assert sharing(analysis_pb2.TARGET_STATISTIC_PAIRS, 210)[0] == "shared"
+    assert sharing(analysis_pb2.TARGET_STATISTIC_UNSPECIFIED, 210)[0] == "shared"
 
 
 def test_num_pairs_draws_that_many_neighbour_pairs_and_is_refused_with_all(
@@ -217,6 +255,16 @@ def test_num_pairs_draws_that_many_neighbour_pairs_and_is_refused_with_all(
             lambda r: r.spec.CopyFrom(grid(6, 6, estimator=analysis_pb2.ESTIMATOR_KIND_EXACT)),
             StatusCode.RESOURCE_EXHAUSTED,
             "exact",
+        ),
+        (
+            lambda r: setattr(r.spec.sampling, "context_sharing", 9),
+            StatusCode.INVALID_ARGUMENT,
+            "context_sharing",
+        ),
+        (
+            lambda r: setattr(r.spec.sampling, "target_statistic", 9),
+            StatusCode.INVALID_ARGUMENT,
+            "target_statistic",
         ),
         (
             lambda r: r.spec.orders.ratios.append(1.5),
