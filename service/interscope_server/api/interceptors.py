@@ -316,36 +316,57 @@ class StallInterceptor(grpc.aio.ServerInterceptor):
 
             async def write_with_limit(request: Any, context: grpc.aio.ServicerContext) -> None:
                 events = behaviour(request, context)
+                loop = asyncio.get_running_loop()
+                # Each write is awaited directly; one timer per call watches for a write that
+                # has waited `stall` seconds (a task and a timed wait per message cost more
+                # than a small call's computation).
+                writing_since: float | None = None
+                stalled: asyncio.Task[None] | None = None
+                timer: asyncio.TimerHandle
+
+                async def stop() -> None:
+                    log.warning(
+                        "%s: the client read nothing for %.0f s; cancelling the call",
+                        method,
+                        stall,
+                    )
+                    await events.aclose()  # stops the work, frees the call's slot
+                    if self._metrics is not None:
+                        self._metrics.send_stalls.labels(_short_method(method)).inc()
+
+                def watch() -> None:
+                    nonlocal timer, stalled
+                    left = stall if writing_since is None else writing_since + stall - loop.time()
+                    if left > 0:
+                        timer = loop.call_later(left, watch)
+                    else:
+                        stalled = asyncio.ensure_future(stop())
+
+                timer = loop.call_later(stall, watch)
                 try:
                     async for item in events:
+                        writing_since = loop.time()
                         # The write is never cancelled: grpc cannot withdraw a message it has
                         # taken, and a cancelled write left the call unable to send any status
-                        # (ExecuteBatchError, INTERNAL "Internal error from Core").
-                        write = asyncio.ensure_future(context.write(item))
-                        done, _ = await asyncio.wait({write}, timeout=stall)
-                        if not done:
-                            log.warning(
-                                "%s: the client read nothing for %.0f s; cancelling the call",
-                                method,
-                                stall,
-                            )
-                            await events.aclose()  # stops the work, frees the call's slot
-                            if self._metrics is not None:
-                                self._metrics.send_stalls.labels(_short_method(method)).inc()
-                            # grpc can send no status while a message waits for the client's
-                            # flow-control window (the attempt fails in core, and the caller
-                            # used to see INTERNAL "Internal error from Core"). The work and
-                            # slot are released already; what waits is one message in grpc's
-                            # buffer, until the client reads again, cancels or its deadline
-                            # ends the call. Then the client learns why.
-                            await write
+                        # (ExecuteBatchError, INTERNAL "Internal error from Core"). A failed
+                        # write (client gone) ends the call here.
+                        await context.write(item)
+                        writing_since = None
+                        if stalled is not None:
+                            # The work and slot were released while the write waited; grpc
+                            # could send no status while the message waited for the client's
+                            # flow-control window (it used to fail in core with INTERNAL).
+                            # Now the client took it, so it learns why.
+                            await stalled
                             await context.abort(
                                 grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"the client stopped reading: no event could be sent for "
                                 f"{stall:.0f} s (send_stall_seconds); the call was cancelled",
                             )
-                        write.result()  # a failed write (client gone) ends the call here
                 finally:
+                    timer.cancel()
+                    if stalled is not None:
+                        await stalled
                     await events.aclose()
 
             return write_with_limit

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import AbstractAsyncContextManager
@@ -42,23 +44,48 @@ async def _iterate(
     executor: Executor, make_events: Callable[[], Iterator[T]], cancel: CancelToken
 ) -> AsyncGenerator[T, None]:
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[bool, T | BaseException | None]] = asyncio.Queue()
+    # The worker appends to `items`; it wakes the loop only when the consumer waits on an empty
+    # deque, so a burst of events (a small profile's partials, profile and end) costs one
+    # wake-up instead of one per event.
+    items: deque[tuple[bool, T | BaseException | None]] = deque()
+    lock = threading.Lock()
+    waiter: list[asyncio.Future[None]] = []  # the consumer's future while it waits
+
+    def wake(future: asyncio.Future[None]) -> None:
+        if not future.done():
+            future.set_result(None)
+
+    def put(item: tuple[bool, T | BaseException | None]) -> None:
+        with lock:
+            items.append(item)
+            waiting = waiter.pop() if waiter else None
+        if waiting is not None:
+            loop.call_soon_threadsafe(wake, waiting)
 
     def work() -> None:
         try:
             for event in make_events():
-                loop.call_soon_threadsafe(queue.put_nowait, (False, event))
+                put((False, event))
                 # Raise rather than break: a stopped computation must end its call with the
                 # token's status, never look like a complete result.
                 cancel.check()
-            loop.call_soon_threadsafe(queue.put_nowait, (True, None))
+            put((True, None))
         except BaseException as exc:  # handed over to the event loop
-            loop.call_soon_threadsafe(queue.put_nowait, (True, exc))
+            put((True, exc))
 
     future = loop.run_in_executor(executor, work)
     try:
         while True:
-            done, item = await queue.get()
+            with lock:
+                if items:
+                    done, item = items.popleft()
+                    empty = None
+                else:
+                    empty = loop.create_future()
+                    waiter.append(empty)
+            if empty is not None:
+                await empty
+                continue
             if done:
                 if isinstance(item, BaseException):
                     raise item
