@@ -238,12 +238,12 @@ class InterscopeServer:
         UNAVAILABLE (callers retry elsewhere) and release the models."""
         grace = self.settings.grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        self.analysis.shutting_down = True
+        self.analysis.calls.shutting_down = True
         if self._server is not None:
             # grpc refuses new RPCs at once; its own hard stop comes a little after ours, so the
             # calls we end at `grace` still get to send their UNAVAILABLE status.
             stopping = asyncio.ensure_future(self._server.stop(grace + 2.0))
-            await self.analysis.drain(grace)
+            await self.analysis.calls.drain(grace)
             await stopping
         self.registry.close()
         self.metrics.close()

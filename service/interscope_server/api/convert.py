@@ -1,22 +1,37 @@
-"""Converters between analysis/attack wire messages and the engine's domain types."""
+"""Domain results -> wire messages: the one module that builds the services' messages.
+
+The servicers and their flows hand engine, attack and registry results here; nothing else in
+the server constructs a `*_pb2` message (tests/server/api/test_structure.py holds it so).
+"""
 
 from __future__ import annotations
 
 import functools
 import json
 import platform
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from interscope.codec import TensorError, from_tensor, to_tensor
-from interscope.v1 import analysis_pb2, tensor_pb2
-from interscope_server import __version__, errors
-from interscope_server.analysis.results import InteractionProfile, PerturbationProfile
+from interscope.v1 import analysis_pb2, models_pb2, tensor_pb2
+from interscope_server import __version__, attacks, errors
+from interscope_server.analysis.results import (
+    InteractionProfile,
+    OrderEstimate,
+    PerturbationProfile,
+)
+from interscope_server.models.config import ModelConfig
+from interscope_server.models.registry import ModelState, ModelStatus
+
+if TYPE_CHECKING:
+    from interscope_server.models.backend import Backend
 
 FLOAT_TYPES = ("FP32", "FP64", "FP16")
+_Z95 = 1.959963984540054
 
 
 def decode_inputs(
@@ -185,3 +200,306 @@ def perturbation_to_proto(
             target.ClearField("shapley_interaction")
             target.ClearField("shapley_values")
     return message
+
+
+# -- calls' common parts ---------------------------------------------------------------------
+
+
+def provenance(
+    model: str,
+    backend: Backend,
+    spec_json: str,
+    seed: int,
+    wall_seconds: float,
+    forwards: int,
+    replica: str,
+) -> analysis_pb2.Provenance:
+    """What computed a result: the model and its hash, the spec, versions, forwards, where."""
+    return analysis_pb2.Provenance(
+        model=model,
+        model_content_hash=f"sha256:{backend.content_hash}",
+        spec_json=spec_json,
+        seed=seed,
+        versions=versions(),
+        wall_seconds=wall_seconds,
+        forwards=forwards,
+        device=backend.device,
+        replica=replica,
+    )
+
+
+def progress(
+    stage: str, done: int, total: int, unit: str, input_index: int = 0
+) -> analysis_pb2.Progress:
+    return analysis_pb2.Progress(
+        stage=stage, done=done, total=total, unit=unit, input_index=input_index
+    )
+
+
+# -- Profile ---------------------------------------------------------------------------------
+
+
+def profile_event(**field: Any) -> analysis_pb2.ProfileEvent:
+    """A ProfileEvent with its one field set: progress, partial, profile or result."""
+    return analysis_pb2.ProfileEvent(**field)
+
+
+def order_estimate(index: int, event: OrderEstimate) -> analysis_pb2.OrderEstimate:
+    return analysis_pb2.OrderEstimate(
+        input_index=index,
+        order=event.order,
+        ratio=event.ratio,
+        mean=event.mean,
+        mean_stderr=event.mean_se,
+        mean_abs=event.mean_abs,
+        mean_abs_stderr=event.mean_abs_se,
+        disentanglement=0.0 if np.isnan(event.disentanglement) else event.disentanglement,
+    )
+
+
+def profile_result(
+    profiles: list[analysis_pb2.InteractionProfile], provenance: analysis_pb2.Provenance
+) -> analysis_pb2.ProfileResult:
+    """Per-order means over inputs with standard errors across inputs."""
+    result = analysis_pb2.ProfileResult(profiles=profiles, provenance=provenance)
+    if not profiles:
+        return result
+    result.orders.extend(profiles[0].orders)
+    for values_name, target, target_se in (
+        ("mean", result.mean, result.mean_stderr),
+        ("mean_abs", result.mean_abs, result.mean_abs_stderr),
+    ):
+        table = np.array([list(getattr(p, values_name)) for p in profiles], dtype=np.float64)
+        target.extend(table.mean(axis=0).tolist())
+        if len(profiles) > 1:
+            target_se.extend((table.std(axis=0, ddof=1) / np.sqrt(len(profiles))).tolist())
+        else:
+            target_se.extend(list(getattr(profiles[0], f"{values_name}_stderr")))
+    return result
+
+
+# -- Attack ----------------------------------------------------------------------------------
+
+
+def attack_event(**field: Any) -> analysis_pb2.AttackEvent:
+    """An AttackEvent with its one field set: progress, example or summary."""
+    return analysis_pb2.AttackEvent(**field)
+
+
+def example_to_proto(
+    event: attacks.ExampleResult, with_adversarial: bool
+) -> analysis_pb2.ExampleResult:
+    message = analysis_pb2.ExampleResult(
+        input_index=event.index,
+        success=event.success,
+        label=event.label,
+        target=-1 if event.target is None else event.target,
+        clean_prediction=event.clean_pred,
+        adversarial_prediction=event.adv_pred,
+        clean_margin=event.clean_margin,
+        adversarial_margin=event.adv_margin,
+        linf=event.linf,
+        l2=event.l2,
+        steps=event.steps,
+        queries=event.queries,
+    )
+    if with_adversarial:
+        message.adversarial.CopyFrom(to_tensor(np.asarray(event.x_adv, dtype=np.float32)))
+    return message
+
+
+def attack_summary(
+    event: attacks.AttackSummary,
+    deltas: Sequence[analysis_pb2.PerturbationProfile],
+    provenance: analysis_pb2.Provenance,
+) -> analysis_pb2.AttackSummary:
+    """The attack's totals; with perturbation profiles, the mean change by order over examples."""
+    summary = analysis_pb2.AttackSummary(
+        n=event.n_examples,
+        clean_accuracy=event.clean_accuracy,
+        robust_accuracy=event.robust_accuracy,
+        success_rate=event.success_rate,
+        mean_linf=event.mean_linf,
+        mean_l2=event.mean_l2,
+        provenance=provenance,
+    )
+    if deltas:
+        summary.orders.extend(deltas[0].clean.orders)
+        summary.delta_mean.extend(np.mean([list(d.delta_mean) for d in deltas], axis=0).tolist())
+    return summary
+
+
+# -- Audit -----------------------------------------------------------------------------------
+
+
+def audit_event(**field: Any) -> analysis_pb2.AuditEvent:
+    """An AuditEvent with its one field set: accepted, sample or summary."""
+    return analysis_pb2.AuditEvent(**field)
+
+
+def audit_accepted(audit_id: str, n_players: int) -> analysis_pb2.AuditEvent:
+    return audit_event(accepted=analysis_pb2.AuditAccepted(audit_id=audit_id, n_players=n_players))
+
+
+def failed_sample(sample_id: str, label: int, code: str, message: str) -> analysis_pb2.SampleResult:
+    """The result of a sample that could not be audited (the stream goes on)."""
+    return analysis_pb2.SampleResult(
+        id=sample_id, label=label, error=analysis_pb2.SampleError(code=code, message=message)
+    )
+
+
+def sample_result(
+    sample_id: str,
+    label: int,
+    outcome: attacks.ExampleResult,
+    forwards: int,
+    perturbation: analysis_pb2.PerturbationProfile,
+    with_adversarial: bool,
+) -> analysis_pb2.SampleResult:
+    """One audited sample: the attack's outcome and how it moved the interactions."""
+    result = analysis_pb2.SampleResult(
+        id=sample_id,
+        label=label,
+        clean_prediction=outcome.clean_pred,
+        adversarial_prediction=outcome.adv_pred,
+        clean_correct=outcome.clean_pred == label,
+        robust=outcome.adv_pred == label,
+        attack_success=outcome.success,
+        linf=outcome.linf,
+        l2=outcome.l2,
+        clean_margin=outcome.clean_margin,
+        adversarial_margin=outcome.adv_margin,
+        forwards=forwards,
+        perturbation=perturbation,
+    )
+    if with_adversarial:
+        result.adversarial.CopyFrom(to_tensor(np.asarray(outcome.x_adv, dtype=np.float32)))
+    return result
+
+
+def _statistic(table: np.ndarray) -> analysis_pb2.OrderStatistic:
+    """Mean over samples (rows) by order (columns) with a normal 95% confidence interval."""
+    mean = table.mean(axis=0)
+    if len(table) > 1:
+        half = _Z95 * table.std(axis=0, ddof=1) / np.sqrt(len(table))
+    else:
+        half = np.zeros_like(mean)
+    return analysis_pb2.OrderStatistic(
+        mean=mean.tolist(), ci_low=(mean - half).tolist(), ci_high=(mean + half).tolist()
+    )
+
+
+def audit_summary(
+    results: Sequence[analysis_pb2.SampleResult],
+    class_names: Sequence[str],
+    provenance: analysis_pb2.Provenance,
+) -> analysis_pb2.AuditSummary:
+    """The audit's summary over the samples that succeeded (failed ones are counted apart)."""
+    ok = [r for r in results if not r.HasField("error")]
+    summary = analysis_pb2.AuditSummary(
+        n_samples=len(ok), n_failed=len(results) - len(ok), provenance=provenance
+    )
+    if not ok:
+        return summary
+    summary.clean_accuracy = float(np.mean([r.clean_correct for r in ok]))
+    summary.robust_accuracy = float(np.mean([r.robust for r in ok]))
+    summary.success_rate = float(np.mean([r.attack_success for r in ok]))
+    first = ok[0].perturbation
+    summary.orders.extend(first.clean.orders)
+    summary.ratios.extend(first.clean.ratios)
+    summary.clean_mean_abs.CopyFrom(
+        _statistic(np.array([list(r.perturbation.clean.mean_abs) for r in ok]))
+    )
+    summary.adversarial_mean_abs.CopyFrom(
+        _statistic(np.array([list(r.perturbation.adversarial.mean_abs) for r in ok]))
+    )
+    summary.delta_mean.CopyFrom(_statistic(np.array([list(r.perturbation.delta_mean) for r in ok])))
+    for label in sorted({r.label for r in ok}):
+        rows = [r for r in ok if r.label == label]
+        summary.per_class.append(
+            analysis_pb2.ClassBreakdown(
+                label=label,
+                name=class_names[label] if 0 <= label < len(class_names) else str(label),
+                n=len(rows),
+                clean_accuracy=float(np.mean([r.clean_correct for r in rows])),
+                robust_accuracy=float(np.mean([r.robust for r in rows])),
+            )
+        )
+    return summary
+
+
+# -- ModelService ----------------------------------------------------------------------------
+
+FORMAT_TO_PROTO = {
+    "onnx": models_pb2.MODEL_FORMAT_ONNX,
+    "torchscript": models_pb2.MODEL_FORMAT_TORCHSCRIPT,
+    "oip": models_pb2.MODEL_FORMAT_OIP,
+    "torch_export": models_pb2.MODEL_FORMAT_TORCH_EXPORT,
+}
+_STATE_TO_PROTO = {
+    ModelState.LOADING: models_pb2.MODEL_STATE_LOADING,
+    ModelState.READY: models_pb2.MODEL_STATE_READY,
+    ModelState.FAILED: models_pb2.MODEL_STATE_FAILED,
+    ModelState.UNLOADED: models_pb2.MODEL_STATE_UNLOADED,
+}
+
+
+def model_info(
+    status: ModelStatus, config: ModelConfig | None, backend: Backend | None
+) -> models_pb2.ModelInfo:
+    """Metadata of one model: its state, its config if readable, its backend if loaded."""
+    info = models_pb2.ModelInfo(
+        name=status.name, state=_STATE_TO_PROTO[status.state], state_message=status.message
+    )
+    if config is not None:
+        _describe_config(info, config)
+    if backend is not None:
+        info.content_hash = f"sha256:{backend.content_hash}"
+        info.gradients_available = backend.gradients_available
+        info.gradients_message = backend.gradient_note
+        info.device = backend.device
+    return info
+
+
+def _describe_config(info: models_pb2.ModelInfo, config: ModelConfig) -> None:
+    info.format = FORMAT_TO_PROTO[config.format]
+    info.input.CopyFrom(
+        models_pb2.TensorInfo(
+            name=config.input.name,
+            datatype=config.input.datatype or "",
+            shape=config.input.shape,
+            layout=config.layout if config.input.shape else "",
+        )
+    )
+    info.output.CopyFrom(
+        models_pb2.TensorInfo(name=config.output.name, datatype="FP32", shape=[len(config.classes)])
+    )
+    info.output_kind = config.output.kind or ""
+    info.classes.extend(config.classes)
+    if isinstance(config.value_range, list):
+        info.value_ranges.extend(
+            models_pb2.ValueRange(low=low, high=high) for low, high in config.value_range
+        )
+        info.value_range_low = min(low for low, _ in config.value_range)
+        info.value_range_high = max(high for _, high in config.value_range)
+    else:
+        info.value_range_low, info.value_range_high = config.value_range
+    info.feature_names.extend(config.feature_names or [])
+    if config.normalization is not None:
+        info.normalization.CopyFrom(
+            models_pb2.Normalization(mean=config.normalization.mean, std=config.normalization.std)
+        )
+    info.max_batch_size = config.max_batch_size
+    info.description = config.description
+
+
+def list_models(infos: Sequence[models_pb2.ModelInfo]) -> models_pb2.ListModelsResponse:
+    return models_pb2.ListModelsResponse(models=infos)
+
+
+def load_model_response(info: models_pb2.ModelInfo) -> models_pb2.LoadModelResponse:
+    return models_pb2.LoadModelResponse(model=info)
+
+
+def unload_model_response() -> models_pb2.UnloadModelResponse:
+    return models_pb2.UnloadModelResponse()

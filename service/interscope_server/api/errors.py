@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import grpc
 from pydantic import ValidationError
@@ -70,43 +71,39 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error (request id {rid}); this is a bug"
 
 
-T = TypeVar("T")
-R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def unary_errors(
-    method: Callable[[Any, T, grpc.aio.ServicerContext], Awaitable[R]],
-) -> Callable[[Any, T, grpc.aio.ServicerContext], Awaitable[R]]:
-    """Wrap a unary servicer method so every exception leaves as a mapped status."""
+def rpc_errors(method: F) -> F:
+    """Wrap a servicer method, unary or streaming (an async generator), so that every exception
+    leaves as its mapped status with its retry hint: one mapping for every RPC."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # the point is to map everything
+                await _abort(context, exc)
+
+        return cast(F, stream)
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: T, context: grpc.aio.ServicerContext) -> R:
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:  # the point is to map everything
-            code, message = status_of(exc)
-            await context.abort(code, message, trailing_metadata(exc))
+        except Exception as exc:
+            await _abort(context, exc)
             raise AssertionError("context.abort returned") from None
 
-    return wrapper
+    return cast(F, unary)
 
 
-def stream_errors(
-    method: Callable[[Any, T, grpc.aio.ServicerContext], AsyncIterator[R]],
-) -> Callable[[Any, T, grpc.aio.ServicerContext], AsyncIterator[R]]:
-    """Wrap a streaming servicer method (an async generator) likewise."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: T, context: grpc.aio.ServicerContext) -> AsyncIterator[R]:
-        try:
-            async for item in method(self, request, context):
-                yield item
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            code, message = status_of(exc)
-            await context.abort(code, message, trailing_metadata(exc))
-
-    return wrapper
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    code, message = status_of(exc)
+    await context.abort(code, message, trailing_metadata(exc))

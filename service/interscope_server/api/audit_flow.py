@@ -6,56 +6,37 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 import torch
 
-from interscope.codec import to_tensor
 from interscope.v1 import analysis_pb2
 from interscope_server import attacks, errors
 from interscope_server.analysis.profile import ProfileSpec, run_perturbation
 from interscope_server.analysis.values import ClassChoice, check_defined
 from interscope_server.api import admission, convert, numerics, specs
-from interscope_server.api.errors import status_of, trailing_metadata
+from interscope_server.api.attack_flow import attack_setup
+from interscope_server.api.call import CallContext
+from interscope_server.api.errors import status_of
 from interscope_server.attacks.base import AttackSpec
 from interscope_server.cancel import CancelToken
 from interscope_server.models.registry import LoadedModel
-
-if TYPE_CHECKING:
-    from interscope_server.api.analysis_servicer import AnalysisServicer
 
 log = logging.getLogger(__name__)
 
 #: Samples of one audit worked on at once; their forward passes merge in the model's batcher.
 AUDIT_PARALLELISM = 4
-_Z95 = 1.959963984540054
 
 
-async def run_audit(
-    servicer: AnalysisServicer,
+async def audit(
+    ctx: CallContext,
     requests: AsyncIterator[analysis_pb2.AuditRequest],
     context: grpc.aio.ServicerContext,
 ) -> AsyncIterator[analysis_pb2.AuditEvent]:
     """Serve one Audit stream; errors of the stream as a whole end it with their status."""
-    try:
-        async for event in _audit(servicer, requests, context):
-            yield event
-    except grpc.aio.AbortError:
-        raise
-    except Exception as exc:  # mapped in one place
-        code, message = status_of(exc)
-        await context.abort(code, message, trailing_metadata(exc))
-
-
-async def _audit(
-    servicer: AnalysisServicer,
-    requests: AsyncIterator[analysis_pb2.AuditRequest],
-    context: grpc.aio.ServicerContext,
-) -> AsyncIterator[analysis_pb2.AuditEvent]:
-    settings = servicer._settings
-    async with servicer._admit(context) as call:
+    settings = ctx.settings
+    async with ctx.admit(context) as call:
         incoming = _IdleLimitedReader(requests, settings.audit_idle_seconds)
         first = await incoming.next(busy=lambda: False)
         if first is None:
@@ -65,7 +46,7 @@ async def _audit(
                 "the first message of an Audit stream must be the AuditConfig, not a sample"
             )
         config = first.config
-        model = servicer._registry.get(config.model)
+        model = ctx.model(config.model)
         if not config.HasField("attack"):
             raise errors.InvalidArgument("config.attack is required: give at least attack.kind")
         if not config.HasField("profile"):
@@ -73,7 +54,7 @@ async def _audit(
         input_shape = tuple(model.config.input.shape)
         n_classes = len(model.config.classes)
         # Validate both specs up front, so a bad config fails before any sample is read.
-        attack, torch_model = servicer._attack_setup(
+        attack, torch_model = attack_setup(
             model, config.attack, [0] if config.attack.targeted else [], call.cancel
         )
         admission.admit_attack(attack, 1, settings)
@@ -101,9 +82,7 @@ async def _audit(
             and not config.profile.baseline.mean.values
             and not config.profile.baseline.mean.HasField("reference")
         )
-        yield analysis_pb2.AuditEvent(
-            accepted=analysis_pb2.AuditAccepted(audit_id=config.audit_id, n_players=n_players)
-        )
+        yield convert.audit_accepted(config.audit_id, n_players)
 
         outbox: asyncio.Queue[analysis_pb2.AuditEvent | BaseException | None] = asyncio.Queue()
         slots = asyncio.Semaphore(AUDIT_PARALLELISM)
@@ -143,10 +122,9 @@ async def _audit(
                             n_evaluations=2,
                             layout=model.config.layout,
                         )
-                    result = await servicer.lanes.run(
-                        servicer._executor,
+                    result = await ctx.run(
                         sample_cost,
-                        call.cancel,
+                        call,
                         _audit_sample,
                         model,
                         attack,
@@ -170,14 +148,15 @@ async def _audit(
                         await outbox.put(exc)
                         return
                     # One bad sample must not end the audit.
-                    failed = _failed(sample, *status_of(exc))
-                    results.append(failed.sample)
-                    failures[sample.id] = failed.sample
+                    code, text = status_of(exc)
+                    failed = convert.failed_sample(sample.id, sample.label, code.name, text)
+                    results.append(failed)
+                    failures[sample.id] = failed
                     seen.discard(sample.id)
-                    await outbox.put(failed)
+                    await outbox.put(convert.audit_event(sample=failed))
                     return
                 results.append(result)
-                await outbox.put(analysis_pb2.AuditEvent(sample=result))
+                await outbox.put(convert.audit_event(sample=result))
             finally:
                 slots.release()
 
@@ -191,9 +170,10 @@ async def _audit(
                     sample = message.sample
                     if sample.id in seen:
                         duplicate = f"sample id {sample.id!r} was sent twice in this stream"
-                        failed = _failed(sample, grpc.StatusCode.INVALID_ARGUMENT, duplicate)
-                        results.append(failed.sample)
-                        await outbox.put(failed)
+                        code = grpc.StatusCode.INVALID_ARGUMENT.name
+                        failed = convert.failed_sample(sample.id, sample.label, code, duplicate)
+                        results.append(failed)
+                        await outbox.put(convert.audit_event(sample=failed))
                         continue
                     seen.add(sample.id)
                     if sample.id in failures:  # a retry: its new result counts instead
@@ -225,17 +205,10 @@ async def _audit(
                 task.cancel()
             await asyncio.gather(reader, *pending, return_exceptions=True)
 
-        summary = summarize(results, model)
-        summary.provenance.CopyFrom(
-            servicer._provenance(
-                model,
-                convert.spec_json(config),
-                int(config.attack.seed),
-                call.started,
-                sum(r.forwards for r in results),
-            )
-        )
-        yield analysis_pb2.AuditEvent(summary=summary)
+        forwards = sum(r.forwards for r in results)
+        provenance = ctx.provenance(model, config, int(config.attack.seed), call, forwards)
+        summary = convert.audit_summary(results, model.config.classes, provenance)
+        yield convert.audit_event(summary=summary)
 
 
 class _IdleLimitedReader:
@@ -278,19 +251,6 @@ class _IdleLimitedReader:
             self._next = None
 
 
-def _failed(
-    sample: analysis_pb2.AuditSample, code: grpc.StatusCode, message: str
-) -> analysis_pb2.AuditEvent:
-    """The result event of a sample that could not be audited; the stream goes on."""
-    return analysis_pb2.AuditEvent(
-        sample=analysis_pb2.SampleResult(
-            id=sample.id,
-            label=sample.label,
-            error=analysis_pb2.SampleError(code=code.name, message=message),
-        )
-    )
-
-
 def _audit_sample(
     model: LoadedModel,
     attack: AttackSpec,
@@ -319,78 +279,15 @@ def _audit_sample(
     ).results
     numerics.check_example(outcome, model.name, sample_id)
     perturbation = run_perturbation(evaluate, x, outcome.x_adv, profile, label, cancel)
-    result = analysis_pb2.SampleResult(
-        id=sample_id,
-        label=label,
-        clean_prediction=outcome.clean_pred,
-        adversarial_prediction=outcome.adv_pred,
-        clean_correct=outcome.clean_pred == label,
-        robust=outcome.adv_pred == label,
-        attack_success=outcome.success,
-        linf=outcome.linf,
-        l2=outcome.l2,
-        clean_margin=outcome.clean_margin,
-        adversarial_margin=outcome.adv_margin,
-        # Square's queries went through `evaluate`; white-box steps did not.
-        forwards=forwards + (outcome.queries if attack.white_box else 0),
+    # Square's queries went through `evaluate`; white-box steps did not.
+    spent = forwards + (outcome.queries if attack.white_box else 0)
+    message = convert.perturbation_to_proto(
+        perturbation,
+        0,
+        (outcome.clean_pred, outcome.adv_pred),
+        return_profiles=config.return_profiles,
+        return_pairs=config.return_profiles,
     )
-    result.perturbation.CopyFrom(
-        convert.perturbation_to_proto(
-            perturbation,
-            0,
-            (outcome.clean_pred, outcome.adv_pred),
-            return_profiles=config.return_profiles,
-            return_pairs=config.return_profiles,
-        )
+    return convert.sample_result(
+        sample_id, label, outcome, spent, message, config.return_adversarial
     )
-    if config.return_adversarial:
-        result.adversarial.CopyFrom(to_tensor(np.asarray(outcome.x_adv, dtype=np.float32)))
-    return result
-
-
-def _statistic(table: np.ndarray) -> analysis_pb2.OrderStatistic:
-    """Mean over samples (rows) by order (columns) with a normal 95% confidence interval."""
-    mean = table.mean(axis=0)
-    if len(table) > 1:
-        half = _Z95 * table.std(axis=0, ddof=1) / np.sqrt(len(table))
-    else:
-        half = np.zeros_like(mean)
-    return analysis_pb2.OrderStatistic(
-        mean=mean.tolist(), ci_low=(mean - half).tolist(), ci_high=(mean + half).tolist()
-    )
-
-
-def summarize(
-    results: list[analysis_pb2.SampleResult], model: LoadedModel
-) -> analysis_pb2.AuditSummary:
-    """The audit's summary over the samples that succeeded (failed ones are counted apart)."""
-    ok = [r for r in results if not r.HasField("error")]
-    summary = analysis_pb2.AuditSummary(n_samples=len(ok), n_failed=len(results) - len(ok))
-    if not ok:
-        return summary
-    summary.clean_accuracy = float(np.mean([r.clean_correct for r in ok]))
-    summary.robust_accuracy = float(np.mean([r.robust for r in ok]))
-    summary.success_rate = float(np.mean([r.attack_success for r in ok]))
-    first = ok[0].perturbation
-    summary.orders.extend(first.clean.orders)
-    summary.ratios.extend(first.clean.ratios)
-    summary.clean_mean_abs.CopyFrom(
-        _statistic(np.array([list(r.perturbation.clean.mean_abs) for r in ok]))
-    )
-    summary.adversarial_mean_abs.CopyFrom(
-        _statistic(np.array([list(r.perturbation.adversarial.mean_abs) for r in ok]))
-    )
-    summary.delta_mean.CopyFrom(_statistic(np.array([list(r.perturbation.delta_mean) for r in ok])))
-    names = model.config.classes
-    for label in sorted({r.label for r in ok}):
-        rows = [r for r in ok if r.label == label]
-        summary.per_class.append(
-            analysis_pb2.ClassBreakdown(
-                label=label,
-                name=names[label] if 0 <= label < len(names) else str(label),
-                n=len(rows),
-                clean_accuracy=float(np.mean([r.clean_correct for r in rows])),
-                robust_accuracy=float(np.mean([r.robust for r in rows])),
-            )
-        )
-    return summary
