@@ -19,6 +19,7 @@ from interscope._checkpoint import Checkpoint, data_fingerprint, fingerprint
 from interscope._exceptions import InterscopeError, UnavailableError, from_rpc_error
 from interscope._models import AuditReport, AuditSummary, SampleResult
 from interscope._summary import summarize
+from interscope._wire import RETRY_METADATA
 from interscope.codec import to_tensor
 from interscope.v1 import analysis_pb2, analysis_pb2_grpc, models_pb2, models_pb2_grpc
 
@@ -34,8 +35,6 @@ RETRYABLE = frozenset(
     }
 )
 _RETRYABLE_NAMES = frozenset(code.name for code in RETRYABLE)
-#: The server's retry hint on RESOURCE_EXHAUSTED (interscope_server.api.errors.RETRY_METADATA).
-RETRY_METADATA = "interscope-retry"
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,8 @@ class ResourceExhausted(InterscopeError):
 class Overloaded(ResourceExhausted):
     """The server or a model is busy (the call limit, a full queue): the same request may be
     admitted later. Other ResourceExhausted refusals are about the request itself and would be
-    refused again; the status's trailing metadata tells clients which (`RETRY_METADATA`)."""
+    refused again; the status's trailing metadata tells clients which
+    (`interscope._wire.RETRY_METADATA`)."""
 
 
 class Unavailable(InterscopeError):

@@ -12,6 +12,7 @@ from typing import Any, TypeVar, cast
 import grpc
 from pydantic import ValidationError
 
+from interscope._wire import RETRY_METADATA
 from interscope.codec import TensorError
 from interscope_server import errors
 
@@ -31,12 +32,6 @@ STATUS_OF_ERROR: dict[type[errors.InterscopeError], grpc.StatusCode] = {
     errors.Cancelled: grpc.StatusCode.CANCELLED,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-
-
-#: Trailing metadata on a RESOURCE_EXHAUSTED status: "later" when the server was busy (the call
-#: limit, a full queue), "no" when the request itself is over a limit and would be refused
-#: again. The SDK's audit retries only the first; any client may read it.
-RETRY_METADATA = "interscope-retry"
 
 
 def trailing_metadata(exc: BaseException) -> tuple[tuple[str, str], ...]:
