@@ -440,7 +440,11 @@ class Backend(ABC):
         Scores are canonical: logits, or log p for a probability model (see
         `scores_from_output`), so softmax(scores) is always the model's probability.
         """
-        x = check_batch(x, self.config)
+        return self.forward_checked(check_batch(x, self.config))
+
+    def forward_checked(self, x: np.ndarray) -> np.ndarray:
+        """`forward` of a batch that `check_batch` has passed already: the batcher's, whose rows
+        `LoadedModel.evaluate` checked before merging them (not checked a second time)."""
         out = self._forward(x)
         if out.shape != (x.shape[0], self.num_classes):
             raise InvalidArgument(

@@ -859,6 +859,8 @@ class HostedBackend(Backend):
         """The host backend's own `forward` (it checks the batch and the output)."""
         return self._forward(x)
 
+    forward_checked = forward  # the host checks the output as well
+
     def _forward(self, x: np.ndarray) -> np.ndarray:
         (out,) = self.host.call("forward", [x])
         return out

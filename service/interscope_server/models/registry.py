@@ -199,7 +199,7 @@ class ModelRegistry:
             raise InvalidArgument(f"model {name!r} failed to load: {message}") from exc
         batcher = DynamicBatcher(
             name,
-            backend.forward,
+            backend.forward_checked,  # evaluate() checked each caller's rows
             num_outputs=backend.num_classes,
             max_batch_size=backend.config.max_batch_size,  # as resolved against the file
             options=self._batcher_options,
