@@ -71,6 +71,11 @@ class CallContext:
         self._idle.set()
         self.shutting_down = False
 
+    @property
+    def running(self) -> int:
+        """Analysis calls admitted and not yet ended."""
+        return len(self._calls)
+
     @contextlib.asynccontextmanager
     async def admit(self, context: grpc.aio.ServicerContext) -> AsyncIterator[Call]:
         """A call slot for the RPC (Overloaded when all are taken), with the RPC's deadline."""

@@ -72,7 +72,7 @@ def test_a_client_that_stops_reading_is_cancelled_and_its_slot_freed(
                 assert srv.server is not None
                 # Its slot is free (the call limit is 1): its computation and buffered events
                 # are gone; grpc holds one message for the client until it reads or leaves.
-                assert len(srv.server.analysis._calls) == 0
+                assert srv.server.analysis.calls.running == 0
                 with grpc.insecure_channel(srv.address) as channel:
                     analysis = analysis_pb2_grpc.AnalysisServiceStub(channel)
                     events = list(
