@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from interscope_server.analysis.baselines import Baseline, ZeroBaseline
-from interscope_server.analysis.exact import (
-    ExactInteractions,
-    all_pairs,
-    exact_interactions,
-    tabulate,
+from interscope_server.analysis.estimators import (
+    Estimator,
+    ExactEstimator,
+    GameMeasure,
+    Measured,
+    SampledPlanEstimator,
+    Tick,
 )
+from interscope_server.analysis.exact import all_pairs
 from interscope_server.analysis.game import CountingEvaluator, Evaluator, ModelGame
 from interscope_server.analysis.players import GridPlayers, Players, resolve_players
 from interscope_server.analysis.results import (
@@ -27,16 +30,13 @@ from interscope_server.analysis.results import (
 from interscope_server.analysis.sampled import (
     DEFAULT_RATIOS,
     ContextSharing,
-    OrderStats,
     SampledEstimator,
     SamplingPlan,
     TargetStatistic,
     check_orders,
     expected_sampled_forwards,
     independent_contexts,
-    order_stats,
     orders_from_ratios,
-    run_order,
 )
 from interscope_server.analysis.values import ClassChoice, ValueFunction, resolve_class
 from interscope_server.cancel import CancelToken
@@ -120,10 +120,7 @@ def resolve_orders(spec: ProfileSpec, n: int) -> np.ndarray:
 class _Plan:
     n: int
     class_index: int
-    pairs: np.ndarray
-    orders: np.ndarray
-    exact: bool
-    sampling: SamplingPlan | None
+    estimator: Estimator
     forwards_per_input: int
 
 
@@ -195,7 +192,13 @@ def _plan(
         )
     if not exact and sampling is None:
         sampling = estimator.plan(n)
-    per_input = (2**n) if exact else (sampling.forwards if sampling else 0) + 2 + extra_per_input
+    chosen: Estimator
+    if exact:
+        chosen = ExactEstimator(n, pairs, orders, spec.chunk_size)
+    else:
+        assert sampling is not None
+        chosen = SampledPlanEstimator(sampling, spec.chunk_size)
+    per_input = chosen.forwards_per_game + (0 if exact else extra_per_input)
     needed = per_input * n_inputs
     if needed > spec.max_forwards:
         raise ResourceExhausted(
@@ -203,7 +206,7 @@ def _plan(
             f"{n} players); the limit is {spec.max_forwards}: use fewer players, orders, pairs "
             "or contexts"
         )
-    return _Plan(n, cls, pairs, orders, exact, None if exact else sampling, per_input)
+    return _Plan(n, cls, chosen, per_input)
 
 
 def _game(
@@ -221,10 +224,6 @@ def _game(
     )
 
 
-def _ratios(orders: np.ndarray, n: int) -> np.ndarray:
-    return np.asarray(orders / max(n - 2, 1), dtype=np.float64)
-
-
 def _strength(mean_abs: np.ndarray, se: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """J^(m) = mean |I^(m)| over its mean across the orders used (NaN when all are zero)."""
     denom = float(np.nanmean(mean_abs)) if np.any(np.isfinite(mean_abs)) else 0.0
@@ -233,162 +232,68 @@ def _strength(mean_abs: np.ndarray, se: np.ndarray) -> tuple[np.ndarray, np.ndar
     return mean_abs / denom, se / denom
 
 
-def _exact_order_values(
-    e: ExactInteractions, orders: np.ndarray, pairs: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per-pair I (L, k) and per-order mean, mean |I|, D over the pairs."""
-    i, j = pairs[:, 0], pairs[:, 1]
-    inter = e.interactions[orders][:, i, j]
-    absdv = e.mean_abs_dv[orders][:, i, j]
-    dis = np.full(len(orders), np.nan)
-    for row in range(len(orders)):
-        ok = absdv[row] > 0
-        if ok.any():
-            dis[row] = float((np.abs(inter[row, ok]) / absdv[row, ok]).mean())
-    return inter, inter.mean(axis=1), np.abs(inter).mean(axis=1), dis
-
-
-def exact_profile(
-    e: ExactInteractions,
-    orders: np.ndarray,
-    pairs: np.ndarray,
-    *,
-    class_index: int = -1,
-    value_function: str = "",
-    return_pairs: bool = False,
-    forwards: int = 0,
-    seed: int | None = None,
-    timings: dict[str, float] | None = None,
-) -> InteractionProfile:
-    """The InteractionProfile of an exact computation, aggregated over the given pairs."""
-    n = e.n
-    inter, mean, mean_abs, dis = _exact_order_values(e, orders, pairs)
-    zeros = np.zeros(len(orders))
-    strength, strength_se = _strength(mean_abs, zeros)
-    return InteractionProfile(
-        estimator="exact",
-        n_players=n,
-        class_index=class_index,
-        value_function=value_function,
-        orders=orders,
-        ratios=_ratios(orders, n),
-        mean=mean,
-        mean_se=zeros.copy(),
-        mean_abs=mean_abs,
-        mean_abs_se=zeros.copy(),
-        strength=strength,
-        strength_se=strength_se,
-        disentanglement=dis,
-        disentanglement_se=zeros.copy(),
-        samples_per_pair=np.array([float(np.round(_comb(n - 2, int(m)))) for m in orders]),
-        value_full=e.value_full,
-        value_empty=e.value_empty,
-        pairs=pairs,
-        pair_interactions=inter if return_pairs else None,
-        pair_interactions_se=np.zeros_like(inter) if return_pairs else None,
-        shapley_interaction=e.shapley_interaction,
-        shapley_values=e.shapley_values,
-        efficiency_residual=e.efficiency_residual(),
-        shapley_efficiency_residual=e.value_full - e.value_empty - float(e.shapley_values.sum()),
-        forwards=forwards,
-        seed=seed,
-        timings=dict(timings or {}),
-    )
-
-
-def _comb(n: int, k: int) -> float:
-    from math import comb
-
-    return float(comb(n, k))
-
-
-def _sampled_profile(
-    stats: list[OrderStats],
-    plan: SamplingPlan,
-    ends: np.ndarray,
-    *,
+def _interaction_profile(
+    estimator: Estimator,
+    measure: GameMeasure,
+    spec: ProfileSpec,
     class_index: int,
-    value_function: str,
-    return_pairs: bool,
-    forwards: int,
     timings: dict[str, float],
+    forwards: int,
 ) -> InteractionProfile:
-    n, orders = plan.n, plan.orders
-    mean_abs = np.array([s.mean_abs for s in stats])
-    mean_abs_se = np.array([s.mean_abs_se for s in stats])
-    strength, strength_se = _strength(mean_abs, mean_abs_se)
+    """The InteractionProfile of one measured game (the one place it is built)."""
+    table, e = measure.table, measure.exact
+    strength, strength_se = _strength(table.mean_abs, table.mean_abs_se)
+    pairs = spec.return_pairs
     return InteractionProfile(
-        estimator="sampled",
-        context_sharing="independent" if plan.independent else "shared",
-        n_players=n,
+        estimator=estimator.name,
+        context_sharing=estimator.context_sharing,
+        n_players=table.n,
         class_index=class_index,
-        value_function=value_function,
-        orders=orders,
-        ratios=_ratios(orders, n),
-        mean=np.array([s.mean for s in stats]),
-        mean_se=np.array([s.mean_se for s in stats]),
-        mean_abs=mean_abs,
-        mean_abs_se=mean_abs_se,
+        value_function=spec.value.value,
+        orders=table.orders,
+        ratios=table.ratios,
+        mean=table.mean,
+        mean_se=table.mean_se,
+        mean_abs=table.mean_abs,
+        mean_abs_se=table.mean_abs_se,
         strength=strength,
         strength_se=strength_se,
-        disentanglement=np.array([s.disentanglement for s in stats]),
-        disentanglement_se=np.array([s.disentanglement_se for s in stats]),
-        samples_per_pair=np.array([float(s.counts.mean()) for s in stats]),
-        value_full=float(ends[1]),
-        value_empty=float(ends[0]),
-        pairs=plan.pairs,
-        pair_interactions=np.stack([s.pair_mean for s in stats]) if return_pairs else None,
-        pair_interactions_se=np.stack([s.pair_se for s in stats]) if return_pairs else None,
+        disentanglement=table.disentanglement,
+        disentanglement_se=table.disentanglement_se,
+        samples_per_pair=table.samples_per_pair,
+        value_full=measure.value_full,
+        value_empty=measure.value_empty,
+        pairs=estimator.pairs,
+        pair_interactions=table.pair_mean if pairs else None,
+        pair_interactions_se=table.pair_se if pairs else None,
+        shapley_interaction=None if e is None else e.shapley_interaction,
+        shapley_values=None if e is None else e.shapley_values,
+        efficiency_residual=None if e is None else e.efficiency_residual(),
+        shapley_efficiency_residual=None
+        if e is None
+        else e.value_full - e.value_empty - float(e.shapley_values.sum()),
         forwards=forwards,
-        seed=plan.seed,
+        seed=estimator.seed,
         timings=dict(timings),
     )
-
-
-def _order_estimate(which: str, m: int, n: int, s: OrderStats) -> OrderEstimate:
-    return OrderEstimate(
-        which,
-        m,
-        m / max(n - 2, 1),
-        s.mean,
-        s.mean_abs,
-        s.disentanglement,
-        s.mean_se,
-        s.mean_abs_se,
-        s.disentanglement_se,
-        float(s.counts.mean()),
-    )
-
-
-def _exact_estimates(which: str, p: InteractionProfile) -> Iterator[OrderEstimate]:
-    for row, m in enumerate(p.orders):
-        yield OrderEstimate(
-            which,
-            int(m),
-            float(p.ratios[row]),
-            float(p.mean[row]),
-            float(p.mean_abs[row]),
-            float(p.disentanglement[row]),
-            0.0,
-            0.0,
-            0.0,
-            float(p.samples_per_pair[row]),
-        )
-
-
-def _ends_and_singletons(game: ModelGame, with_singletons: bool) -> np.ndarray:
-    """v(empty), v(N) and, if asked, v({i}) for every i."""
-    n = game.n_players
-    rows = [np.zeros(n, dtype=bool), np.ones(n, dtype=bool)]
-    coalitions = np.stack(rows)
-    if with_singletons:
-        coalitions = np.concatenate([coalitions, np.eye(n, dtype=bool)])
-    return game(coalitions)
 
 
 def _prediction_forwards(spec: ProfileSpec) -> int:
     """Forwards spent finding the predicted class (one clean input), beyond the plan's own."""
     return 1 if spec.class_choice is ClassChoice.PREDICTED else 0
+
+
+def _progress(
+    ticks: Generator[Tick, None, Measured], counted: CountingEvaluator, planned: int
+) -> Generator[Progress | OrderEstimate, None, Measured]:
+    """The estimator's ticks as Progress of the forwards counted so far, partials as they are;
+    returns what the estimator measured."""
+    while True:
+        try:
+            tick = next(ticks)
+        except StopIteration as done:
+            return done.value
+        yield Progress(counted.forwards, planned, tick) if isinstance(tick, str) else tick
 
 
 def profile_events(
@@ -406,50 +311,15 @@ def profile_events(
     plan = _plan(evaluate, x, spec, class_index, n_inputs=1, extra_per_input=0)
     game = _game(evaluate, x, spec, plan.class_index, cancel)
     planned = plan.forwards_per_input + _prediction_forwards(spec)
-    if plan.exact:
-        values = np.empty(2**plan.n)
-        for _ in tabulate(game, values, spec.chunk_size, cancel):
-            yield Progress(counted.forwards, planned, "clean")
-        t1 = time.perf_counter()
-        e = exact_interactions(values, plan.n)
-        prof = exact_profile(
-            e,
-            plan.orders,
-            plan.pairs,
-            class_index=plan.class_index,
-            value_function=spec.value.value,
-            return_pairs=spec.return_pairs,
-            forwards=counted.forwards,
-            seed=None,
-            timings={"forwards_s": t1 - t0, "compute_s": time.perf_counter() - t1},
-        )
-        yield from _exact_estimates("clean", prof)
-        prof.timings["total_s"] = time.perf_counter() - t0
-        yield prof
-        return
-    sampling = plan.sampling
-    assert sampling is not None
-    ends = _ends_and_singletons(game, with_singletons=False)
-    stats: list[OrderStats] = []
-    for op in sampling.order_plans:
-        for item in run_order(game, op, spec.chunk_size, cancel):
-            if isinstance(item, int):
-                yield Progress(counted.forwards, planned, "clean")
-            else:
-                s = order_stats(item, op.exhaustive)
-                stats.append(s)
-                yield _order_estimate("clean", op.order, plan.n, s)
-    prof = _sampled_profile(
-        stats,
-        sampling,
-        ends,
-        class_index=plan.class_index,
-        value_function=spec.value.value,
-        return_pairs=spec.return_pairs,
-        forwards=counted.forwards,
-        timings={"total_s": time.perf_counter() - t0},
+    measured = yield from _progress(
+        plan.estimator.measure([("clean", game)], False, cancel), counted, planned
     )
-    yield prof
+    timings = {"total_s": time.perf_counter() - t0}
+    (measure,) = measured.games
+    # The profile counts every forward it caused, the predicted-class pass included.
+    yield _interaction_profile(
+        plan.estimator, measure, spec, plan.class_index, timings, counted.forwards
+    )
 
 
 def perturbation_events(
@@ -474,166 +344,54 @@ def perturbation_events(
     n_guess = resolve_players(spec.players, x.shape)[1]
     evaluate = counted = CountingEvaluator(evaluate)
     plan = _plan(evaluate, x, spec, class_index, n_inputs=2, extra_per_input=n_guess)
-    n = plan.n
     clean = _game(evaluate, x, spec, plan.class_index, cancel)
     adv = _game(evaluate, x_adv, spec, plan.class_index, cancel)
     planned = 2 * plan.forwards_per_input + _prediction_forwards(spec)
-    cls, vf, rp = plan.class_index, spec.value.value, spec.return_pairs
-
-    if plan.exact:
-        tables = []
-        for stage, game in (("clean", clean), ("perturbed", adv)):
-            values = np.empty(2**n)
-            for _ in tabulate(game, values, spec.chunk_size, cancel):
-                yield Progress(counted.forwards, planned, stage)
-            tables.append(values)
-        t1 = time.perf_counter()
-        ec, ea = exact_interactions(tables[0], n), exact_interactions(tables[1], n)
-        pc = exact_profile(
-            ec,
-            plan.orders,
-            plan.pairs,
-            forwards=clean.forwards,
-            class_index=cls,
-            value_function=vf,
-            return_pairs=rp,
-        )
-        pa = exact_profile(
-            ea,
-            plan.orders,
-            plan.pairs,
-            forwards=adv.forwards,
-            class_index=cls,
-            value_function=vf,
-            return_pairs=rp,
-        )
-        yield from _exact_estimates("clean", pc)
-        yield from _exact_estimates("perturbed", pa)
-        delta_full = ec.interactions - ea.interactions
-        i, j = plan.pairs[:, 0], plan.pairs[:, 1]
-        delta_pairs = delta_full[plan.orders][:, i, j]
-        delta_mean = delta_pairs.mean(axis=1)
-        for row, m in enumerate(plan.orders):
-            yield OrderEstimate(
-                "delta",
-                int(m),
-                float(pc.ratios[row]),
-                float(delta_mean[row]),
-                float(np.abs(delta_pairs[row]).mean()),
-                float("nan"),
-                0.0,
-                0.0,
-                0.0,
-                float(pc.samples_per_pair[row]),
-            )
-        all_orders = np.arange(n - 1)
-        terms = ec.order_weights() * delta_full.sum(axis=(1, 2))
-        gap = ec.value_full - ea.value_full
-        empty = ec.value_empty - ea.value_empty
-        single = float(ec.singletons.sum() - ea.singletons.sum())
-        yield PerturbationProfile(
-            clean=pc,
-            perturbed=pa,
-            orders=plan.orders,
-            delta_mean=delta_mean,
-            delta_mean_se=np.zeros_like(delta_mean),
-            pairs=plan.pairs,
-            delta_pair_interactions=delta_pairs if spec.return_pairs else None,
-            delta_pair_interactions_se=np.zeros_like(delta_pairs) if spec.return_pairs else None,
-            value_gap=gap,
-            empty_term=empty,
-            singleton_term=single,
-            decomposition_orders=all_orders,
-            order_terms=terms,
-            order_terms_se=np.zeros_like(terms),
-            decomposition_residual=gap - empty - single - float(terms.sum()),
-            decomposition_complete=True,
-            estimator="exact",
-            forwards=counted.forwards,
-            seed=None,
-            timings={"forwards_s": t1 - t0, "total_s": time.perf_counter() - t0},
-        )
-        return
-
-    sampling = plan.sampling
-    assert sampling is not None
-    ends_c = _ends_and_singletons(clean, with_singletons=True)
-    ends_a = _ends_and_singletons(adv, with_singletons=True)
-    stats_c: list[OrderStats] = []
-    stats_a: list[OrderStats] = []
-    stats_d: list[OrderStats] = []
-    for op in sampling.order_plans:
-        deltas: list[np.ndarray] = []
-        for stage, game in (("clean", clean), ("perturbed", adv)):
-            for item in run_order(game, op, spec.chunk_size, cancel):
-                if isinstance(item, int):
-                    yield Progress(counted.forwards, planned, stage)
-                else:
-                    deltas.append(item)
-        sc, sa = order_stats(deltas[0], op.exhaustive), order_stats(deltas[1], op.exhaustive)
-        sd = order_stats(
-            deltas[0] - deltas[1], op.exhaustive
-        )  # paired: the same contexts on both inputs
-        stats_c.append(sc)
-        stats_a.append(sa)
-        stats_d.append(sd)
-        yield _order_estimate("clean", op.order, n, sc)
-        yield _order_estimate("perturbed", op.order, n, sa)
-        yield _order_estimate("delta", op.order, n, sd)
+    games = [("clean", clean), ("perturbed", adv)]
+    measured = yield from _progress(plan.estimator.measure(games, True, cancel), counted, planned)
     timings = {"total_s": time.perf_counter() - t0}
-    pc = _sampled_profile(
-        stats_c,
-        sampling,
-        ends_c,
-        forwards=clean.forwards,
-        timings=timings,
-        class_index=cls,
-        value_function=vf,
-        return_pairs=rp,
+    yield _perturbation_profile(plan, spec, measured, counted.forwards, timings)
+
+
+def _perturbation_profile(
+    plan: _Plan,
+    spec: ProfileSpec,
+    measured: Measured,
+    forwards: int,
+    timings: dict[str, float],
+) -> PerturbationProfile:
+    """How the perturbation moved the interactions, and the decomposition of its value gap."""
+    estimator, (clean, perturbed), delta = plan.estimator, measured.games, measured.delta
+    assert delta is not None
+    pc, pa = (
+        _interaction_profile(estimator, m, spec, plan.class_index, timings, m.forwards)
+        for m in measured.games
     )
-    pa = _sampled_profile(
-        stats_a,
-        sampling,
-        ends_a,
-        forwards=adv.forwards,
-        timings=timings,
-        class_index=cls,
-        value_function=vf,
-        return_pairs=rp,
-    )
-    delta_mean = np.array([s.mean for s in stats_d])
-    delta_se = np.array([s.mean_se for s in stats_d])
-    weights = (n - 1 - plan.orders).astype(np.float64)  # w_m * n(n-1): mean over pairs -> sum
-    terms, terms_se = weights * delta_mean, weights * delta_se
-    gap = float(ends_c[1] - ends_a[1])
-    empty = float(ends_c[0] - ends_a[0])
-    single = float((ends_c[2:] - ends_c[0]).sum() - (ends_a[2:] - ends_a[0]).sum())
-    complete = spec.pairs is PairSelection.ALL and np.array_equal(plan.orders, np.arange(n - 1))
-    residual = gap - empty - single - float(terms.sum()) if complete else float("nan")
-    yield PerturbationProfile(
+    parts = estimator.decompose(measured, spec.pairs is PairSelection.ALL)
+    gap = clean.value_full - perturbed.value_full
+    empty = clean.value_empty - perturbed.value_empty
+    single = clean.singleton_term - perturbed.singleton_term
+    residual = gap - empty - single - float(parts.terms.sum()) if parts.complete else np.nan
+    return PerturbationProfile(
         clean=pc,
         perturbed=pa,
-        orders=plan.orders,
-        delta_mean=delta_mean,
-        delta_mean_se=delta_se,
-        pairs=plan.pairs,
-        delta_pair_interactions=np.stack([s.pair_mean for s in stats_d])
-        if spec.return_pairs
-        else None,
-        delta_pair_interactions_se=np.stack([s.pair_se for s in stats_d])
-        if spec.return_pairs
-        else None,
+        orders=delta.orders,
+        delta_mean=delta.mean,
+        delta_mean_se=delta.mean_se,
+        pairs=estimator.pairs,
+        delta_pair_interactions=delta.pair_mean if spec.return_pairs else None,
+        delta_pair_interactions_se=delta.pair_se if spec.return_pairs else None,
         value_gap=gap,
         empty_term=empty,
         singleton_term=single,
-        decomposition_orders=plan.orders,
-        order_terms=terms,
-        order_terms_se=terms_se,
-        decomposition_residual=residual,
-        decomposition_complete=bool(complete),
-        estimator="sampled",
-        forwards=counted.forwards,
-        seed=sampling.seed,
+        decomposition_orders=parts.orders,
+        order_terms=parts.terms,
+        order_terms_se=parts.terms_se,
+        decomposition_residual=float(residual),
+        decomposition_complete=parts.complete,
+        estimator=estimator.name,
+        forwards=forwards,
+        seed=estimator.seed,
         timings=timings,
     )
 
