@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import grpc
 import numpy as np
@@ -17,16 +17,112 @@ from interscope_server.analysis.profile import ProfileSpec, run_perturbation
 from interscope_server.analysis.values import ClassChoice, check_defined
 from interscope_server.api import admission, convert, numerics, specs
 from interscope_server.api.attack_flow import attack_setup
-from interscope_server.api.call import CallContext
+from interscope_server.api.call import Call, CallContext
 from interscope_server.api.errors import status_of
 from interscope_server.attacks.base import AttackSpec
 from interscope_server.cancel import CancelToken
+from interscope_server.config import Settings
 from interscope_server.models.registry import LoadedModel
 
 log = logging.getLogger(__name__)
 
 #: Samples of one audit worked on at once; their forward passes merge in the model's batcher.
 AUDIT_PARALLELISM = 4
+
+
+@dataclass(frozen=True)
+class _AuditJob:
+    """A checked AuditConfig: the model, the attack and profile every sample gets, their cost."""
+
+    config: analysis_pb2.AuditConfig
+    model: LoadedModel
+    attack: AttackSpec
+    torch_model: torch.nn.Module | None
+    profile: ProfileSpec
+    n_players: int
+    sample_cost: int  # each sample takes a lane slot of its own when long
+    per_sample_baseline: bool  # a mean baseline of each sample's own input
+
+
+def _check(ctx: CallContext, config: analysis_pb2.AuditConfig, call: Call) -> _AuditJob:
+    """Validate both specs up front, so a bad config fails before any sample is read."""
+    settings = ctx.settings
+    model = ctx.model(config.model)
+    if not config.HasField("attack"):
+        raise errors.InvalidArgument("config.attack is required: give at least attack.kind")
+    if not config.HasField("profile"):
+        raise errors.InvalidArgument("config.profile is required: give at least its players")
+    attack, torch_model = attack_setup(
+        model, config.attack, [0] if config.attack.targeted else [], call.cancel
+    )
+    admission.admit_attack(attack, 1, settings)
+    reference = np.zeros((1, *model.config.input.shape), dtype=np.float32)
+    profile, n_players = specs.profile_spec(
+        config.profile,
+        ClassChoice.LABEL,
+        reference,
+        settings,
+        n_evaluations=2,
+        layout=model.config.layout,
+    )
+    admission.admit_result_bytes(
+        "one audit sample's result",
+        2 * admission.profile_message_bytes(profile, n_players) + reference.nbytes,
+        settings,
+    )
+    check_defined(profile.value, model.backend.output_kind, model.name)
+    # An attack and two profiles per sample.
+    sample_cost = admission.attack_schedule_cost(attack, 1) + 2 * admission.profile_cost(
+        profile, n_players, 1
+    )
+    baseline = config.profile.baseline
+    per_sample_baseline = (
+        baseline.WhichOneof("kind") == "mean"
+        and not baseline.mean.values
+        and not baseline.mean.HasField("reference")
+    )
+    return _AuditJob(
+        config, model, attack, torch_model, profile, n_players, sample_cost, per_sample_baseline
+    )
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """One checked sample: its input, label, target and the profile spec it is measured with."""
+
+    id: str
+    x: np.ndarray
+    label: int
+    target: int | None
+    profile: ProfileSpec
+
+
+def _check_sample(job: _AuditJob, sample: analysis_pb2.AuditSample, settings: Settings) -> _Sample:
+    model = job.model.config
+    n_classes = len(model.classes)
+    x = convert.decode_inputs(
+        sample.input,
+        tuple(model.input.shape),
+        what=f"sample {sample.id!r} input",
+        max_bytes=settings.max_tensor_bytes,
+        max_inputs=1,
+        batched=False,
+    )
+    label = int(convert.check_classes([sample.label], 1, n_classes, "label")[0])
+    target = None
+    if job.config.attack.targeted:
+        target = int(convert.check_classes([sample.target], 1, n_classes, "target")[0])
+    profile = job.profile
+    if job.per_sample_baseline:
+        profile, _ = specs.profile_spec(
+            job.config.profile,
+            ClassChoice.LABEL,
+            x[None],
+            settings,
+            n_evaluations=2,
+            layout=model.layout,
+        )
+    return _Sample(sample.id, x, label, target, profile)
 
 
 async def audit(
@@ -45,44 +141,9 @@ async def audit(
             raise errors.InvalidArgument(
                 "the first message of an Audit stream must be the AuditConfig, not a sample"
             )
-        config = first.config
-        model = ctx.model(config.model)
-        if not config.HasField("attack"):
-            raise errors.InvalidArgument("config.attack is required: give at least attack.kind")
-        if not config.HasField("profile"):
-            raise errors.InvalidArgument("config.profile is required: give at least its players")
-        input_shape = tuple(model.config.input.shape)
-        n_classes = len(model.config.classes)
-        # Validate both specs up front, so a bad config fails before any sample is read.
-        attack, torch_model = attack_setup(
-            model, config.attack, [0] if config.attack.targeted else [], call.cancel
-        )
-        admission.admit_attack(attack, 1, settings)
-        reference = np.zeros((1, *input_shape), dtype=np.float32)
-        profile, n_players = specs.profile_spec(
-            config.profile,
-            ClassChoice.LABEL,
-            reference,
-            settings,
-            n_evaluations=2,
-            layout=model.config.layout,
-        )
-        admission.admit_result_bytes(
-            "one audit sample's result",
-            2 * admission.profile_message_bytes(profile, n_players) + reference.nbytes,
-            settings,
-        )
-        check_defined(profile.value, model.backend.output_kind, model.name)
-        # Each sample takes a lane slot of its own when long (an attack, two profiles).
-        sample_cost = admission.attack_schedule_cost(attack, 1) + 2 * admission.profile_cost(
-            profile, n_players, 1
-        )
-        per_sample_baseline = (
-            config.profile.baseline.WhichOneof("kind") == "mean"
-            and not config.profile.baseline.mean.values
-            and not config.profile.baseline.mean.HasField("reference")
-        )
-        yield convert.audit_accepted(config.audit_id, n_players)
+        job = _check(ctx, first.config, call)
+        config, model = job.config, job.model
+        yield convert.audit_accepted(config.audit_id, job.n_players)
 
         outbox: asyncio.Queue[analysis_pb2.AuditEvent | BaseException | None] = asyncio.Queue()
         slots = asyncio.Semaphore(AUDIT_PARALLELISM)
@@ -98,44 +159,9 @@ async def audit(
             # The reader took a slot for this sample; it is given back when the sample is done.
             try:
                 try:
-                    x = convert.decode_inputs(
-                        sample.input,
-                        input_shape,
-                        what=f"sample {sample.id!r} input",
-                        max_bytes=settings.max_tensor_bytes,
-                        max_inputs=1,
-                        batched=False,
-                    )
-                    label = int(convert.check_classes([sample.label], 1, n_classes, "label")[0])
-                    target = None
-                    if config.attack.targeted:
-                        target = int(
-                            convert.check_classes([sample.target], 1, n_classes, "target")[0]
-                        )
-                    sample_profile = profile
-                    if per_sample_baseline:
-                        sample_profile, _ = specs.profile_spec(
-                            config.profile,
-                            ClassChoice.LABEL,
-                            x[None],
-                            settings,
-                            n_evaluations=2,
-                            layout=model.config.layout,
-                        )
+                    checked = _check_sample(job, sample, settings)
                     result = await ctx.run(
-                        sample_cost,
-                        call,
-                        _audit_sample,
-                        model,
-                        attack,
-                        torch_model,
-                        sample_profile,
-                        sample.id,
-                        x,
-                        label,
-                        target,
-                        config,
-                        call.cancel,
+                        job.sample_cost, call, _audit_sample, job, checked, call.cancel
                     )
                 except (errors.Cancelled, errors.DeadlineExceeded) as exc:
                     await outbox.put(exc)
@@ -252,18 +278,11 @@ class _IdleLimitedReader:
 
 
 def _audit_sample(
-    model: LoadedModel,
-    attack: AttackSpec,
-    torch_model: torch.nn.Module | None,
-    profile: ProfileSpec,
-    sample_id: str,
-    x: np.ndarray,
-    label: int,
-    target: int | None,
-    config: analysis_pb2.AuditConfig,
-    cancel: CancelToken,
+    job: _AuditJob, sample: _Sample, cancel: CancelToken
 ) -> analysis_pb2.SampleResult:
     """Attack one sample, then profile it clean and adversarial on the same contexts (a thread)."""
+    model, attack, config = job.model, job.attack, job.config
+    sample_id, x, label, target = sample.id, sample.x, sample.label, sample.target
     forwards = 0
 
     def count(batch: np.ndarray) -> np.ndarray:
@@ -275,10 +294,10 @@ def _audit_sample(
 
     spec = replace(attack, target_classes=(target,)) if target is not None else attack
     (outcome,) = attacks.run_attack(
-        spec, x[None], np.array([label]), torch_model, evaluate, cancel
+        spec, x[None], np.array([label]), job.torch_model, evaluate, cancel
     ).results
     numerics.check_example(outcome, model.name, sample_id)
-    perturbation = run_perturbation(evaluate, x, outcome.x_adv, profile, label, cancel)
+    perturbation = run_perturbation(evaluate, x, outcome.x_adv, sample.profile, label, cancel)
     # Square's queries went through `evaluate`; white-box steps did not.
     spent = forwards + (outcome.queries if attack.white_box else 0)
     message = convert.perturbation_to_proto(
