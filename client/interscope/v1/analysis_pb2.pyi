@@ -725,7 +725,10 @@ Global___Provenance: _TypeAlias = Provenance  # noqa: Y015
 
 @_typing.final
 class Progress(_message.Message):
-    """Progress of a long computation, sent at most a few times per second."""
+    """Progress of a long computation. Profile sends the first once the call has run 0.2 s, then
+    at most every 0.2 s, and the last (done == total) when any was sent: a faster call sends
+    none. Attack sends one after each batch of examples.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -764,8 +767,9 @@ Global___Progress: _TypeAlias = Progress  # noqa: Y015
 
 @_typing.final
 class OrderEstimate(_message.Message):
-    """One order of a profile, sent as soon as that order is complete (sampled estimator) or once
-    all coalitions are evaluated (exact).
+    """One order of a sampled profile, sent as soon as that order is complete. The exact estimator
+    sends none: all its orders complete at once, and the InteractionProfile that follows carries
+    them.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

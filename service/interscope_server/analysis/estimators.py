@@ -174,12 +174,11 @@ class ExactEstimator(Estimator):
             )
             for e, (_, game) in zip(found, games, strict=True)
         ]
-        for measure, (stage, _) in zip(measures, games, strict=True):
-            yield from measure.table.estimates(stage)
+        # No partials: every order is complete at the same moment, and the profile built next
+        # carries them all (on the wire each partial would be one more message to write).
         delta = None
         if len(found) == 2:
             delta = self._table(found[0].interactions - found[1].interactions, None)
-            yield from delta.estimates(DELTA)
         return Measured(measures, delta)
 
     def _table(self, interactions: np.ndarray, mean_abs_dv: np.ndarray | None) -> OrderTable:

@@ -24,15 +24,18 @@ PROGRESS_INTERVAL_S = 0.2
 
 
 class _Throttle:
-    """Lets a progress event through at most every PROGRESS_INTERVAL_S, and always the last."""
+    """Lets a progress event through once the call has run PROGRESS_INTERVAL_S, then at most
+    every PROGRESS_INTERVAL_S, and the last one when any went before it: a call that ends
+    sooner sends none (each message costs a write, a small call's largest cost)."""
 
     def __init__(self) -> None:
-        self._last = 0.0
+        self._last = time.monotonic()
+        self._sent = False
 
     def ready(self, done: int, total: int) -> bool:
         now = time.monotonic()
-        if done >= total or now - self._last >= PROGRESS_INTERVAL_S:
-            self._last = now
+        if now - self._last >= PROGRESS_INTERVAL_S or (done >= total and self._sent):
+            self._last, self._sent = now, True
             return True
         return False
 

@@ -77,7 +77,28 @@ def test_get_unknown_model_is_not_found(models) -> None:
     assert "no-such-model" in info.value.details()
 
 
-def test_profile_streams_partials_then_matches_the_in_process_engine(
+def test_sampled_profile_streams_one_partial_per_order_before_its_profile(
+    analysis, demo_test_data
+) -> None:
+    x, y = demo_test_data
+    spec = grid(
+        4,
+        4,
+        estimator=analysis_pb2.ESTIMATOR_KIND_SAMPLED,
+        orders=analysis_pb2.OrderSpec(orders=[1, 5, 9]),
+        sampling=analysis_pb2.SamplingSpec(contexts_per_order=4),
+    )
+    request = analysis_pb2.ProfileRequest(
+        model="digits-cnn", inputs=to_tensor(x[:1]), labels=[int(y[0])], spec=spec
+    )
+    events = [e for e in analysis.Profile(request) if e.WhichOneof("event") != "progress"]
+    assert [e.WhichOneof("event") for e in events] == ["partial"] * 3 + ["profile", "result"]
+    profile = events[3].profile
+    assert [e.partial.order for e in events[:3]] == list(profile.orders) == [1, 5, 9]
+    np.testing.assert_allclose([e.partial.mean_abs for e in events[:3]], profile.mean_abs)
+
+
+def test_exact_profile_streams_each_profile_then_matches_the_in_process_engine(
     analysis, server: BackgroundServer, demo_test_data
 ) -> None:
     x, y = demo_test_data
@@ -89,8 +110,9 @@ def test_profile_streams_partials_then_matches_the_in_process_engine(
     )
     events = list(analysis.Profile(request))
     kinds = [e.WhichOneof("event") for e in events]
-    assert kinds[-1] == "result" and "partial" in kinds and kinds.count("profile") == 2
-    assert kinds.index("progress") < kinds.index("profile")
+    # Exact: no partials (each input's orders all arrive in its profile); progress only if the
+    # call outlasted the first progress interval.
+    assert [k for k in kinds if k != "progress"] == ["profile", "profile", "result"]
     result = events[-1].result
     assert list(result.orders) == list(range(8))  # exact with no orders: all of 0..n-2
     assert server.server is not None
