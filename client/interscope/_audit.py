@@ -71,6 +71,8 @@ class AuditPlan:
     #: (index, count, total): this plan holds shard `index` of `count` of a `total`-sample
     #: dataset (samples index, index + count, ...); None for a whole dataset.
     shard: tuple[int, int, int] | None = None
+    #: The audit's eps sweep, as given (the server attacks and reports it ascending).
+    eps_sweep: tuple[float, ...] = ()
 
 
 @dataclass
@@ -115,6 +117,7 @@ def audit_config(plan: AuditPlan) -> analysis_pb2.AuditConfig:
         return_adversarial=plan.return_adversarial,
         # The client computes the summary from per-sample clean and adversarial profiles.
         return_profiles=True,
+        eps_sweep=plan.eps_sweep,
     )
 
 
@@ -199,7 +202,7 @@ async def run_audit(
         config=config_dict,
         n_players=state.n_players,
         samples=samples,
-        summary=summarize(samples, list(info.classes)),
+        summary=summarize(samples, list(info.classes), sorted(plan.eps_sweep)),
         resumed_samples=state.resumed,
         server_summaries=[AuditSummary.from_proto(s) for s in state.summaries],
     )

@@ -185,7 +185,8 @@ class AuditRun:
     JSON-lines file of finished samples, so a rerun sends only what is missing); addresses
     (default the client's) and streams_per_address; ids (default "0" .. "N-1"); targets (one
     per sample, targeted attacks); window (samples in flight per stream); return_adversarial;
-    audit_id; on_progress (called with each AuditProgress); shard=(index, count).
+    audit_id; on_progress (called with each AuditProgress); shard=(index, count); eps_sweep
+    (robustness curve: each sample also attacked at each of these eps, attack only).
     """
 
     model: str
@@ -203,6 +204,7 @@ class AuditRun:
     audit_id: str = ""
     on_progress: Callable[[AuditProgress], None] | None = None
     shard: tuple[int, int] | None = None
+    eps_sweep: Sequence[float] = ()
 
 
 class BaseClient:
@@ -378,6 +380,7 @@ class BaseClient:
             streams_per_address=run.streams_per_address,
             window=run.window,
             return_adversarial=run.return_adversarial,
+            eps_sweep=tuple(float(e) for e in run.eps_sweep),
             audit_id=run.audit_id,
             on_progress=run.on_progress,
             metadata=self._metadata,
@@ -711,6 +714,7 @@ class Client(BaseClient):
         audit_id: str = "",
         on_progress: Callable[[AuditProgress], None] | None = None,
         shard: tuple[int, int] | None = None,
+        eps_sweep: Sequence[float] = (),
     ) -> AuditReport:
         """Audit every sample exactly once over concurrent Audit streams; see AsyncClient.audit."""
         run = AuditRun(**_arguments(locals()))
@@ -980,6 +984,7 @@ class AsyncClient(BaseClient):
         audit_id: str = "",
         on_progress: Callable[[AuditProgress], None] | None = None,
         shard: tuple[int, int] | None = None,
+        eps_sweep: Sequence[float] = (),
     ) -> AuditReport:
         """Audit every sample of `x` (N, *input_shape) with labels `y` exactly once.
 

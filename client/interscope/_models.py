@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from interscope.codec import from_tensor
+from interscope.diagnostics import ExampleChecks, Flag
 from interscope.v1 import analysis_pb2, models_pb2, tensor_pb2
 
 
@@ -380,6 +381,31 @@ class PerturbationProfile(_DictMixin):
         )
 
 
+def checks_from_proto(message: Any, field_name: str = "checks") -> ExampleChecks | None:
+    """The gradient-masking checks of an ExampleResult or SampleResult, None when absent."""
+    if not message.HasField(field_name):
+        return None
+    c = getattr(message, field_name)
+    return ExampleChecks(
+        gradient_l1=c.gradient_l1,
+        loss_gain=c.loss_gain,
+        black_box_fooled=c.black_box_fooled if c.HasField("black_box_fooled") else None,
+        more_steps_fooled=c.more_steps_fooled if c.HasField("more_steps_fooled") else None,
+    )
+
+
+def flags_from_proto(flags: Sequence[analysis_pb2.MaskingFlag]) -> list[Flag]:
+    return [Flag(f.code, f.meaning, f.advice, dict(f.numbers)) for f in flags]
+
+
+@dataclass(frozen=True)
+class RobustnessCurve(_DictMixin):
+    """Robust accuracy at each eps of an audit's eps sweep (ascending)."""
+
+    eps: np.ndarray
+    robust_accuracy: np.ndarray
+
+
 @dataclass(frozen=True)
 class ExampleResult(_DictMixin):
     """The attack's outcome on one input."""
@@ -398,6 +424,8 @@ class ExampleResult(_DictMixin):
     queries: int
     adversarial: np.ndarray | None
     perturbation: PerturbationProfile | None
+    #: Gradient-masking checks (white-box attacks, examples not fooled), else None.
+    checks: ExampleChecks | None = None
 
     @classmethod
     def from_proto(cls, e: analysis_pb2.ExampleResult) -> ExampleResult:
@@ -420,6 +448,7 @@ class ExampleResult(_DictMixin):
                 if e.HasField("perturbation")
                 else None
             ),
+            checks=checks_from_proto(e),
         )
 
 
@@ -436,6 +465,8 @@ class AttackSummary(_DictMixin):
     orders: np.ndarray
     delta_mean: np.ndarray
     provenance: Provenance | None
+    #: Gradient-masking flags raised (interscope.diagnostics); empty when none.
+    masking_flags: list[Flag] = field(default_factory=list)
 
     @classmethod
     def from_proto(cls, s: analysis_pb2.AttackSummary) -> AttackSummary:
@@ -449,6 +480,7 @@ class AttackSummary(_DictMixin):
             orders=_i64(s.orders),
             delta_mean=_f64(s.delta_mean),
             provenance=Provenance.from_proto(s.provenance) if s.HasField("provenance") else None,
+            masking_flags=flags_from_proto(s.masking_flags),
         )
 
 
@@ -525,6 +557,10 @@ class SampleResult(_DictMixin):
     #: z_label - max_{c != label} z_c, clean and adversarial (NaN from servers before these).
     clean_margin: float = math.nan
     adversarial_margin: float = math.nan
+    #: Gradient-masking checks when the attack failed on it (white-box), else None.
+    checks: ExampleChecks | None = None
+    #: With an eps sweep: robust at each sweep eps, ascending.
+    sweep_robust: tuple[bool, ...] = ()
 
     @classmethod
     def from_proto(cls, s: analysis_pb2.SampleResult) -> SampleResult:
@@ -548,6 +584,8 @@ class SampleResult(_DictMixin):
             error=SampleError(s.error.code, s.error.message) if s.HasField("error") else None,
             clean_margin=s.clean_margin,
             adversarial_margin=s.adversarial_margin,
+            checks=checks_from_proto(s),
+            sweep_robust=tuple(s.sweep_robust),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -615,6 +653,10 @@ class AuditSummary(_DictMixin):
     delta_mean: OrderStatistic
     per_class: list[ClassBreakdown]
     provenance: Provenance | None = None
+    #: Gradient-masking flags over the samples' checks and the eps sweep.
+    masking_flags: list[Flag] = field(default_factory=list)
+    #: With an eps sweep: robust accuracy per eps.
+    robustness_curve: RobustnessCurve | None = None
 
     @classmethod
     def from_proto(cls, s: analysis_pb2.AuditSummary) -> AuditSummary:
@@ -631,6 +673,14 @@ class AuditSummary(_DictMixin):
             delta_mean=OrderStatistic.from_proto(s.delta_mean),
             per_class=[ClassBreakdown.from_proto(c) for c in s.per_class],
             provenance=Provenance.from_proto(s.provenance) if s.HasField("provenance") else None,
+            masking_flags=flags_from_proto(s.masking_flags),
+            robustness_curve=(
+                RobustnessCurve(
+                    _f64(s.robustness_curve.eps), _f64(s.robustness_curve.robust_accuracy)
+                )
+                if s.HasField("robustness_curve")
+                else None
+            ),
         )
 
 
@@ -685,6 +735,8 @@ class AuditReport(_DictMixin):
                 "delta_mean_ci": [_jsonable(s.delta_mean.ci_low), _jsonable(s.delta_mean.ci_high)],
             },
             "per_class": _jsonable(s.per_class),
+            "masking_flags": _jsonable(s.masking_flags),
+            "robustness_curve": _jsonable(s.robustness_curve),
             "samples": [sample.to_dict() for sample in self.samples],
             "server_summaries": [
                 {k: v for k, v in summary.to_dict().items() if k != "per_class"}

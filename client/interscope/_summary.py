@@ -7,7 +7,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from interscope._models import AuditSummary, ClassBreakdown, OrderStatistic, SampleResult
+from interscope._models import (
+    AuditSummary,
+    ClassBreakdown,
+    OrderStatistic,
+    RobustnessCurve,
+    SampleResult,
+)
+from interscope.diagnostics import diagnose, robustness_curve
 
 #: Two-sided 95% normal quantile; the CI is mean +- Z95 * sd / sqrt(n) (normal approximation,
 #: so the client needs no scipy; with n = 1 the interval collapses to the mean).
@@ -29,8 +36,11 @@ def _rate(flags: Sequence[bool]) -> float:
     return float(np.mean(flags)) if len(flags) else float("nan")
 
 
-def summarize(samples: Sequence[SampleResult], classes: Sequence[str] = ()) -> AuditSummary:
-    """Accuracies, per-order means with 95% CIs and per-class accuracies over `samples`.
+def summarize(
+    samples: Sequence[SampleResult], classes: Sequence[str] = (), sweep_eps: Sequence[float] = ()
+) -> AuditSummary:
+    """Accuracies, per-order means with 95% CIs, per-class accuracies, gradient-masking flags
+    and (with `sweep_eps`, ascending) the robustness curve over `samples`.
 
     Failed samples are counted in `n_failed` and left out of every statistic. Samples whose
     profile has other orders than the first one's (which a single config never produces) are
@@ -72,6 +82,8 @@ def summarize(samples: Sequence[SampleResult], classes: Sequence[str] = ()) -> A
                 robust_accuracy=_rate([s.robust for s in members]),
             )
         )
+    sweep_rows = [list(s.sweep_robust) for s in ok]
+    checks = [s.checks for s in ok if s.checks is not None]
     return AuditSummary(
         n_samples=len(ok),
         n_failed=len(samples) - len(ok),
@@ -84,4 +96,13 @@ def summarize(samples: Sequence[SampleResult], classes: Sequence[str] = ()) -> A
         adversarial_mean_abs=stat(adv_rows),
         delta_mean=stat(delta_rows),
         per_class=per_class,
+        masking_flags=diagnose(checks, sweep_eps, sweep_rows) if ok else [],
+        robustness_curve=(
+            RobustnessCurve(
+                np.asarray(sweep_eps, dtype=np.float64),
+                np.asarray(robustness_curve(sweep_eps, sweep_rows), dtype=np.float64),
+            )
+            if sweep_eps and ok
+            else None
+        ),
     )

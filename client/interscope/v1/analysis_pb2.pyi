@@ -1154,6 +1154,8 @@ class AttackSpec(_message.Message):
     MARGIN_THRESHOLD_FIELD_NUMBER: _builtins.int
     QUERY_BUDGET_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    CHECK_QUERIES_FIELD_NUMBER: _builtins.int
+    CHECK_RERUNS_FIELD_NUMBER: _builtins.int
     kind: Global___AttackKind.ValueType
     """Required."""
     norm: Global___Norm.ValueType
@@ -1181,6 +1183,15 @@ class AttackSpec(_message.Message):
     """SQUARE, SIMBA: forward passes per input, >= 1. Default 1000 when 0."""
     seed: _builtins.int
     """Seed for random starts and Square's sampling; equal seeds give equal results."""
+    check_queries: _builtins.int
+    """White-box kinds: the query budget of the black-box gradient-masking check (Square) on
+    each example the attack left robust; 0 turns it off. Unset: 100. Its forwards count in
+    provenance.
+    """
+    check_reruns: _builtins.int
+    """White-box kinds: examples left robust, per batch of 64, that the more-steps check
+    re-attacks with twice the steps and a fresh start; 0 turns it off. Unset: 16.
+    """
     def __init__(
         self,
         *,
@@ -1195,13 +1206,24 @@ class AttackSpec(_message.Message):
         margin_threshold: _builtins.float = ...,
         query_budget: _builtins.int = ...,
         seed: _builtins.int = ...,
+        check_queries: _builtins.int | None = ...,
+        check_reruns: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_random_start", b"_random_start", "random_start", b"random_start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_check_queries", b"_check_queries", "_check_reruns", b"_check_reruns", "_random_start", b"_random_start", "check_queries", b"check_queries", "check_reruns", b"check_reruns", "random_start", b"random_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_random_start", b"_random_start", "eps", b"eps", "kind", b"kind", "margin_threshold", b"margin_threshold", "norm", b"norm", "query_budget", b"query_budget", "random_start", b"random_start", "restarts", b"restarts", "seed", b"seed", "step_size", b"step_size", "steps", b"steps", "targeted", b"targeted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_check_queries", b"_check_queries", "_check_reruns", b"_check_reruns", "_random_start", b"_random_start", "check_queries", b"check_queries", "check_reruns", b"check_reruns", "eps", b"eps", "kind", b"kind", "margin_threshold", b"margin_threshold", "norm", b"norm", "query_budget", b"query_budget", "random_start", b"random_start", "restarts", b"restarts", "seed", b"seed", "step_size", b"step_size", "steps", b"steps", "targeted", b"targeted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__check_queries: _TypeAlias = _typing.Literal["check_queries"]  # noqa: Y015
+    _WhichOneofArgType__check_queries: _TypeAlias = _typing.Literal["_check_queries", b"_check_queries"]  # noqa: Y015
+    _WhichOneofReturnType__check_reruns: _TypeAlias = _typing.Literal["check_reruns"]  # noqa: Y015
+    _WhichOneofArgType__check_reruns: _TypeAlias = _typing.Literal["_check_reruns", b"_check_reruns"]  # noqa: Y015
     _WhichOneofReturnType__random_start: _TypeAlias = _typing.Literal["random_start"]  # noqa: Y015
     _WhichOneofArgType__random_start: _TypeAlias = _typing.Literal["_random_start", b"_random_start"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__check_queries) -> _WhichOneofReturnType__check_queries | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__check_reruns) -> _WhichOneofReturnType__check_reruns | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__random_start) -> _WhichOneofReturnType__random_start | None: ...
 
 Global___AttackSpec: _TypeAlias = AttackSpec  # noqa: Y015
@@ -1282,6 +1304,7 @@ class ExampleResult(_message.Message):
     QUERIES_FIELD_NUMBER: _builtins.int
     ADVERSARIAL_FIELD_NUMBER: _builtins.int
     PERTURBATION_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
     input_index: _builtins.int
     success: _builtins.bool
     """Untargeted: adversarial prediction != label. Targeted: == target."""
@@ -1306,6 +1329,10 @@ class ExampleResult(_message.Message):
     def perturbation(self) -> Global___PerturbationProfile:
         """With a perturbation_profile spec."""
 
+    @_builtins.property
+    def checks(self) -> Global___MaskingChecks:
+        """White-box kinds, on examples attacked and not fooled: the gradient-masking checks."""
+
     def __init__(
         self,
         *,
@@ -1323,14 +1350,113 @@ class ExampleResult(_message.Message):
         queries: _builtins.int = ...,
         adversarial: _tensor_pb2.Tensor | None = ...,
         perturbation: Global___PerturbationProfile | None = ...,
+        checks: Global___MaskingChecks | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adversarial", b"adversarial", "perturbation", b"perturbation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adversarial", b"adversarial", "checks", b"checks", "perturbation", b"perturbation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adversarial", b"adversarial", "adversarial_margin", b"adversarial_margin", "adversarial_prediction", b"adversarial_prediction", "clean_margin", b"clean_margin", "clean_prediction", b"clean_prediction", "input_index", b"input_index", "l2", b"l2", "label", b"label", "linf", b"linf", "perturbation", b"perturbation", "queries", b"queries", "steps", b"steps", "success", b"success", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adversarial", b"adversarial", "adversarial_margin", b"adversarial_margin", "adversarial_prediction", b"adversarial_prediction", "checks", b"checks", "clean_margin", b"clean_margin", "clean_prediction", b"clean_prediction", "input_index", b"input_index", "l2", b"l2", "label", b"label", "linf", b"linf", "perturbation", b"perturbation", "queries", b"queries", "steps", b"steps", "success", b"success", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExampleResult: _TypeAlias = ExampleResult  # noqa: Y015
+
+@_typing.final
+class MaskingChecks(_message.Message):
+    """The gradient-masking checks on one example a white-box attack attacked and did not fool;
+    the summaries' MaskingFlags are decided from these alone (the SDK recomputes them).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRADIENT_L1_FIELD_NUMBER: _builtins.int
+    LOSS_GAIN_FIELD_NUMBER: _builtins.int
+    BLACK_BOX_FOOLED_FIELD_NUMBER: _builtins.int
+    MORE_STEPS_FOOLED_FIELD_NUMBER: _builtins.int
+    gradient_l1: _builtins.float
+    """L1 norm of the CE gradient at the clean input; NaN when any entry is not finite."""
+    loss_gain: _builtins.float
+    """CE(x_adv) - CE(x) (minus the target's CE when targeted): what the attack gained."""
+    black_box_fooled: _builtins.bool
+    """Whether the black-box check (Square, check_queries) fooled it; unset when off."""
+    more_steps_fooled: _builtins.bool
+    """Whether a fresh run with twice the steps fooled it; unset when not re-run."""
+    def __init__(
+        self,
+        *,
+        gradient_l1: _builtins.float = ...,
+        loss_gain: _builtins.float = ...,
+        black_box_fooled: _builtins.bool | None = ...,
+        more_steps_fooled: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_black_box_fooled", b"_black_box_fooled", "_more_steps_fooled", b"_more_steps_fooled", "black_box_fooled", b"black_box_fooled", "more_steps_fooled", b"more_steps_fooled"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_black_box_fooled", b"_black_box_fooled", "_more_steps_fooled", b"_more_steps_fooled", "black_box_fooled", b"black_box_fooled", "gradient_l1", b"gradient_l1", "loss_gain", b"loss_gain", "more_steps_fooled", b"more_steps_fooled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__black_box_fooled: _TypeAlias = _typing.Literal["black_box_fooled"]  # noqa: Y015
+    _WhichOneofArgType__black_box_fooled: _TypeAlias = _typing.Literal["_black_box_fooled", b"_black_box_fooled"]  # noqa: Y015
+    _WhichOneofReturnType__more_steps_fooled: _TypeAlias = _typing.Literal["more_steps_fooled"]  # noqa: Y015
+    _WhichOneofArgType__more_steps_fooled: _TypeAlias = _typing.Literal["_more_steps_fooled", b"_more_steps_fooled"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__black_box_fooled) -> _WhichOneofReturnType__black_box_fooled | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__more_steps_fooled) -> _WhichOneofReturnType__more_steps_fooled | None: ...
+
+Global___MaskingChecks: _TypeAlias = MaskingChecks  # noqa: Y015
+
+@_typing.final
+class MaskingFlag(_message.Message):
+    """A raised gradient-masking diagnostic: the attack's robust accuracy may be too high."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class NumbersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MEANING_FIELD_NUMBER: _builtins.int
+    ADVICE_FIELD_NUMBER: _builtins.int
+    NUMBERS_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """Stable: LOSS_FLAT, BLACK_BOX_WINS, MORE_STEPS_WIN, NON_MONOTONE."""
+    meaning: _builtins.str
+    """What the evidence means, and what to try."""
+    advice: _builtins.str
+    @_builtins.property
+    def numbers(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The numbers that raised it (e.g. n_checked, n_fooled, share)."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        meaning: _builtins.str = ...,
+        advice: _builtins.str = ...,
+        numbers: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advice", b"advice", "code", b"code", "meaning", b"meaning", "numbers", b"numbers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MaskingFlag: _TypeAlias = MaskingFlag  # noqa: Y015
 
 @_typing.final
 class AttackSummary(_message.Message):
@@ -1345,6 +1471,7 @@ class AttackSummary(_message.Message):
     ORDERS_FIELD_NUMBER: _builtins.int
     DELTA_MEAN_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
+    MASKING_FLAGS_FIELD_NUMBER: _builtins.int
     n: _builtins.int
     clean_accuracy: _builtins.float
     """Fraction of inputs classified correctly before and after the attack."""
@@ -1363,6 +1490,10 @@ class AttackSummary(_message.Message):
     def delta_mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
     def provenance(self) -> Global___Provenance: ...
+    @_builtins.property
+    def masking_flags(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaskingFlag]:
+        """Gradient-masking flags raised (white-box kinds); empty when none."""
+
     def __init__(
         self,
         *,
@@ -1375,10 +1506,11 @@ class AttackSummary(_message.Message):
         orders: _abc.Iterable[_builtins.int] | None = ...,
         delta_mean: _abc.Iterable[_builtins.float] | None = ...,
         provenance: Global___Provenance | None = ...,
+        masking_flags: _abc.Iterable[Global___MaskingFlag] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clean_accuracy", b"clean_accuracy", "delta_mean", b"delta_mean", "mean_l2", b"mean_l2", "mean_linf", b"mean_linf", "n", b"n", "orders", b"orders", "provenance", b"provenance", "robust_accuracy", b"robust_accuracy", "success_rate", b"success_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clean_accuracy", b"clean_accuracy", "delta_mean", b"delta_mean", "masking_flags", b"masking_flags", "mean_l2", b"mean_l2", "mean_linf", b"mean_linf", "n", b"n", "orders", b"orders", "provenance", b"provenance", "robust_accuracy", b"robust_accuracy", "success_rate", b"success_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1434,6 +1566,7 @@ class AuditConfig(_message.Message):
     AUDIT_ID_FIELD_NUMBER: _builtins.int
     RETURN_ADVERSARIAL_FIELD_NUMBER: _builtins.int
     RETURN_PROFILES_FIELD_NUMBER: _builtins.int
+    EPS_SWEEP_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name; NOT_FOUND if unknown."""
     audit_id: _builtins.str
@@ -1450,6 +1583,13 @@ class AuditConfig(_message.Message):
     def profile(self) -> Global___InteractionSpec:
         """Required: the perturbation profile computed for every sample."""
 
+    @_builtins.property
+    def eps_sweep(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Robustness curve: each sample is also attacked (no profiles) at each of these eps, > 0,
+        distinct, at most 16 (INVALID_ARGUMENT otherwise); AuditSummary.robustness_curve gives
+        robust accuracy per eps, in ascending eps order.
+        """
+
     def __init__(
         self,
         *,
@@ -1459,10 +1599,11 @@ class AuditConfig(_message.Message):
         audit_id: _builtins.str = ...,
         return_adversarial: _builtins.bool = ...,
         return_profiles: _builtins.bool = ...,
+        eps_sweep: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attack", b"attack", "profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attack", b"attack", "audit_id", b"audit_id", "model", b"model", "profile", b"profile", "return_adversarial", b"return_adversarial", "return_profiles", b"return_profiles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attack", b"attack", "audit_id", b"audit_id", "eps_sweep", b"eps_sweep", "model", b"model", "profile", b"profile", "return_adversarial", b"return_adversarial", "return_profiles", b"return_profiles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1573,6 +1714,8 @@ class SampleResult(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     CLEAN_MARGIN_FIELD_NUMBER: _builtins.int
     ADVERSARIAL_MARGIN_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    SWEEP_ROBUST_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     label: _builtins.int
     clean_prediction: _builtins.int
@@ -1601,6 +1744,14 @@ class SampleResult(_message.Message):
     def error(self) -> Global___SampleError:
         """Set when this sample failed; the other fields are then empty."""
 
+    @_builtins.property
+    def checks(self) -> Global___MaskingChecks:
+        """White-box kinds, when the attack failed on this sample: the gradient-masking checks."""
+
+    @_builtins.property
+    def sweep_robust(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """With an eps_sweep: whether the sample stayed robust at each sweep eps, ascending."""
+
     def __init__(
         self,
         *,
@@ -1619,10 +1770,12 @@ class SampleResult(_message.Message):
         error: Global___SampleError | None = ...,
         clean_margin: _builtins.float = ...,
         adversarial_margin: _builtins.float = ...,
+        checks: Global___MaskingChecks | None = ...,
+        sweep_robust: _abc.Iterable[_builtins.bool] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adversarial", b"adversarial", "error", b"error", "perturbation", b"perturbation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adversarial", b"adversarial", "checks", b"checks", "error", b"error", "perturbation", b"perturbation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adversarial", b"adversarial", "adversarial_margin", b"adversarial_margin", "adversarial_prediction", b"adversarial_prediction", "attack_success", b"attack_success", "clean_correct", b"clean_correct", "clean_margin", b"clean_margin", "clean_prediction", b"clean_prediction", "error", b"error", "forwards", b"forwards", "id", b"id", "l2", b"l2", "label", b"label", "linf", b"linf", "perturbation", b"perturbation", "robust", b"robust"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adversarial", b"adversarial", "adversarial_margin", b"adversarial_margin", "adversarial_prediction", b"adversarial_prediction", "attack_success", b"attack_success", "checks", b"checks", "clean_correct", b"clean_correct", "clean_margin", b"clean_margin", "clean_prediction", b"clean_prediction", "error", b"error", "forwards", b"forwards", "id", b"id", "l2", b"l2", "label", b"label", "linf", b"linf", "perturbation", b"perturbation", "robust", b"robust", "sweep_robust", b"sweep_robust"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1705,6 +1858,8 @@ class AuditSummary(_message.Message):
     DELTA_MEAN_FIELD_NUMBER: _builtins.int
     PER_CLASS_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
+    MASKING_FLAGS_FIELD_NUMBER: _builtins.int
+    ROBUSTNESS_CURVE_FIELD_NUMBER: _builtins.int
     n_samples: _builtins.int
     """Samples audited without error, and samples that failed."""
     n_failed: _builtins.int
@@ -1727,6 +1882,14 @@ class AuditSummary(_message.Message):
     def per_class(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassBreakdown]: ...
     @_builtins.property
     def provenance(self) -> Global___Provenance: ...
+    @_builtins.property
+    def masking_flags(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaskingFlag]:
+        """Gradient-masking flags raised over the samples' checks and the eps sweep."""
+
+    @_builtins.property
+    def robustness_curve(self) -> Global___RobustnessCurve:
+        """With an eps_sweep: robust accuracy per eps."""
+
     def __init__(
         self,
         *,
@@ -1742,14 +1905,42 @@ class AuditSummary(_message.Message):
         delta_mean: Global___OrderStatistic | None = ...,
         per_class: _abc.Iterable[Global___ClassBreakdown] | None = ...,
         provenance: Global___Provenance | None = ...,
+        masking_flags: _abc.Iterable[Global___MaskingFlag] | None = ...,
+        robustness_curve: Global___RobustnessCurve | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adversarial_mean_abs", b"adversarial_mean_abs", "clean_mean_abs", b"clean_mean_abs", "delta_mean", b"delta_mean", "provenance", b"provenance"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adversarial_mean_abs", b"adversarial_mean_abs", "clean_mean_abs", b"clean_mean_abs", "delta_mean", b"delta_mean", "provenance", b"provenance", "robustness_curve", b"robustness_curve"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adversarial_mean_abs", b"adversarial_mean_abs", "clean_accuracy", b"clean_accuracy", "clean_mean_abs", b"clean_mean_abs", "delta_mean", b"delta_mean", "n_failed", b"n_failed", "n_samples", b"n_samples", "orders", b"orders", "per_class", b"per_class", "provenance", b"provenance", "ratios", b"ratios", "robust_accuracy", b"robust_accuracy", "success_rate", b"success_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adversarial_mean_abs", b"adversarial_mean_abs", "clean_accuracy", b"clean_accuracy", "clean_mean_abs", b"clean_mean_abs", "delta_mean", b"delta_mean", "masking_flags", b"masking_flags", "n_failed", b"n_failed", "n_samples", b"n_samples", "orders", b"orders", "per_class", b"per_class", "provenance", b"provenance", "ratios", b"ratios", "robust_accuracy", b"robust_accuracy", "robustness_curve", b"robustness_curve", "success_rate", b"success_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuditSummary: _TypeAlias = AuditSummary  # noqa: Y015
+
+@_typing.final
+class RobustnessCurve(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPS_FIELD_NUMBER: _builtins.int
+    ROBUST_ACCURACY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def eps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Ascending."""
+
+    @_builtins.property
+    def robust_accuracy(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        eps: _abc.Iterable[_builtins.float] | None = ...,
+        robust_accuracy: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eps", b"eps", "robust_accuracy", b"robust_accuracy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RobustnessCurve: _TypeAlias = RobustnessCurve  # noqa: Y015
 
 @_typing.final
 class AuditAccepted(_message.Message):

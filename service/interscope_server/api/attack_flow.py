@@ -184,8 +184,9 @@ async def attack(
                     deltas.append(message.perturbation)
                 yield convert.attack_event(example=message)
             elif isinstance(event, attacks.AttackSummary):
-                # Queries counted by the attack; each profile counted its own forwards.
-                forwards = event.total_queries + sum(
+                # Queries counted by the attack and its masking checks; each profile counted
+                # its own forwards.
+                forwards = event.total_queries + event.check_queries + sum(
                     d.clean.forwards + d.adversarial.forwards for d in deltas
                 )
                 seed = int(request.attack.seed)

@@ -19,6 +19,7 @@ from interscope_server.api import admission, convert, numerics, specs
 from interscope_server.api.attack_flow import attack_setup
 from interscope_server.api.call import Call, CallContext
 from interscope_server.api.errors import status_of
+from interscope_server.attacks import masking
 from interscope_server.attacks.base import AttackSpec
 from interscope_server.cancel import CancelToken
 from interscope_server.config import Settings
@@ -42,6 +43,7 @@ class _AuditJob:
     n_players: int
     sample_cost: int  # each sample takes a lane slot of its own when long
     per_sample_baseline: bool  # a mean baseline of each sample's own input
+    sweep: tuple[AttackSpec, ...]  # the attack at each eps_sweep value, ascending
 
 
 def _check(ctx: CallContext, config: analysis_pb2.AuditConfig, call: Call) -> _AuditJob:
@@ -56,6 +58,7 @@ def _check(ctx: CallContext, config: analysis_pb2.AuditConfig, call: Call) -> _A
         model, config.attack, [0] if config.attack.targeted else [], call.cancel
     )
     admission.admit_attack(attack, 1, settings)
+    sweep = masking.sweep_specs(attack, config.eps_sweep)
     reference = np.zeros((1, *model.config.input.shape), dtype=np.float32)
     profile, n_players = specs.profile_spec(
         config.profile,
@@ -71,10 +74,10 @@ def _check(ctx: CallContext, config: analysis_pb2.AuditConfig, call: Call) -> _A
         settings,
     )
     check_defined(profile.value, model.backend.output_kind, model.name)
-    # An attack and two profiles per sample.
-    sample_cost = admission.attack_schedule_cost(attack, 1) + 2 * admission.profile_cost(
-        profile, n_players, 1
-    )
+    # An attack (and one per sweep eps) and two profiles per sample.
+    sample_cost = (1 + len(sweep)) * admission.attack_schedule_cost(
+        attack, 1
+    ) + 2 * admission.profile_cost(profile, n_players, 1)
     baseline = config.profile.baseline
     per_sample_baseline = (
         baseline.WhichOneof("kind") == "mean"
@@ -82,7 +85,15 @@ def _check(ctx: CallContext, config: analysis_pb2.AuditConfig, call: Call) -> _A
         and not baseline.mean.HasField("reference")
     )
     return _AuditJob(
-        config, model, attack, torch_model, profile, n_players, sample_cost, per_sample_baseline
+        config,
+        model,
+        attack,
+        torch_model,
+        profile,
+        n_players,
+        sample_cost,
+        per_sample_baseline,
+        sweep,
     )
 
 
@@ -233,7 +244,8 @@ async def audit(
 
         forwards = sum(r.forwards for r in results)
         provenance = ctx.provenance(model, config, int(config.attack.seed), call, forwards)
-        summary = convert.audit_summary(results, model.config.classes, provenance)
+        sweep_eps = tuple(s.eps for s in job.sweep)
+        summary = convert.audit_summary(results, model.config.classes, provenance, sweep_eps)
         yield convert.audit_event(summary=summary)
 
 
@@ -297,9 +309,18 @@ def _audit_sample(
         spec, x[None], np.array([label]), job.torch_model, evaluate, cancel
     ).results
     numerics.check_example(outcome, model.name, sample_id)
+    # Square's queries went through `evaluate`; white-box steps and checks did not.
+    white_box = outcome.queries + outcome.check_queries if attack.white_box else 0
+    sweep_robust: list[bool] = []
+    if job.sweep:
+        sweep = tuple(replace(s, target_classes=spec.target_classes) for s in job.sweep)
+        robust, spent_sweep = attacks.robust_at(
+            sweep, x[None], np.array([label]), job.torch_model, evaluate, cancel
+        )
+        sweep_robust = [bool(r) for r in robust[:, 0]]
+        white_box += spent_sweep
     perturbation = run_perturbation(evaluate, x, outcome.x_adv, sample.profile, label, cancel)
-    # Square's queries went through `evaluate`; white-box steps did not.
-    spent = forwards + (outcome.queries if attack.white_box else 0)
+    spent = forwards + white_box
     message = convert.perturbation_to_proto(
         perturbation,
         0,
@@ -308,5 +329,5 @@ def _audit_sample(
         return_pairs=config.return_profiles,
     )
     return convert.sample_result(
-        sample_id, label, outcome, spent, message, config.return_adversarial
+        sample_id, label, outcome, spent, message, config.return_adversarial, sweep_robust
     )

@@ -16,7 +16,9 @@ import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from interscope import diagnostics
 from interscope.codec import TensorError, from_tensor, to_tensor
+from interscope.diagnostics import ExampleChecks, Flag
 from interscope.v1 import analysis_pb2, models_pb2, tensor_pb2
 from interscope_server import __version__, attacks, errors
 from interscope_server.analysis.results import (
@@ -303,9 +305,41 @@ def example_to_proto(
         steps=event.steps,
         queries=event.queries,
     )
+    if event.checks is not None:
+        message.checks.CopyFrom(checks_to_proto(event.checks))
     if with_adversarial:
         message.adversarial.CopyFrom(to_tensor(np.asarray(event.x_adv, dtype=np.float32)))
     return message
+
+
+def checks_to_proto(checks: ExampleChecks) -> analysis_pb2.MaskingChecks:
+    """One example's gradient-masking checks on the wire (unset: that check did not run)."""
+    message = analysis_pb2.MaskingChecks(gradient_l1=checks.gradient_l1, loss_gain=checks.loss_gain)
+    if checks.black_box_fooled is not None:
+        message.black_box_fooled = checks.black_box_fooled
+    if checks.more_steps_fooled is not None:
+        message.more_steps_fooled = checks.more_steps_fooled
+    return message
+
+
+def checks_from_proto(message: analysis_pb2.MaskingChecks) -> ExampleChecks:
+    return ExampleChecks(
+        gradient_l1=message.gradient_l1,
+        loss_gain=message.loss_gain,
+        black_box_fooled=message.black_box_fooled if message.HasField("black_box_fooled") else None,
+        more_steps_fooled=(
+            message.more_steps_fooled if message.HasField("more_steps_fooled") else None
+        ),
+    )
+
+
+def flags_to_proto(flags: Sequence[Flag]) -> list[analysis_pb2.MaskingFlag]:
+    return [
+        analysis_pb2.MaskingFlag(
+            code=f.code, meaning=f.meaning, advice=f.advice, numbers=dict(f.numbers)
+        )
+        for f in flags
+    ]
 
 
 def attack_summary(
@@ -322,6 +356,7 @@ def attack_summary(
         mean_linf=event.mean_linf,
         mean_l2=event.mean_l2,
         provenance=provenance,
+        masking_flags=flags_to_proto(event.masking_flags),
     )
     if deltas:
         summary.orders.extend(deltas[0].clean.orders)
@@ -355,6 +390,7 @@ def sample_result(
     forwards: int,
     perturbation: analysis_pb2.PerturbationProfile,
     with_adversarial: bool,
+    sweep_robust: Sequence[bool] = (),
 ) -> analysis_pb2.SampleResult:
     """One audited sample: the attack's outcome and how it moved the interactions."""
     result = analysis_pb2.SampleResult(
@@ -371,7 +407,10 @@ def sample_result(
         adversarial_margin=outcome.adv_margin,
         forwards=forwards,
         perturbation=perturbation,
+        sweep_robust=sweep_robust,
     )
+    if outcome.checks is not None:
+        result.checks.CopyFrom(checks_to_proto(outcome.checks))
     if with_adversarial:
         result.adversarial.CopyFrom(to_tensor(np.asarray(outcome.x_adv, dtype=np.float32)))
     return result
@@ -393,6 +432,7 @@ def audit_summary(
     results: Sequence[analysis_pb2.SampleResult],
     class_names: Sequence[str],
     provenance: analysis_pb2.Provenance,
+    sweep_eps: Sequence[float] = (),
 ) -> analysis_pb2.AuditSummary:
     """The audit's summary over the samples that succeeded (failed ones are counted apart)."""
     ok = [r for r in results if not r.HasField("error")]
@@ -401,6 +441,15 @@ def audit_summary(
     )
     if not ok:
         return summary
+    # Decided from per-sample fields only, as the SDK's client-side summary does.
+    sweep_rows = [list(r.sweep_robust) for r in ok]
+    checks = [checks_from_proto(r.checks) for r in ok if r.HasField("checks")]
+    summary.masking_flags.extend(flags_to_proto(diagnostics.diagnose(checks, sweep_eps, sweep_rows)))
+    if sweep_eps:
+        summary.robustness_curve.eps.extend(sweep_eps)
+        summary.robustness_curve.robust_accuracy.extend(
+            diagnostics.robustness_curve(sweep_eps, sweep_rows)
+        )
     summary.clean_accuracy = float(np.mean([r.clean_correct for r in ok]))
     summary.robust_accuracy = float(np.mean([r.robust for r in ok]))
     summary.success_rate = float(np.mean([r.attack_success for r in ok]))

@@ -31,7 +31,14 @@ from interscope_server.analysis.profile import (
 from interscope_server.analysis.sampled import DEFAULT_RATIOS, ContextSharing, TargetStatistic
 from interscope_server.analysis.values import ClassChoice, ValueFunction
 from interscope_server.attacks import attack_class, attack_classes
-from interscope_server.attacks.base import AttackName, AttackSpec, Norm, ValueRange
+from interscope_server.attacks.base import (
+    DEFAULT_CHECK_QUERIES,
+    DEFAULT_CHECK_RERUNS,
+    AttackName,
+    AttackSpec,
+    Norm,
+    ValueRange,
+)
 from interscope_server.config import Settings
 from interscope_server.layout import Layout
 from interscope_server.models.config import ModelConfig
@@ -290,4 +297,10 @@ def attack_spec(
         seed=int(spec.seed),
         value_range=value_range,
         layout=model.layout,
+        check_queries=(
+            int(spec.check_queries) if spec.HasField("check_queries") else DEFAULT_CHECK_QUERIES
+        ),
+        check_reruns=(
+            int(spec.check_reruns) if spec.HasField("check_reruns") else DEFAULT_CHECK_RERUNS
+        ),
     )

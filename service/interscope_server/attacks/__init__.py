@@ -30,7 +30,13 @@ from interscope_server.attacks.base import (
 from interscope_server.attacks.fgsm import FGSM
 from interscope_server.attacks.pgd import PGD
 from interscope_server.attacks.pgd_margin import MarginPGD
-from interscope_server.attacks.runner import AttackReport, attack_events, build_attack, run_attack
+from interscope_server.attacks.runner import (
+    AttackReport,
+    attack_events,
+    build_attack,
+    robust_at,
+    run_attack,
+)
 from interscope_server.attacks.simba import SimBA
 from interscope_server.attacks.square import Square
 
@@ -77,6 +83,7 @@ __all__ = [
     "attack_events",
     "black_box_attacks",
     "build_attack",
+    "robust_at",
     "run_attack",
     "white_box_attacks",
 ]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from interscope.diagnostics import ExampleChecks, Flag
 from interscope_server.cancel import CancelToken
 from interscope_server.errors import InvalidArgument
 from interscope_server.layout import LAYOUTS, Layout
@@ -35,6 +36,13 @@ MAX_STEPS = 10_000
 MAX_RESTARTS = 100
 MAX_QUERIES = 100_000
 MAX_SEED = 2**63 - 1
+#: The black-box masking check's default query budget per example (attacks/masking.py): a
+#: tenth of Square's own default, enough to find the easy examples a masked gradient hides,
+#: and it runs only on the examples the white-box attack left robust.
+DEFAULT_CHECK_QUERIES = 100
+#: Examples per batch the more-steps masking check re-attacks with twice the steps.
+DEFAULT_CHECK_RERUNS = 16
+MAX_CHECK_RERUNS = 4096
 
 # Filled once, as each attack module is imported (attacks/__init__.py imports them all), by
 # Attack.__init_subclass__; read-only afterwards. Class creation is the one place that knows
@@ -115,6 +123,10 @@ class AttackSpec:
             the ball (see `attacks.runner.on_integer_grid`) and its scores re-checked there.
         layout: how one example's axes are laid out (NCHW, NHWC, features); square's windows
             follow it.
+        check_queries: white-box attacks only: the query budget of the black-box (Square)
+            gradient-masking check on each example left robust; 0 turns that check off.
+        check_reruns: white-box attacks only: how many examples left robust, per batch, the
+            more-steps check re-attacks with twice the steps; 0 turns it off.
     """
 
     name: AttackName
@@ -134,6 +146,8 @@ class AttackSpec:
     value_range: ValueRange = (0.0, 1.0)
     integer_inputs: bool = False
     layout: Layout = "NCHW"
+    check_queries: int = DEFAULT_CHECK_QUERIES
+    check_reruns: int = DEFAULT_CHECK_RERUNS
 
     @property
     def per_feature(self) -> bool:
@@ -218,6 +232,15 @@ class AttackSpec:
             )
         if not _finite(self.p_init) or not 0 < self.p_init <= 1:
             raise InvalidArgument(f"p_init must be in (0, 1], got {self.p_init!r}")
+        if not _integer(self.check_queries) or not 0 <= self.check_queries <= MAX_QUERIES:
+            raise InvalidArgument(
+                f"check_queries must be an integer in 0..{MAX_QUERIES}, got {self.check_queries!r}"
+            )
+        if not _integer(self.check_reruns) or not 0 <= self.check_reruns <= MAX_CHECK_RERUNS:
+            raise InvalidArgument(
+                f"check_reruns must be an integer in 0..{MAX_CHECK_RERUNS}, "
+                f"got {self.check_reruns!r}"
+            )
         if not _integer(self.seed):
             raise InvalidArgument(f"seed must be an integer, got {self.seed!r}")
         if not 0 <= self.seed <= MAX_SEED:
@@ -295,6 +318,8 @@ class ExampleResult:
     Norms are of x_adv - x, computed in float64. steps: gradient steps (white-box) or iterations
     (square); queries: model forward passes the attack spent on this example (white-box: one
     forward-backward per step plus any final evaluation; square: every evaluator call row).
+    checks: the gradient-masking checks (white-box attacks, examples attacked and not fooled;
+    see attacks/masking.py), else None; check_queries: forward passes those checks spent.
     """
 
     index: int
@@ -312,6 +337,8 @@ class ExampleResult:
     l0: int
     steps: int
     queries: int
+    checks: ExampleChecks | None = None
+    check_queries: int = 0
 
 
 @dataclass(frozen=True)
@@ -347,6 +374,10 @@ class AttackSummary:
     mean_l0: float
     total_steps: int
     total_queries: int
+    #: Gradient-masking flags raised over the examples' checks (interscope.diagnostics).
+    masking_flags: tuple[Flag, ...] = ()
+    #: Forward passes the masking checks spent (not in total_queries).
+    check_queries: int = 0
 
 
 AttackEvent: TypeAlias = Progress | ExampleResult | AttackSummary

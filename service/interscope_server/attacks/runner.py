@@ -5,12 +5,13 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from interscope.diagnostics import ExampleChecks, diagnose
 from interscope_server.attacks.base import (
     Attack,
     AttackEvent,
@@ -29,11 +30,14 @@ from interscope_server.attacks.base import (
     label_margin,
     scalar_range,
 )
+from interscope_server.attacks.masking import BatchChecks, check_batch
 from interscope_server.attacks.square import evaluate_tensor
 from interscope_server.cancel import CancelToken
 from interscope_server.errors import FailedPrecondition, InvalidArgument
 
 MAX_BATCH_SIZE = 4096
+#: Mixed into a batch's seed for the masking checks' random stream.
+_CHECK_SALT = 0x5EED_C4EC
 
 
 def build_attack(spec: AttackSpec) -> Attack:
@@ -160,8 +164,20 @@ def attack_events(
             queries[todo.cpu()] = spent
         attacked = torch.zeros(hi - lo, dtype=torch.bool)
         attacked[todo.cpu()] = True
+        checks: BatchChecks | None = None
+        if isinstance(attack, WhiteBoxAttack) and todo.numel() > 0:
+            assert model is not None
+            # A stream of its own, so the checks leave the attack's results as they were.
+            generator = torch.Generator().manual_seed(_batch_seed(spec.seed, b) ^ _CHECK_SALT)
+            checks = check_batch(spec, model, xb, clean, adv, goal, attacked, token, generator)
         unit = ball_unit(spec)
-        for result in _results(lo, xb, x_adv, clean, adv, goal, attacked, steps, queries, unit):
+        for i, result in enumerate(
+            _results(lo, xb, x_adv, clean, adv, goal, attacked, steps, queries, unit)
+        ):
+            if checks is not None:
+                result = replace(
+                    result, checks=checks.checks[i], check_queries=int(checks.queries[i])
+                )
             totals.add(result)
             yield result
         yield Progress(hi, n, b + 1, batches)
@@ -337,10 +353,14 @@ class _Totals:
     def __init__(self) -> None:
         self.n = self.clean_correct = self.robust = self.attacked = self.success = 0
         self.linf = self.l2 = self.l0 = 0.0
-        self.steps = self.queries = 0
+        self.steps = self.queries = self.check_queries = 0
+        self.checks: list[ExampleChecks] = []
 
     def add(self, r: ExampleResult) -> None:
         self.n += 1
+        self.check_queries += r.check_queries
+        if r.checks is not None:
+            self.checks.append(r.checks)
         self.clean_correct += r.clean_pred == r.label
         self.robust += r.adv_pred == r.label
         self.steps += r.steps
@@ -368,4 +388,26 @@ class _Totals:
             mean_l0=self.l0 * per_attacked,
             total_steps=self.steps,
             total_queries=self.queries,
+            masking_flags=tuple(diagnose(self.checks)),
+            check_queries=self.check_queries,
         )
+
+
+def robust_at(
+    specs: tuple[AttackSpec, ...],
+    x: np.ndarray,
+    y: np.ndarray,
+    model: torch.nn.Module | None,
+    evaluate: Evaluator | None,
+    cancel: CancelToken | None = None,
+) -> tuple[np.ndarray, int]:
+    """Whether each input stays robust (prediction == label) under each spec: bool (len(specs),
+    B); and the white-box forward passes spent (black-box ones go through `evaluate`)."""
+    robust = np.zeros((len(specs), len(y)), dtype=bool)
+    spent = 0
+    for i, spec in enumerate(specs):
+        report = run_attack(spec, x, y, model, evaluate, cancel)
+        robust[i] = [r.adv_pred == r.label for r in report.results]
+        if spec.white_box:
+            spent += report.summary.total_queries + report.summary.check_queries
+    return robust, spent

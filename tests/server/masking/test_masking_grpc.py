@@ -1,0 +1,161 @@
+"""Gradient-masking flags and eps sweeps through the real server over gRPC: each flag fires on
+a model built to hide its gradients (or an attack built not to converge) and stays quiet on
+the demo models."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from interscope import diagnostics
+from interscope._models import SampleResult
+from interscope._summary import summarize
+from interscope.codec import to_tensor
+from interscope.v1 import analysis_pb2, analysis_pb2_grpc
+from interscope_server.server import BackgroundServer
+from tests.server.api.conftest import grid, server_settings
+from tests.server.masking.masking_models import build_masking_repository
+
+N = 48
+
+
+@pytest.fixture(scope="module")
+def stub(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    repository = build_masking_repository(demo_repository, tmp_path_factory.mktemp("masking"))
+    # The adversarially trained demo model too, for the quiet cases.
+    shutil.copytree(demo_repository / "digits-cnn-adv-ts", repository / "digits-cnn-adv-ts")
+    with BackgroundServer(server_settings(repository)) as srv:
+        with grpc.insecure_channel(srv.address) as channel:
+            yield analysis_pb2_grpc.AnalysisServiceStub(channel)
+
+
+def _attack(stub, model: str, data, **fields) -> analysis_pb2.AttackSummary:
+    x, y = data
+    spec = analysis_pb2.AttackSpec(kind=analysis_pb2.ATTACK_KIND_PGD, eps=0.1, **fields)
+    request = analysis_pb2.AttackRequest(
+        model=model,
+        inputs=to_tensor(x[:N]),
+        labels=[int(v) for v in y[:N]],
+        attack=spec,
+        omit_adversarial=True,
+    )
+    events = list(stub.Attack(request))
+    return events[-1].summary, [e.example for e in events if e.HasField("example")]
+
+
+def _codes(summary) -> set[str]:
+    return {f.code for f in summary.masking_flags}
+
+
+@pytest.mark.parametrize("model", ["digits-cnn-ts", "digits-cnn-adv-ts"])
+def test_demo_models_raise_no_flag(stub, demo_test_data, model: str) -> None:
+    summary, examples = _attack(stub, model, demo_test_data)
+    assert _codes(summary) == set()
+    checked = [e for e in examples if e.HasField("checks")]
+    # Checks ran on exactly the examples the attack attacked and did not fool.
+    assert len(checked) == sum(e.clean_prediction == e.label and not e.success for e in examples)
+    assert all(e.checks.gradient_l1 > diagnostics.ZERO_GRADIENT for e in checked)
+    assert all(e.checks.HasField("black_box_fooled") for e in checked)
+
+
+def test_quantised_input_has_zero_gradients(stub, demo_test_data) -> None:
+    summary, examples = _attack(stub, "digits-quantised", demo_test_data)
+    assert "LOSS_FLAT" in _codes(summary)
+    (flag,) = [f for f in summary.masking_flags if f.code == "LOSS_FLAT"]
+    checked = [e for e in examples if e.HasField("checks")]
+    assert flag.numbers["n_checked"] == len(checked)
+    assert flag.numbers["n_zero_gradient"] == len(checked)  # torch.round: d/dx = 0 everywhere
+    assert flag.meaning and flag.advice
+
+
+def test_saturated_softmax_is_beaten_by_the_black_box_check(stub, demo_test_data) -> None:
+    summary, examples = _attack(stub, "digits-saturated", demo_test_data)
+    assert {"LOSS_FLAT", "BLACK_BOX_WINS"} <= _codes(summary)
+    (flag,) = [f for f in summary.masking_flags if f.code == "BLACK_BOX_WINS"]
+    fooled = [e for e in examples if e.HasField("checks") and e.checks.black_box_fooled]
+    assert flag.numbers["n_fooled"] == len(fooled) >= diagnostics.MIN_WINS
+    # With the check off no black-box forwards are spent and the flag cannot fire.
+    off, examples = _attack(stub, "digits-saturated", demo_test_data, check_queries=0)
+    assert "BLACK_BOX_WINS" not in _codes(off)
+    assert not any(e.checks.HasField("black_box_fooled") for e in examples if e.HasField("checks"))
+    assert off.provenance.forwards < summary.provenance.forwards
+
+
+def test_an_attack_that_has_not_converged_is_flagged(stub, demo_test_data) -> None:
+    # Two steps of 0.02 reach at most 0.04 + the random start inside eps 0.1: more steps win.
+    summary, _ = _attack(stub, "digits-cnn-ts", demo_test_data, steps=2, step_size=0.02)
+    assert "MORE_STEPS_WIN" in _codes(summary)
+
+
+def _audit(stub, model: str, data, sweep, n: int = N):
+    x, y = data
+    config = analysis_pb2.AuditConfig(
+        model=model,
+        attack=analysis_pb2.AttackSpec(
+            kind=analysis_pb2.ATTACK_KIND_PGD, eps=0.1, check_queries=0, check_reruns=0
+        ),
+        profile=grid(2, 2, orders=analysis_pb2.OrderSpec(orders=[0, 2])),
+        eps_sweep=sweep,
+    )
+
+    def requests():
+        yield analysis_pb2.AuditRequest(config=config)
+        for i in range(n):
+            yield analysis_pb2.AuditRequest(
+                sample=analysis_pb2.AuditSample(id=str(i), input=to_tensor(x[i]), label=int(y[i]))
+            )
+
+    events = list(stub.Audit(requests()))
+    samples = [e.sample for e in events if e.HasField("sample")]
+    return events[-1].summary, samples
+
+
+def test_eps_sweep_on_a_demo_model_is_non_increasing(stub, demo_test_data) -> None:
+    sweep = [0.15, 0.02, 0.05, 0.1]
+    summary, samples = _audit(stub, "digits-cnn-ts", demo_test_data, sweep)
+    curve = summary.robustness_curve
+    assert list(curve.eps) == sorted(sweep)
+    assert len(curve.robust_accuracy) == len(sweep)
+    assert all(a >= b for a, b in zip(curve.robust_accuracy, curve.robust_accuracy[1:]))
+    assert curve.robust_accuracy[0] > curve.robust_accuracy[-1]
+    rows = np.array([list(s.sweep_robust) for s in samples])
+    np.testing.assert_array_equal(curve.robust_accuracy, rows.mean(axis=0))
+    assert "NON_MONOTONE" not in _codes(summary)
+    # The SDK's summary, recomputed from the samples, says the same.
+    local = summarize([SampleResult.from_proto(s) for s in samples], (), sorted(sweep))
+    assert local.robustness_curve is not None
+    np.testing.assert_array_equal(local.robustness_curve.robust_accuracy, curve.robust_accuracy)
+    assert [f.code for f in local.masking_flags] == [f.code for f in summary.masking_flags]
+
+
+def test_a_detector_that_saturates_makes_the_curve_rise(stub, demo_test_data) -> None:
+    summary, samples = _audit(stub, "digits-gated", demo_test_data, [0.03, 0.05, 0.07, 0.1])
+    assert "NON_MONOTONE" in _codes(summary)
+    (flag,) = [f for f in summary.masking_flags if f.code == "NON_MONOTONE"]
+    assert flag.numbers["rise"] >= diagnostics.RISE_SHARE
+    assert flag.numbers["eps_low"] < flag.numbers["eps_high"]
+    local = summarize([SampleResult.from_proto(s) for s in samples], (), [0.03, 0.05, 0.07, 0.1])
+    assert [(f.code, dict(f.numbers)) for f in local.masking_flags] == [
+        (f.code, dict(f.numbers)) for f in summary.masking_flags
+    ]
+
+
+@pytest.mark.parametrize(
+    "sweep, message",
+    [
+        ([0.1, -0.1], "eps must be"),
+        ([0.0], "eps must be"),
+        ([0.01 * (i + 1) for i in range(17)], "at most 16"),
+        ([0.1, 0.1], "repeats"),
+    ],
+)
+def test_invalid_sweeps_are_refused(stub, demo_test_data, sweep, message: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        _audit(stub, "digits-cnn-ts", demo_test_data, sweep, n=1)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details()
