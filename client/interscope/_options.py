@@ -199,6 +199,11 @@ class AttackOptions:
     margin_threshold: float = 0.0
     query_budget: int = 0
     seed: int = 0
+    #: Gradient-masking checks of white-box attacks: Square queries per example left robust
+    #: and examples per batch re-run with twice the steps; 0 turns one off, None: the server's
+    #: default (100 and 16).
+    check_queries: int | None = None
+    check_reruns: int | None = None
 
     @classmethod
     def coerce(cls, value: AttackOptions | Mapping[str, Any]) -> AttackOptions:
@@ -224,6 +229,10 @@ class AttackOptions:
         )
         if self.random_start is not None:
             spec.random_start = bool(self.random_start)
+        if self.check_queries is not None:
+            spec.check_queries = int(self.check_queries)
+        if self.check_reruns is not None:
+            spec.check_reruns = int(self.check_reruns)
         return spec
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -265,6 +266,27 @@ def _attack_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--margin-threshold", type=_real(positive=False), default=0.0)
     group.add_argument("--query-budget", type=_count(0), default=0)
     group.add_argument("--seed", type=_count(0), default=0)
+    group.add_argument(
+        "--check-queries",
+        type=_count(0),
+        help="gradient-masking check: Square queries per example left robust (0: off; "
+        "server default 100)",
+    )
+    group.add_argument(
+        "--check-reruns",
+        type=_count(0),
+        help="gradient-masking check: robust examples per batch re-attacked with twice the "
+        "steps (0: off; server default 16)",
+    )
+
+
+def _flag_lines(flags: Any) -> list[str]:
+    """One line per raised gradient-masking flag: code, its numbers, what to try."""
+    return [
+        f"  flag {f.code} ({', '.join(f'{k} {v:.4g}' for k, v in sorted(f.numbers.items()))}): "
+        f"{f.meaning} Try: {f.advice}"
+        for f in flags
+    ]
 
 
 def _attack_options(args: argparse.Namespace) -> AttackOptions:
@@ -279,6 +301,8 @@ def _attack_options(args: argparse.Namespace) -> AttackOptions:
         margin_threshold=args.margin_threshold,
         query_budget=args.query_budget,
         seed=args.seed,
+        check_queries=args.check_queries,
+        check_reruns=args.check_reruns,
     )
 
 
@@ -459,6 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard-index",
         type=int,
         help="which shard, 0-based (default: env JOB_COMPLETION_INDEX, as in an Indexed Job)",
+    )
+    audit.add_argument(
+        "--eps-sweep",
+        type=_floats,
+        default=[],
+        help="robustness curve: also attack every sample at each of these eps (commas; at "
+        "most 16); the report shows robust accuracy per eps",
     )
     _attack_args(audit)
     _profile_args(audit, default_estimator="sampled")
@@ -671,6 +702,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         "success_rate": summary.success_rate,
         "mean_linf": summary.mean_linf,
         "mean_l2": summary.mean_l2,
+        "masking_flags": [dataclasses.asdict(f) for f in summary.masking_flags],
         "examples": [
             {k: v for k, v in e.to_dict().items() if k not in ("adversarial", "perturbation")}
             for e in result.examples
@@ -679,9 +711,14 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     _emit(
         args,
         data,
-        f"{args.model}: clean accuracy {summary.clean_accuracy:.3f}, robust "
-        f"accuracy {summary.robust_accuracy:.3f}, success rate {summary.success_rate:.3f} "
-        f"over {summary.n} inputs",
+        "\n".join(
+            [
+                f"{args.model}: clean accuracy {summary.clean_accuracy:.3f}, robust "
+                f"accuracy {summary.robust_accuracy:.3f}, success rate "
+                f"{summary.success_rate:.3f} over {summary.n} inputs",
+                *_flag_lines(summary.masking_flags),
+            ]
+        ),
     )
     return 0
 
@@ -773,6 +810,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                         on_progress=watch,
                         shard=shard,
                         return_adversarial=args.gallery > 0 and args.out is not None,
+                        eps_sweep=args.eps_sweep,
                     )
             except KeyboardInterrupt:
                 where = (
@@ -803,6 +841,13 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         if r.resumed_samples:
             line += f" ({r.resumed_samples} from the checkpoint)"
         lines.append(line)
+        curve = r.summary.robustness_curve
+        if curve is not None:
+            points = ", ".join(
+                f"{e:.4g}: {a:.3f}" for e, a in zip(curve.eps, curve.robust_accuracy, strict=True)
+            )
+            lines.append(f"  robust accuracy by eps: {points}")
+        lines.extend(_flag_lines(r.summary.masking_flags))
     if args.out is not None:
         lines.append(f"report: {args.out / 'report.html'}")
     _emit(args, data, "\n".join(lines))

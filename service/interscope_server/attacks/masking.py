@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from interscope_server.attacks.base import (
     MAX_STEPS,
     AttackSpec,
     Ball,
+    Evaluator,
     Goal,
     WhiteBoxAttack,
     attack_class,
@@ -48,7 +50,9 @@ class BatchChecks:
     queries: np.ndarray
 
 
-def _evaluator(model: torch.nn.Module, device: torch.device):  # type: ignore[no-untyped-def]
+def _evaluator(model: torch.nn.Module, device: torch.device) -> Evaluator:
+    """The torch module as an evaluator, so Square's passes are white-box forwards we count."""
+
     def evaluate(batch: np.ndarray) -> np.ndarray:
         return forward(model, torch.from_numpy(batch).to(device)).float().cpu().numpy()
 
@@ -89,43 +93,15 @@ def check_batch(
 
     black_box: list[bool | None] = [None] * len(rows)
     if spec.check_queries > 0:
-        square_spec = replace(
-            spec,
-            name="square",
-            steps=None,
-            step_size=None,
-            random_start=None,
-            restarts=1,
-            max_queries=spec.check_queries,
-        )
-        square = Square(square_spec)
-        try:
-            square.prepare(tuple(x.shape[1:]))
-        except InvalidArgument:
-            square = None  # inputs Square cannot window: no black-box check
-        if square is not None:
-            ball = Ball(x[robust].cpu(), spec.norm, spec.eps, spec.value_range)
-            evaluate = _evaluator(model, x.device)
-            out = square.perturb(evaluate, ball, _cpu(sub_goal), cancel, generator)
-            found, spent = _settled(spec, model, x[robust], out.x_adv.to(x.device), out.logits)
-            queries[rows] += out.queries.cpu().numpy() + spent
-            black_box = [bool(v) for v in sub_goal.success(found.to(x.device)).cpu().numpy()]
-
+        black_box = _black_box(spec, model, x[robust], sub_goal, queries, rows, cancel, generator)
     more_steps: list[bool | None] = [None] * len(rows)
-    attack_type = attack_class(spec.name)
-    if spec.check_reruns > 0 and not attack_type.fixed_steps:
+    if spec.check_reruns > 0 and not attack_class(spec.name).fixed_steps:
         picked = _spread(len(rows), spec.check_reruns)
         index = robust[torch.from_numpy(picked).to(robust.device)]
-        rerun_spec = replace(spec, steps=min(2 * spec.resolved_steps, MAX_STEPS), restarts=1)
-        attack = attack_type(rerun_spec)
-        assert isinstance(attack, WhiteBoxAttack)
-        ball = Ball(x[index], spec.norm, spec.eps, spec.value_range)
-        out = attack.perturb(model, ball, goal.subset(index), cancel, generator)
-        logits, spent = _settled(spec, model, x[index], out.x_adv, out.logits)
-        queries[rows[picked]] += out.queries.cpu().numpy() + spent
-        fooled = goal.subset(index).success(logits).cpu().numpy()
+        fooled = _more_steps(spec, model, x[index], goal.subset(index), cancel, generator)
+        queries[rows[picked]] += fooled.queries
         for k, p in enumerate(picked):
-            more_steps[int(p)] = bool(fooled[k])
+            more_steps[int(p)] = bool(fooled.fooled[k])
 
     checks: list[ExampleChecks | None] = [None] * n
     for k, row in enumerate(rows):
@@ -136,6 +112,64 @@ def check_batch(
             more_steps_fooled=more_steps[k],
         )
     return BatchChecks(tuple(checks), queries)
+
+
+def _black_box(
+    spec: AttackSpec,
+    model: torch.nn.Module,
+    x: Tensor,
+    goal: Goal,
+    queries: np.ndarray,
+    rows: np.ndarray,
+    cancel: CancelToken,
+    generator: torch.Generator,
+) -> list[bool | None]:
+    """Square with the check's budget on x; adds its passes to queries[rows]. None for every
+    row when Square cannot window these inputs."""
+    square = Square(
+        replace(
+            spec,
+            name="square",
+            steps=None,
+            step_size=None,
+            random_start=None,
+            restarts=1,
+            max_queries=spec.check_queries,
+        )
+    )
+    try:
+        square.prepare(tuple(x.shape[1:]))
+    except InvalidArgument:
+        return [None] * len(rows)
+    ball = Ball(x.cpu(), spec.norm, spec.eps, spec.value_range)
+    out = square.perturb(_evaluator(model, x.device), ball, _cpu(goal), cancel, generator)
+    scores, spent = _settled(spec, model, x, out.x_adv.to(x.device), out.logits.to(x.device))
+    queries[rows] += out.queries.cpu().numpy() + spent
+    return [bool(v) for v in goal.success(scores).cpu().numpy()]
+
+
+class _Rerun(NamedTuple):
+    fooled: np.ndarray
+    queries: np.ndarray
+
+
+def _more_steps(
+    spec: AttackSpec,
+    model: torch.nn.Module,
+    x: Tensor,
+    goal: Goal,
+    cancel: CancelToken,
+    generator: torch.Generator,
+) -> _Rerun:
+    """The same attack on x with twice the steps, one run, from this check's own stream."""
+    attack = attack_class(spec.name)(
+        replace(spec, steps=min(2 * spec.resolved_steps, MAX_STEPS), restarts=1)
+    )
+    assert isinstance(attack, WhiteBoxAttack)
+    ball = Ball(x, spec.norm, spec.eps, spec.value_range)
+    out = attack.perturb(model, ball, goal, cancel, generator)
+    logits, spent = _settled(spec, model, x, out.x_adv, out.logits)
+    return _Rerun(goal.success(logits).cpu().numpy(), out.queries.cpu().numpy() + spent)
 
 
 def _settled(

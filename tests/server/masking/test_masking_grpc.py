@@ -29,9 +29,11 @@ def stub(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     repository = build_masking_repository(demo_repository, tmp_path_factory.mktemp("masking"))
     # The adversarially trained demo model too, for the quiet cases.
     shutil.copytree(demo_repository / "digits-cnn-adv-ts", repository / "digits-cnn-adv-ts")
-    with BackgroundServer(server_settings(repository)) as srv:
-        with grpc.insecure_channel(srv.address) as channel:
-            yield analysis_pb2_grpc.AnalysisServiceStub(channel)
+    with (
+        BackgroundServer(server_settings(repository)) as srv,
+        grpc.insecure_channel(srv.address) as channel,
+    ):
+        yield analysis_pb2_grpc.AnalysisServiceStub(channel)
 
 
 def _attack(stub, model: str, data, **fields) -> analysis_pb2.AttackSummary:
@@ -121,7 +123,9 @@ def test_eps_sweep_on_a_demo_model_is_non_increasing(stub, demo_test_data) -> No
     curve = summary.robustness_curve
     assert list(curve.eps) == sorted(sweep)
     assert len(curve.robust_accuracy) == len(sweep)
-    assert all(a >= b for a, b in zip(curve.robust_accuracy, curve.robust_accuracy[1:]))
+    assert all(
+        a >= b for a, b in zip(curve.robust_accuracy, curve.robust_accuracy[1:], strict=False)
+    )
     assert curve.robust_accuracy[0] > curve.robust_accuracy[-1]
     rows = np.array([list(s.sweep_robust) for s in samples])
     np.testing.assert_array_equal(curve.robust_accuracy, rows.mean(axis=0))
