@@ -145,5 +145,9 @@ def _merge(fp: str, shards: list[_Shard]) -> AuditReport:
         config=dict(first.header["config"]),
         n_players=n_players,
         samples=samples,
-        summary=summarize(samples, [str(c) for c in first.header["classes"]]),
+        summary=summarize(
+            samples,
+            [str(c) for c in first.header["classes"]],
+            sorted(float(e) for e in first.header["config"].get("eps_sweep", [])),
+        ),
     )

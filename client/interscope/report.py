@@ -643,6 +643,7 @@ def render_html(
     if not images:
         parts.append("<p class='note'>Plots need matplotlib: pip install 'interscope[plot]'.</p>")
     parts += _gallery_html(dicts, gallery_images)
+    parts += _masking_html(dicts)
     for report in dicts:
         parts.append(
             f"<h2>Per class: {_fmt(report['model'])}</h2><div class='scroll'><table><tr>"
@@ -665,6 +666,39 @@ def render_html(
         )
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _masking_html(dicts: Sequence[dict[str, Any]]) -> list[str]:
+    """Per model: its robustness curve (a table with bars) and its gradient-masking flags."""
+    parts: list[str] = []
+    for report in dicts:
+        flags = report.get("masking_flags") or []
+        curve = report.get("robustness_curve")
+        parts.append(f"<h2>Gradient masking: {_fmt(report['model'])}</h2>")
+        if curve and curve.get("eps"):
+            parts.append(
+                "<div class='scroll'><table><tr><th>eps</th><th>robust acc</th><th></th></tr>"
+            )
+            for eps, acc in zip(curve["eps"], curve["robust_accuracy"], strict=True):
+                width = 0 if acc is None else round(200 * float(acc))
+                parts.append(
+                    f"<tr><td>{_fmt(eps)}</td><td>{_fmt(acc)}</td><td><div style='width:"
+                    f"{width}px;height:0.8em;background:#4477aa'></div></td></tr>"
+                )
+            parts.append(
+                "</table></div><p class='note'>Robustness curve: robust accuracy at each eps "
+                "of the audit's eps sweep (the attack only). A larger ball holds the smaller "
+                "one, so it should never rise.</p>"
+            )
+        if not flags:
+            parts.append("<p>No gradient-masking flag was raised.</p>")
+        for flag in flags:
+            numbers = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(flag["numbers"].items()))
+            parts.append(
+                f"<p><strong>{_fmt(flag['code'])}</strong> ({numbers}): {_fmt(flag['meaning'])}"
+                f" <em>Try:</em> {_fmt(flag['advice'])}</p>"
+            )
+    return parts
 
 
 def _gallery_html(dicts: Sequence[dict[str, Any]], pictures: dict[str, list[bytes]]) -> list[str]:

@@ -4,6 +4,7 @@ the demo models."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from interscope import diagnostics
 from interscope._models import SampleResult
 from interscope._summary import summarize
+from interscope.cli import main
 from interscope.codec import to_tensor
 from interscope.v1 import analysis_pb2, analysis_pb2_grpc
 from interscope_server.server import BackgroundServer
@@ -25,14 +27,17 @@ N = 48
 
 
 @pytest.fixture(scope="module")
-def stub(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+def address(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     repository = build_masking_repository(demo_repository, tmp_path_factory.mktemp("masking"))
     # The adversarially trained demo model too, for the quiet cases.
     shutil.copytree(demo_repository / "digits-cnn-adv-ts", repository / "digits-cnn-adv-ts")
-    with (
-        BackgroundServer(server_settings(repository)) as srv,
-        grpc.insecure_channel(srv.address) as channel,
-    ):
+    with BackgroundServer(server_settings(repository)) as srv:
+        yield srv.address
+
+
+@pytest.fixture()
+def stub(address: str) -> Iterator[analysis_pb2_grpc.AnalysisServiceStub]:
+    with grpc.insecure_channel(address) as channel:
         yield analysis_pb2_grpc.AnalysisServiceStub(channel)
 
 
@@ -163,3 +168,28 @@ def test_invalid_sweeps_are_refused(stub, demo_test_data, sweep, message: str) -
         _audit(stub, "digits-cnn-ts", demo_test_data, sweep, n=1)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in info.value.details()
+
+
+def test_cli_audit_sweep_reports_the_curve_and_the_flag(
+    address: str, demo_test_data, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    x, y = demo_test_data
+    data = tmp_path / "digits.npz"
+    np.savez(data, x=x[:N], y=y[:N])
+    out = tmp_path / "out"
+    argv = ["audit", "--address", address, "--model", "digits-gated", "--data", str(data)]
+    argv += ["--eps", "0.1", "--eps-sweep", "0.03,0.05,0.07,0.1", "--check-queries", "0"]
+    argv += ["--grid", "2x2", "--estimator", "exact", "--gallery", "0", "--no-plots"]
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "robust accuracy by eps: 0.03: " in printed and "flag NON_MONOTONE" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["robustness_curve"]["eps"] == [0.03, 0.05, 0.07, 0.1]
+    codes = [f["code"] for f in report["masking_flags"]]
+    assert "NON_MONOTONE" in codes
+    # The SDK recomputed the curve from every sample (two streams each saw only some).
+    rows = np.array([s["sweep_robust"] for s in report["samples"]])
+    assert report["robustness_curve"]["robust_accuracy"] == rows.mean(axis=0).tolist()
+    assert len(report["server_summaries"]) == 2
+    page = (out / "report.html").read_text()
+    assert "Gradient masking: digits-gated" in page and "NON_MONOTONE" in page
