@@ -186,8 +186,10 @@ async def attack(
             elif isinstance(event, attacks.AttackSummary):
                 # Queries counted by the attack and its masking checks; each profile counted
                 # its own forwards.
-                forwards = event.total_queries + event.check_queries + sum(
-                    d.clean.forwards + d.adversarial.forwards for d in deltas
+                forwards = (
+                    event.total_queries
+                    + event.check_queries
+                    + sum(d.clean.forwards + d.adversarial.forwards for d in deltas)
                 )
                 seed = int(request.attack.seed)
                 provenance = ctx.provenance(job.model, request.attack, seed, call, forwards)

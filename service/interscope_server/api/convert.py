@@ -444,7 +444,9 @@ def audit_summary(
     # Decided from per-sample fields only, as the SDK's client-side summary does.
     sweep_rows = [list(r.sweep_robust) for r in ok]
     checks = [checks_from_proto(r.checks) for r in ok if r.HasField("checks")]
-    summary.masking_flags.extend(flags_to_proto(diagnostics.diagnose(checks, sweep_eps, sweep_rows)))
+    summary.masking_flags.extend(
+        flags_to_proto(diagnostics.diagnose(checks, sweep_eps, sweep_rows))
+    )
     if sweep_eps:
         summary.robustness_curve.eps.extend(sweep_eps)
         summary.robustness_curve.robust_accuracy.extend(
