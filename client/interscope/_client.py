@@ -637,6 +637,8 @@ class Client(BaseClient):
         margin_threshold: float | None = None,
         query_budget: int | None = None,
         seed: int | None = None,
+        check_queries: int | None = None,
+        check_reruns: int | None = None,
     ) -> Iterator[AttackEvent]:
         """Attack the inputs `x` with labels `y`, as events: Progress, ExampleResult, AttackResult.
 
@@ -649,7 +651,8 @@ class Client(BaseClient):
                 AttackOptions field below that is not None overrides it (see AttackOptions):
                 attack (a kind: "fgsm", "pgd", "pgd-margin", "apgd", "square", "simba"), norm,
                 eps, steps, step_size, random_start, restarts, targeted, margin_threshold,
-                query_budget, seed.
+                query_budget, seed, check_queries and check_reruns (the gradient-masking
+                checks' budgets; 0 turns one off).
             timeout: seconds for the whole call; default the client's.
         """
         given = _given(AttackOptions, locals())
@@ -685,6 +688,8 @@ class Client(BaseClient):
         margin_threshold: float | None = None,
         query_budget: int | None = None,
         seed: int | None = None,
+        check_queries: int | None = None,
+        check_reruns: int | None = None,
     ) -> AttackResult:
         """Like `attack_stream` (the same parameters), returning only the final AttackResult."""
         arguments = _arguments(locals())
@@ -920,6 +925,8 @@ class AsyncClient(BaseClient):
         margin_threshold: float | None = None,
         query_budget: int | None = None,
         seed: int | None = None,
+        check_queries: int | None = None,
+        check_reruns: int | None = None,
     ) -> AsyncIterator[AttackEvent]:
         """Attack events; the parameters are Client.attack_stream's."""
         given = _given(AttackOptions, locals())
@@ -955,6 +962,8 @@ class AsyncClient(BaseClient):
         margin_threshold: float | None = None,
         query_budget: int | None = None,
         seed: int | None = None,
+        check_queries: int | None = None,
+        check_reruns: int | None = None,
     ) -> AttackResult:
         """Like `attack_stream` (the same parameters), returning only the final AttackResult."""
         arguments = _arguments(locals())

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from interscope._diagnostics import ExampleChecks, Flag
 from interscope.codec import from_tensor
-from interscope.diagnostics import ExampleChecks, Flag
 from interscope.v1 import analysis_pb2, models_pb2, tensor_pb2
 
 
@@ -465,7 +465,7 @@ class AttackSummary(_DictMixin):
     orders: np.ndarray
     delta_mean: np.ndarray
     provenance: Provenance | None
-    #: Gradient-masking flags raised (interscope.diagnostics); empty when none.
+    #: Gradient-masking flags raised (interscope._diagnostics); empty when none.
     masking_flags: list[Flag] = field(default_factory=list)
 
     @classmethod

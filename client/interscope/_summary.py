@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from interscope._diagnostics import diagnose, robustness_curve
 from interscope._models import (
     AuditSummary,
     ClassBreakdown,
@@ -14,7 +15,6 @@ from interscope._models import (
     RobustnessCurve,
     SampleResult,
 )
-from interscope.diagnostics import diagnose, robustness_curve
 
 #: Two-sided 95% normal quantile; the CI is mean +- Z95 * sd / sqrt(n) (normal approximation,
 #: so the client needs no scipy; with n = 1 the interval collapses to the mean).

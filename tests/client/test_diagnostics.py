@@ -1,4 +1,4 @@
-"""interscope.diagnostics on synthetic per-example checks: each flag at its threshold."""
+"""interscope._diagnostics on synthetic per-example checks: each flag at its threshold."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from interscope.diagnostics import (
+from interscope._diagnostics import (
     BLACK_BOX_WINS,
     LOSS_FLAT,
     MIN_CHECKED,

@@ -16,9 +16,9 @@ import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from interscope import diagnostics
+from interscope import _diagnostics as diagnostics
+from interscope._diagnostics import ExampleChecks, Flag
 from interscope.codec import TensorError, from_tensor, to_tensor
-from interscope.diagnostics import ExampleChecks, Flag
 from interscope.v1 import analysis_pb2, models_pb2, tensor_pb2
 from interscope_server import __version__, attacks, errors
 from interscope_server.analysis.results import (

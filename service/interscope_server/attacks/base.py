@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from interscope.diagnostics import ExampleChecks, Flag
+from interscope._diagnostics import ExampleChecks, Flag
 from interscope_server.cancel import CancelToken
 from interscope_server.errors import InvalidArgument
 from interscope_server.layout import LAYOUTS, Layout
@@ -374,7 +374,7 @@ class AttackSummary:
     mean_l0: float
     total_steps: int
     total_queries: int
-    #: Gradient-masking flags raised over the examples' checks (interscope.diagnostics).
+    #: Gradient-masking flags raised over the examples' checks (interscope._diagnostics).
     masking_flags: tuple[Flag, ...] = ()
     #: Forward passes the masking checks spent (not in total_queries).
     check_queries: int = 0

@@ -1,6 +1,6 @@
 """The gradient-masking checks a white-box attack's runner makes on the examples it left robust.
 
-Per batch, on the examples the attack attacked and did not fool (see `interscope.diagnostics`
+Per batch, on the examples the attack attacked and did not fool (see `interscope._diagnostics`
 for the flags decided from them):
 - the CE gradient at the clean input (one forward-backward each): zero or non-finite means
   the attack had nothing to follow;
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from interscope.diagnostics import ExampleChecks
+from interscope._diagnostics import ExampleChecks
 from interscope_server.attacks.base import (
     MAX_STEPS,
     AttackSpec,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from interscope.diagnostics import ExampleChecks, diagnose
+from interscope._diagnostics import ExampleChecks, diagnose
 from interscope_server.attacks.base import (
     Attack,
     AttackEvent,

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from interscope import diagnostics
+from interscope import _diagnostics as diagnostics
 from interscope._models import SampleResult
 from interscope._summary import summarize
 from interscope.cli import main
