@@ -72,6 +72,7 @@ from interscope._models import (
     TensorInfo,
 )
 from interscope._options import AttackOptions, ProfileOptions
+from interscope._specificity import CategorySpecificity, category_specificity
 from interscope.codec import TensorError
 
 __version__ = "0.1.0"
@@ -89,6 +90,7 @@ __all__ = [
     "AuditSummary",
     "BaseClient",
     "CancelledError",
+    "CategorySpecificity",
     "CheckpointError",
     "ClassBreakdown",
     "Client",
@@ -119,6 +121,7 @@ __all__ = [
     "UnavailableError",
     "UnimplementedError",
     "__version__",
+    "category_specificity",
     "merge_audits",
 ]
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from interscope._diagnostics import ExampleChecks, Flag
+from interscope._specificity import CategorySpecificity
 from interscope.codec import from_tensor
 from interscope.v1 import analysis_pb2, models_pb2, tensor_pb2
 
@@ -657,6 +658,12 @@ class AuditSummary(_DictMixin):
     masking_flags: list[Flag] = field(default_factory=list)
     #: With an eps sweep: robust accuracy per eps.
     robustness_curve: RobustnessCurve | None = None
+    #: Disentanglement D^(m) over samples, clean and adversarial (None from older servers).
+    clean_disentanglement: OrderStatistic | None = None
+    adversarial_disentanglement: OrderStatistic | None = None
+    #: Category specificity of the per-pair I^(m) by order (docs/interactions.md).
+    clean_specificity: CategorySpecificity | None = None
+    adversarial_specificity: CategorySpecificity | None = None
 
     @classmethod
     def from_proto(cls, s: analysis_pb2.AuditSummary) -> AuditSummary:
@@ -681,7 +688,34 @@ class AuditSummary(_DictMixin):
                 if s.HasField("robustness_curve")
                 else None
             ),
+            clean_disentanglement=_statistic_or_none(s, "clean_disentanglement"),
+            adversarial_disentanglement=_statistic_or_none(s, "adversarial_disentanglement"),
+            clean_specificity=_specificity_or_none(s, "clean_specificity"),
+            adversarial_specificity=_specificity_or_none(s, "adversarial_specificity"),
         )
+
+
+def _statistic_or_none(message: Any, name: str) -> OrderStatistic | None:
+    return OrderStatistic.from_proto(getattr(message, name)) if message.HasField(name) else None
+
+
+def _specificity_or_none(message: Any, name: str) -> CategorySpecificity | None:
+    if not message.HasField(name):
+        return None
+    c = getattr(message, name)
+    pairs = _tensor(c, "pairs", f"{name}.pairs")
+    means = _tensor(c, "class_means", f"{name}.class_means")
+    return CategorySpecificity(
+        eta_squared=_f64(c.eta_squared),
+        adjusted=_f64(c.adjusted),
+        adjusted_stderr=_f64(c.adjusted_stderr),
+        chance=c.chance,
+        n_samples=c.n_samples,
+        classes=_i64(c.classes),
+        class_counts=_i64(c.class_counts),
+        pairs=pairs if pairs is not None else np.zeros((0, 2), np.int64),
+        class_means=means if means is not None else np.zeros((0, 0, 0)),
+    )
 
 
 @dataclass(frozen=True)
@@ -733,13 +767,51 @@ class AuditReport(_DictMixin):
                 ],
                 "delta_mean": _jsonable(s.delta_mean.mean),
                 "delta_mean_ci": [_jsonable(s.delta_mean.ci_low), _jsonable(s.delta_mean.ci_high)],
+                **_statistic_dict("clean_disentanglement", s.clean_disentanglement),
+                **_statistic_dict("adversarial_disentanglement", s.adversarial_disentanglement),
+            },
+            "specificity": {
+                "clean": _specificity_dict(s.clean_specificity),
+                "adversarial": _specificity_dict(s.adversarial_specificity),
             },
             "per_class": _jsonable(s.per_class),
             "masking_flags": _jsonable(s.masking_flags),
             "robustness_curve": _jsonable(s.robustness_curve),
             "samples": [sample.to_dict() for sample in self.samples],
             "server_summaries": [
-                {k: v for k, v in summary.to_dict().items() if k != "per_class"}
+                {k: v for k, v in summary.to_dict().items() if k not in _PER_STREAM_LEFT_OUT}
                 for summary in self.server_summaries
             ],
         }
+
+
+#: What report.json leaves out of each stream's own summary (the audit's summary has them).
+_PER_STREAM_LEFT_OUT = frozenset({"per_class", "clean_specificity", "adversarial_specificity"})
+
+
+def _statistic_dict(key: str, statistic: OrderStatistic | None) -> dict[str, Any]:
+    if statistic is None:
+        return {}
+    ci = [_jsonable(statistic.ci_low), _jsonable(statistic.ci_high)]
+    return {key: _jsonable(statistic.mean), f"{key}_ci": ci}
+
+
+def _specificity_dict(result: CategorySpecificity | None) -> dict[str, Any] | None:
+    """The report.json form: scores by order, and the class patterns at the lowest order only
+    (the full (classes, orders, pairs) means stay in the AuditSummary)."""
+    if result is None:
+        return None
+    lowest = result.class_means[:, 0, :] if result.class_means.ndim == 3 else None
+    return {
+        "eta_squared": _jsonable(result.eta_squared),
+        "adjusted": _jsonable(result.adjusted),
+        "adjusted_stderr": _jsonable(result.adjusted_stderr),
+        "chance": _jsonable(result.chance),
+        "n_samples": result.n_samples,
+        "classes": _jsonable(result.classes),
+        "class_counts": _jsonable(result.class_counts),
+        "pairs": _jsonable(result.pairs),
+        "lowest_order_class_means": _jsonable(lowest)
+        if lowest is not None and lowest.size
+        else None,
+    }

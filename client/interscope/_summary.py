@@ -15,6 +15,7 @@ from interscope._models import (
     RobustnessCurve,
     SampleResult,
 )
+from interscope._specificity import CategorySpecificity, category_specificity
 
 #: Two-sided 95% normal quantile; the CI is mean +- Z95 * sd / sqrt(n) (normal approximation,
 #: so the client needs no scipy; with n = 1 the interval collapses to the mean).
@@ -53,6 +54,9 @@ def summarize(
     clean_rows: list[np.ndarray] = []
     adv_rows: list[np.ndarray] = []
     delta_rows: list[np.ndarray] = []
+    clean_d: list[np.ndarray] = []
+    adv_d: list[np.ndarray] = []
+    kept: list[SampleResult] = []
     if profiled:
         first = profiled[0].perturbation
         assert first is not None and first.clean is not None
@@ -65,6 +69,9 @@ def summarize(
             clean_rows.append(p.clean.mean_abs)
             adv_rows.append(p.adversarial.mean_abs)
             delta_rows.append(p.delta_mean)
+            clean_d.append(p.clean.disentanglement)
+            adv_d.append(p.adversarial.disentanglement)
+            kept.append(s)
     width = len(orders)
 
     def stat(rows: list[np.ndarray]) -> OrderStatistic:
@@ -105,4 +112,28 @@ def summarize(
             if sweep_eps and ok
             else None
         ),
+        clean_disentanglement=stat(clean_d),
+        adversarial_disentanglement=stat(adv_d),
+        clean_specificity=_specificity(kept, "clean"),
+        adversarial_specificity=_specificity(kept, "adversarial"),
     )
+
+
+def _specificity(samples: Sequence[SampleResult], which: str) -> CategorySpecificity | None:
+    """Category specificity over the samples whose profile carries per-pair values for the
+    first one's pairs (None when none does: an older server)."""
+    values, labels = [], []
+    pairs: np.ndarray | None = None
+    for s in samples:
+        assert s.perturbation is not None
+        profile = getattr(s.perturbation, which)
+        if profile is None or profile.interactions is None or profile.pairs is None:
+            continue
+        if pairs is None:
+            pairs = profile.pairs
+        if np.array_equal(profile.pairs, pairs):
+            values.append(profile.interactions)
+            labels.append(s.label)
+    if pairs is None:
+        return None
+    return category_specificity(np.stack(values), np.asarray(labels), pairs)

@@ -14,13 +14,21 @@ from typing import Any
 
 import numpy as np
 
-from interscope._findings import SMALL_CLASS, findings, interval, order_ratios
+from interscope._findings import BAND_NAMES, SMALL_CLASS, findings, interval, order_ratios
 from interscope._models import AuditReport
+from interscope._summary import Z95
 
 ReportLike = AuditReport | dict[str, Any]
 
 #: PNG files written next to the HTML page.
-PLOT_FILES = ("interactions_by_order.png", "delta_by_order.png", "contribution_by_order.png")
+PLOT_FILES = (
+    "interactions_by_order.png",
+    "delta_by_order.png",
+    "contribution_by_order.png",
+    "specificity_by_order.png",
+    "disentanglement_by_order.png",
+    "class_patterns.png",
+)
 
 #: One colour per model for the whole report (Okabe-Ito: tells apart under colour blindness).
 MODEL_COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
@@ -65,8 +73,14 @@ def load_report(path: str | Path) -> dict[str, Any]:
 
 def band_means(report: dict[str, Any], key: str) -> tuple[float, float, float]:
     """Mean of a per-order curve over low (ratio <= 1/3), middle and high (> 2/3) orders."""
-    values = report["profile"].get(key) or []
+    return _bands(report, report["profile"].get(key) or [])
+
+
+def _bands(report: dict[str, Any], values: Sequence[Any]) -> tuple[float, float, float]:
+    """Mean of per-order `values` (None: not known) over the low, middle and high bands."""
     bands: tuple[list[float], list[float], list[float]] = ([], [], [])
+    if not values:  # a report.json without this curve
+        return (math.nan, math.nan, math.nan)
     for ratio, value in zip(order_ratios(report), values, strict=True):
         if value is None:
             continue
@@ -223,33 +237,43 @@ def _curve(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def interactions_figure(reports: Sequence[ReportLike]) -> Any:
     """PNG: mean |I^(m)| by order, clean (solid) vs adversarial (dashed), one colour per model."""
+    return _by_order_figure(
+        [as_dict(r) for r in reports],
+        "mean_abs",
+        "mean |I^(m)(i, j)|",
+        "Interaction strength by order: clean (solid) vs adversarial (dashed)",
+    )
+
+
+def _by_order_figure(dicts: Sequence[dict[str, Any]], key: str, ylabel: str, title: str) -> Any:
+    """One axes: profile[clean_KEY] solid and profile[adversarial_KEY] dashed per model, with
+    their 95% CI bands."""
     from matplotlib.figure import Figure  # the `plot` extra; Figure avoids pyplot's globals
 
     figure = Figure(figsize=(8, 4.4))
     axes = figure.add_subplot()
-    dicts = [as_dict(r) for r in reports]
     for n, report in enumerate(dicts):
         color = MODEL_COLORS[n % len(MODEL_COLORS)]
         profile, orders = report["profile"], report["profile"]["orders"]
-        for key, style, label in (
-            ("clean_mean_abs", "-", "clean"),
-            ("adversarial_mean_abs", "--", "adversarial"),
-        ):
+        for which, style in (("clean", "-"), ("adversarial", "--")):
+            values = profile.get(f"{which}_{key}")
+            if not values:
+                continue
             axes.plot(
                 orders,
-                profile[key],
+                [math.nan if v is None else float(v) for v in values],
                 style,
                 marker="o",
                 ms=3,
                 color=color,
-                label=f"{report['model']} {label}",
+                label=f"{report['model']} {which}",
             )
-            ci = _ci(profile, key)
+            ci = _ci(profile, f"{which}_{key}")
             if ci is not None:
                 axes.fill_between(orders, ci[0], ci[1], color=color, alpha=0.12, lw=0)
     _order_axis(axes, dicts)
-    axes.set_ylabel("mean |I^(m)(i, j)|")
-    axes.set_title("Interaction strength by order: clean (solid) vs adversarial (dashed)")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
     _legend(axes)
     return figure
 
@@ -633,7 +657,10 @@ def render_html(
             "subset of orders, that subset's share). Up: the order lowered the utility.",
         ),
     }
+    captions.update(_specificity_captions())
     for name in PLOT_FILES:
+        if name == "specificity_by_order.png":
+            parts += _specificity_html(dicts)
         if name in images:
             title, caption = captions[name]
             parts.append(
@@ -741,6 +768,197 @@ def _gallery_html(dicts: Sequence[dict[str, Any]], pictures: dict[str, list[byte
     return parts
 
 
+# -- category specificity and disentanglement (docs/interactions.md) -------------------------
+
+
+def _specificity(report: dict[str, Any], which: str) -> dict[str, Any] | None:
+    found = (report.get("specificity") or {}).get(which)
+    return found if isinstance(found, dict) and found.get("eta_squared") is not None else None
+
+
+def _floats_or_nan(values: Sequence[Any]) -> list[float]:
+    return [math.nan if v is None else float(v) for v in values]
+
+
+def specificity_figure(reports: Sequence[ReportLike]) -> Any | None:
+    """PNG: category specificity by order, eta^2 with its chance level (left) and the
+    chance-adjusted epsilon^2 (right), clean solid vs adversarial dashed; None without data."""
+    from matplotlib.figure import Figure
+
+    dicts = [as_dict(r) for r in reports]
+    if not any(_specificity(r, w) for r in dicts for w in ("clean", "adversarial")):
+        return None
+    figure = Figure(figsize=(11, 4.2))
+    raw, adjusted = figure.subplots(1, 2)
+    for n, report in enumerate(dicts):
+        color = MODEL_COLORS[n % len(MODEL_COLORS)]
+        orders = report["profile"]["orders"]
+        for which, style in (("clean", "-"), ("adversarial", "--")):
+            found = _specificity(report, which)
+            if found is None:
+                continue
+            for axes, key in ((raw, "eta_squared"), (adjusted, "adjusted")):
+                axes.plot(orders, _floats_or_nan(found[key]), style, marker="o", ms=3,
+                          color=color, label=f"{report['model']} {which}")  # fmt: skip
+            se = found.get("adjusted_stderr")
+            if se and len(se) == len(orders):
+                mid = np.asarray(_floats_or_nan(found["adjusted"]))
+                half = Z95 * np.asarray(_floats_or_nan(se))
+                adjusted.fill_between(orders, mid - half, mid + half, color=color, alpha=0.1, lw=0)
+            if which == "clean" and found.get("chance") is not None:
+                raw.axhline(float(found["chance"]), color=color, lw=0.8, ls=":")
+    raw.set_title("η²: share of per-pair I^(m) variance explained by class", fontsize=10)
+    raw.set_ylabel("η² (dotted: chance (K−1)/(n−1))")
+    adjusted.set_title("Chance-adjusted ε² = (η² − chance)/(1 − chance)", fontsize=10)
+    adjusted.set_ylabel("ε² (0: no more than shuffled labels)")
+    adjusted.axhline(0.0, color="black", lw=0.8)
+    for axes in (raw, adjusted):
+        _order_axis(axes, dicts)
+        _legend(axes)
+    return figure
+
+
+def disentanglement_figure(reports: Sequence[ReportLike]) -> Any | None:
+    """PNG: disentanglement D^(m) by order, clean solid vs adversarial dashed, 95% CI bands;
+    None when no report has it."""
+    dicts = [as_dict(r) for r in reports]
+    if not any(r["profile"].get("clean_disentanglement") for r in dicts):
+        return None
+    return _by_order_figure(
+        dicts,
+        "disentanglement",
+        "D^(m) = E_ij |E_S Δv| / E_S |Δv|",
+        "Disentanglement by order: clean (solid) vs adversarial (dashed)",
+    )
+
+
+def _pattern_matrix(pairs: Sequence[Sequence[int]], values: Sequence[Any], n: int) -> np.ndarray:
+    """The symmetric (n, n) matrix of per-pair values (NaN for pairs not computed)."""
+    matrix = np.full((n, n), np.nan)
+    for (i, j), value in zip(pairs, values, strict=True):
+        matrix[i, j] = matrix[j, i] = math.nan if value is None else float(value)
+    return matrix
+
+
+def class_patterns_figure(reports: Sequence[ReportLike]) -> Any | None:
+    """PNG: each class's mean I^(m)(i,j) at the lowest order computed, as a player x player
+    matrix, one row per model and input (clean, adversarial); one colour scale per model."""
+    from matplotlib.figure import Figure
+
+    dicts = [as_dict(r) for r in reports]
+    rows: list[tuple[dict[str, Any], str, dict[str, Any]]] = [
+        (r, w, found)
+        for r in dicts
+        for w in ("clean", "adversarial")
+        if (found := _specificity(r, w)) and found.get("lowest_order_class_means")
+    ]
+    if not rows:
+        return None
+    columns = max(len(found["classes"]) for _, _, found in rows)
+    figure = Figure(figsize=(min(1.3 * columns + 2.0, 16), 1.6 * len(rows) + 0.7))
+    panels = figure.subplots(len(rows), 1, squeeze=False)[:, 0]
+    scale: dict[str, float] = {}
+    for report, _, found in rows:
+        values = np.asarray(_floats_or_nan(np.ravel(found["lowest_order_class_means"]).tolist()))
+        top = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
+        scale[report["model"]] = max(scale.get(report["model"], 0.0), top or 1.0)
+    for axes, (report, which, found) in zip(panels, rows, strict=True):
+        n = int(report.get("n_players") or 0) or 1 + max(max(p) for p in found["pairs"])
+        # One image per row, the classes' matrices side by side with a blank column between
+        # them: a handful of axes instead of one per class keeps the demo's report quick.
+        tiles = [
+            _pattern_matrix(found["pairs"], means, n) for means in found["lowest_order_class_means"]
+        ]
+        gap = np.full((n, 1), np.nan)
+        mosaic = np.hstack([part for tile in tiles for part in (tile, gap)][:-1])
+        limit = scale[report["model"]]
+        drawn = axes.imshow(mosaic, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        axes.set_xticks([k * (n + 1) + (n - 1) / 2 for k in range(len(tiles))])
+        axes.set_xticklabels([f"class {c}" for c in found["classes"]], fontsize=7)
+        axes.set_yticks([])
+        axes.set_ylabel(f"{report['model']}\n{which}", fontsize=7)
+        figure.colorbar(drawn, ax=axes, fraction=0.02, pad=0.01)
+    order = dicts[0]["profile"]["orders"][0] if dicts[0]["profile"]["orders"] else "?"
+    figure.suptitle(f"Mean I^(m)(i, j) per class at order m = {order} (player × player)")
+    return figure
+
+
+def _per_order(report: dict[str, Any], key: str, which: str) -> list[Any]:
+    """A per-order curve: "disentanglement" from the profile, else a specificity score."""
+    if key == "disentanglement":
+        return list(report["profile"].get(f"{which}_disentanglement") or [])
+    return list((_specificity(report, which) or {}).get(key) or [])
+
+
+def specificity_rows(reports: Sequence[ReportLike]) -> list[dict[str, Any]]:
+    """Per model, band means (low, middle, high) of the adjusted specificity, eta^2 and D^(m),
+    each a (clean, adversarial) pair."""
+    rows = []
+    for report in (as_dict(r) for r in reports):
+        row: dict[str, Any] = {"model": report["model"]}
+        for key in ("adjusted", "eta_squared", "disentanglement"):
+            clean, adv = (
+                _bands(report, _per_order(report, key, w)) for w in ("clean", "adversarial")
+            )
+            row[key] = tuple(zip(clean, adv, strict=True))
+        found = _specificity(report, "clean")
+        row["chance"] = found.get("chance") if found else None
+        rows.append(row)
+    return rows
+
+
+def _specificity_html(dicts: Sequence[dict[str, Any]]) -> list[str]:
+    """The table of category specificity and disentanglement by band, before their plots."""
+    rows = specificity_rows(dicts)
+    known = [v for r in rows for band in r["disentanglement"] for v in band if math.isfinite(v)]
+    if not known and all(r["chance"] is None for r in rows):
+        return []
+    parts = [
+        "<h2>Category specificity and disentanglement</h2><p>The paper attributes the "
+        "robustness of adversarially trained networks to <em>category-specific</em> low-order "
+        "interactions. Category specificity is the share of the variance of the per-pair "
+        "I^(m)(i, j) across samples that the samples' true classes explain (η², a one-way "
+        "ANOVA per pair pooled over pairs); ε² subtracts what shuffled labels would explain "
+        "(chance (K−1)/(n−1)), so 0 means no class signal. Bands are means over the orders "
+        "in them (low: m/(n−2) up to 1/3). See docs/interactions.md for the definition and its "
+        "limits.</p><div class='scroll'><table><tr><th>model</th><th>chance η²</th>"
+    ]
+    for name in ("ε²", "η²", "D^(m)"):
+        parts += [f"<th>{name} {band} (clean / adv)</th>" for band in BAND_NAMES]
+    parts.append("</tr>")
+    for row in rows:
+        cells = "".join(
+            f"<td>{_fmt(clean)} / {_fmt(adv)}</td>"
+            for key in ("adjusted", "eta_squared", "disentanglement")
+            for clean, adv in row[key]
+        )
+        parts.append(f"<tr><td>{_fmt(row['model'])}</td><td>{_fmt(row['chance'])}</td>{cells}</tr>")
+    parts.append("</table></div>")
+    return parts
+
+
+def _specificity_captions() -> dict[str, tuple[str, str]]:
+    return {
+        "specificity_by_order.png": (
+            "Category specificity by order",
+            "Left: η² by order m, the share of the across-sample variance of I^(m)(i, j) that "
+            "class explains, pooled over pairs; dotted: its expected value under shuffled "
+            "labels. Right: the chance-adjusted ε², bands ±1.96 jackknife standard errors. "
+            "Clean solid, adversarial dashed; the adversarial inputs keep their true labels.",
+        ),
+        "disentanglement_by_order.png": (
+            "Disentanglement by order",
+            "D^(m) = E_ij |E_S Δv| / E_S |Δv| by order m (1: every context S moves the pair "
+            "the same way), clean solid and adversarial dashed, bands 95% CI over samples.",
+        ),
+        "class_patterns.png": (
+            "Per-class interaction patterns at the lowest order",
+            "Each class's mean I^(m)(i, j) over its samples as a player × player matrix at the "
+            "lowest order computed; rows: model and input; one colour scale per model.",
+        ),
+    }
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
 
@@ -756,7 +974,14 @@ def _figures(
     gallery_images: dict[str, list[bytes]] = {}
     with PdfPages(pdf) as pages:
         pages.savefig(_text_page(dicts, found))
-        built = (interactions_figure(dicts), delta_figure(dicts), contribution_figure(dicts))
+        built = (
+            interactions_figure(dicts),
+            delta_figure(dicts),
+            contribution_figure(dicts),
+            specificity_figure(dicts),
+            disentanglement_figure(dicts),
+            class_patterns_figure(dicts),
+        )
         for name, figure in zip(PLOT_FILES, built, strict=True):
             if figure is not None:
                 images[name] = _png(figure)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -200,3 +201,58 @@ def test_gallery_pages_for_image_and_tabular_models(tmp_path: Path) -> None:
         # The PDF: the summary page, two plots (no order terms here) and the sample.
         pdf = (tmp_path / name / "report.pdf").read_bytes()
         assert pdf.startswith(b"%PDF") and len(re.findall(rb"/Type /Page\b", pdf)) == 4
+
+
+def _with_specificity(report: dict[str, Any], low: float, high: float) -> dict[str, Any]:
+    """`report` with specificity scores `low` on its two low orders and `high` on the rest, and
+    class patterns for three classes over pairs (0, 1) and (1, 2)."""
+    adjusted = [low, low, high, high, high]
+    found = {
+        "eta_squared": [0.5 + a / 2 for a in adjusted],
+        "adjusted": adjusted,
+        "chance": 0.25,
+        "n_samples": 40,
+        "classes": [0, 1, 2],
+        "class_counts": [20, 10, 10],
+        "pairs": [[0, 1], [1, 2]],
+        "lowest_order_class_means": [[1.0, -1.0], [0.5, 0.0], [-2.0, 2.0]],
+    }
+    report["specificity"] = {"clean": found, "adversarial": {**found, "adjusted": [0.1] * 5}}
+    report["profile"]["clean_disentanglement"] = [0.9, 0.8, 0.7, 0.6, 0.5]
+    report["profile"]["adversarial_disentanglement"] = [0.8, 0.7, 0.6, 0.5, 0.4]
+    return report
+
+
+def test_report_shows_specificity_and_disentanglement_by_band(tmp_path: Path) -> None:
+    from interscope._demo import specificity_table
+    from interscope.report import specificity_rows, write_report
+
+    reports = [
+        _with_specificity(_report("std", (0.0, 0.0, 0.45)), 0.3, 0.1),
+        _with_specificity(_report("adv", (0.0, 0.0, 0.2)), 0.6, 0.2),
+    ]
+    rows = specificity_rows(reports)
+    assert rows[1]["adjusted"][0] == (0.6, 0.1)  # low band: clean, adversarial
+    assert rows[1]["adjusted"][2] == pytest.approx((0.2, 0.1))  # high band
+    assert rows[0]["disentanglement"][0] == pytest.approx((0.85, 0.75))
+    assert rows[0]["chance"] == 0.25
+    written = write_report(reports, tmp_path)
+    for name in ("specificity_by_order.png", "disentanglement_by_order.png", "class_patterns.png"):
+        assert written[name].read_bytes().startswith(b"\x89PNG")
+    page = (tmp_path / "report.html").read_text()
+    assert "<h2>Category specificity and disentanglement</h2>" in page
+    assert "<tr><td>adv</td><td>0.250</td><td>0.600 / 0.100</td>" in page
+    for title in ("Category specificity by order", "Disentanglement by order"):
+        assert f"<img alt='{title}." in page
+    assert "<img alt='Per-class interaction patterns at the lowest order." in page
+    saved = json.loads((tmp_path / "adv" / "report.json").read_text())
+    assert saved["specificity"]["clean"]["adjusted"][0] == 0.6
+    table = specificity_table(reports).splitlines()
+    assert " ".join(table[3].split()) == (
+        "adv 0.600 -> 0.100 0.200 -> 0.100 0.200 -> 0.100 0.850 -> 0.750 0.550 -> 0.450"
+    )
+
+
+def test_report_without_specificity_leaves_the_section_out() -> None:
+    page = render_html([_report("a", (0.0, 0.0, 0.45))])
+    assert "Category specificity" not in page

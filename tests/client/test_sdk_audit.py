@@ -161,3 +161,49 @@ def test_audit_over_three_replicas_survives_one_stopping(
         halfway.set()
         for replica in replicas:
             replica.stop()
+
+
+def test_audit_summary_reports_specificity_and_disentanglement_like_the_server(
+    server: BackgroundServer, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, y = digits
+    with interscope.Client(server.address) as client:
+        report = client.audit(
+            model="digits-cnn",
+            x=x,
+            y=y,
+            attack=AUDIT_ATTACK,
+            profile=AUDIT_PROFILE,
+            streams_per_address=1,  # one stream: its server summary covers every sample
+        )
+    (served,) = report.server_summaries
+    ours = report.summary
+    n_orders = len(ours.orders)
+    for which in ("clean_specificity", "adversarial_specificity"):
+        mine, theirs = getattr(ours, which), getattr(served, which)
+        assert mine is not None and theirs is not None
+        assert mine.eta_squared.shape == (n_orders,)
+        assert ((mine.eta_squared >= 0) & (mine.eta_squared <= 1)).all(), mine.eta_squared
+        assert (mine.adjusted <= 1).all()
+        labels = sorted(set(y.tolist()))
+        assert mine.chance == pytest.approx((len(labels) - 1) / (len(y) - 1))
+        np.testing.assert_array_equal(mine.classes, labels)
+        np.testing.assert_array_equal(mine.pairs, theirs.pairs)
+        assert mine.class_means.shape == (len(labels), n_orders, len(mine.pairs))
+        # Same code, same per-sample values; only the summation order may differ.
+        np.testing.assert_allclose(mine.eta_squared, theirs.eta_squared, rtol=1e-10)
+        np.testing.assert_allclose(mine.adjusted, theirs.adjusted, rtol=1e-10)
+        np.testing.assert_allclose(mine.adjusted_stderr, theirs.adjusted_stderr, rtol=1e-8)
+        assert (mine.adjusted_stderr > 0).all()
+        np.testing.assert_allclose(mine.class_means, theirs.class_means, rtol=1e-10, atol=1e-15)
+    for which in ("clean_disentanglement", "adversarial_disentanglement"):
+        mine_d, theirs_d = getattr(ours, which), getattr(served, which)
+        assert mine_d is not None and theirs_d is not None
+        assert ((mine_d.mean >= 0) & (mine_d.mean <= 1)).all()
+        np.testing.assert_allclose(mine_d.mean, theirs_d.mean, rtol=1e-10)
+        np.testing.assert_allclose(mine_d.ci_low, theirs_d.ci_low, rtol=1e-10)
+    # The per-sample pairs are what the SDK recomputed it from; their standard errors were
+    # not asked for and stay off the wire.
+    clean = report.samples[0].perturbation.clean
+    assert clean.interactions is not None and clean.interactions.shape == (n_orders, 36)
+    assert clean.interactions_stderr is None

@@ -1734,8 +1734,10 @@ class SampleResult(_message.Message):
     adversarial_margin: _builtins.float
     @_builtins.property
     def perturbation(self) -> Global___PerturbationProfile:
-        """Per order: clean and adversarial mean |I|, delta mean, and the decomposition (profiles
-        themselves only with return_profiles).
+        """Per order: clean and adversarial mean |I|, delta mean, and the decomposition; the clean
+        and adversarial profiles always carry pairs and interactions (the summary's category
+        specificity is computed from them), their standard errors and Shapley tables only with
+        return_profiles (and, for the standard errors, the profile's return_pairs).
         """
 
     @_builtins.property
@@ -1843,6 +1845,73 @@ class ClassBreakdown(_message.Message):
 Global___ClassBreakdown: _TypeAlias = ClassBreakdown  # noqa: Y015
 
 @_typing.final
+class CategorySpecificity(_message.Message):
+    """Category specificity of the per-pair interactions over an audit's samples
+    (docs/interactions.md): per order m, the share of the variance of I^(m)(i,j) across samples
+    that the samples' labels explain, a one-way ANOVA per pair pooled over pairs. Arrays by order
+    follow AuditSummary.orders; NaN where undefined (fewer than 2 classes, or one per sample).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ETA_SQUARED_FIELD_NUMBER: _builtins.int
+    ADJUSTED_FIELD_NUMBER: _builtins.int
+    CHANCE_FIELD_NUMBER: _builtins.int
+    N_SAMPLES_FIELD_NUMBER: _builtins.int
+    CLASSES_FIELD_NUMBER: _builtins.int
+    CLASS_COUNTS_FIELD_NUMBER: _builtins.int
+    PAIRS_FIELD_NUMBER: _builtins.int
+    CLASS_MEANS_FIELD_NUMBER: _builtins.int
+    ADJUSTED_STDERR_FIELD_NUMBER: _builtins.int
+    chance: _builtins.float
+    """(K-1)/(n-1): the expected eta^2 under shuffled labels, K classes among n samples."""
+    n_samples: _builtins.int
+    @_builtins.property
+    def eta_squared(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """eta^2 = sum over pairs of between-class SS / sum over pairs of total SS, in [0, 1]."""
+
+    @_builtins.property
+    def adjusted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """(eta^2 - chance) / (1 - chance) (epsilon^2): 0 in expectation under shuffled labels."""
+
+    @_builtins.property
+    def classes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The labels present, ascending, and their sample counts."""
+
+    @_builtins.property
+    def class_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def pairs(self) -> _tensor_pb2.Tensor:
+        """INT64 (k, 2) pairs i < j, and FP64 (K, len(orders), k) each class's mean I^(m)(i,j)."""
+
+    @_builtins.property
+    def class_means(self) -> _tensor_pb2.Tensor: ...
+    @_builtins.property
+    def adjusted_stderr(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Jackknife (leave one sample out) standard error of `adjusted`, by order."""
+
+    def __init__(
+        self,
+        *,
+        eta_squared: _abc.Iterable[_builtins.float] | None = ...,
+        adjusted: _abc.Iterable[_builtins.float] | None = ...,
+        chance: _builtins.float = ...,
+        n_samples: _builtins.int = ...,
+        classes: _abc.Iterable[_builtins.int] | None = ...,
+        class_counts: _abc.Iterable[_builtins.int] | None = ...,
+        pairs: _tensor_pb2.Tensor | None = ...,
+        class_means: _tensor_pb2.Tensor | None = ...,
+        adjusted_stderr: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["class_means", b"class_means", "pairs", b"pairs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjusted", b"adjusted", "adjusted_stderr", b"adjusted_stderr", "chance", b"chance", "class_counts", b"class_counts", "class_means", b"class_means", "classes", b"classes", "eta_squared", b"eta_squared", "n_samples", b"n_samples", "pairs", b"pairs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CategorySpecificity: _TypeAlias = CategorySpecificity  # noqa: Y015
+
+@_typing.final
 class AuditSummary(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1860,6 +1929,10 @@ class AuditSummary(_message.Message):
     PROVENANCE_FIELD_NUMBER: _builtins.int
     MASKING_FLAGS_FIELD_NUMBER: _builtins.int
     ROBUSTNESS_CURVE_FIELD_NUMBER: _builtins.int
+    CLEAN_DISENTANGLEMENT_FIELD_NUMBER: _builtins.int
+    ADVERSARIAL_DISENTANGLEMENT_FIELD_NUMBER: _builtins.int
+    CLEAN_SPECIFICITY_FIELD_NUMBER: _builtins.int
+    ADVERSARIAL_SPECIFICITY_FIELD_NUMBER: _builtins.int
     n_samples: _builtins.int
     """Samples audited without error, and samples that failed."""
     n_failed: _builtins.int
@@ -1890,6 +1963,18 @@ class AuditSummary(_message.Message):
     def robustness_curve(self) -> Global___RobustnessCurve:
         """With an eps_sweep: robust accuracy per eps."""
 
+    @_builtins.property
+    def clean_disentanglement(self) -> Global___OrderStatistic:
+        """Over samples, by order: disentanglement D^(m) of the clean and adversarial inputs."""
+
+    @_builtins.property
+    def adversarial_disentanglement(self) -> Global___OrderStatistic: ...
+    @_builtins.property
+    def clean_specificity(self) -> Global___CategorySpecificity:
+        """Category specificity of the clean and adversarial per-pair interactions (by true label)."""
+
+    @_builtins.property
+    def adversarial_specificity(self) -> Global___CategorySpecificity: ...
     def __init__(
         self,
         *,
@@ -1907,10 +1992,14 @@ class AuditSummary(_message.Message):
         provenance: Global___Provenance | None = ...,
         masking_flags: _abc.Iterable[Global___MaskingFlag] | None = ...,
         robustness_curve: Global___RobustnessCurve | None = ...,
+        clean_disentanglement: Global___OrderStatistic | None = ...,
+        adversarial_disentanglement: Global___OrderStatistic | None = ...,
+        clean_specificity: Global___CategorySpecificity | None = ...,
+        adversarial_specificity: Global___CategorySpecificity | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adversarial_mean_abs", b"adversarial_mean_abs", "clean_mean_abs", b"clean_mean_abs", "delta_mean", b"delta_mean", "provenance", b"provenance", "robustness_curve", b"robustness_curve"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adversarial_disentanglement", b"adversarial_disentanglement", "adversarial_mean_abs", b"adversarial_mean_abs", "adversarial_specificity", b"adversarial_specificity", "clean_disentanglement", b"clean_disentanglement", "clean_mean_abs", b"clean_mean_abs", "clean_specificity", b"clean_specificity", "delta_mean", b"delta_mean", "provenance", b"provenance", "robustness_curve", b"robustness_curve"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adversarial_mean_abs", b"adversarial_mean_abs", "clean_accuracy", b"clean_accuracy", "clean_mean_abs", b"clean_mean_abs", "delta_mean", b"delta_mean", "masking_flags", b"masking_flags", "n_failed", b"n_failed", "n_samples", b"n_samples", "orders", b"orders", "per_class", b"per_class", "provenance", b"provenance", "ratios", b"ratios", "robust_accuracy", b"robust_accuracy", "robustness_curve", b"robustness_curve", "success_rate", b"success_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adversarial_disentanglement", b"adversarial_disentanglement", "adversarial_mean_abs", b"adversarial_mean_abs", "adversarial_specificity", b"adversarial_specificity", "clean_accuracy", b"clean_accuracy", "clean_disentanglement", b"clean_disentanglement", "clean_mean_abs", b"clean_mean_abs", "clean_specificity", b"clean_specificity", "delta_mean", b"delta_mean", "masking_flags", b"masking_flags", "n_failed", b"n_failed", "n_samples", b"n_samples", "orders", b"orders", "per_class", b"per_class", "provenance", b"provenance", "ratios", b"ratios", "robust_accuracy", b"robust_accuracy", "robustness_curve", b"robustness_curve", "success_rate", b"success_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

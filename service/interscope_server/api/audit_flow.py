@@ -68,6 +68,7 @@ def _check(ctx: CallContext, config: analysis_pb2.AuditConfig, call: Call) -> _A
         n_evaluations=2,
         layout=model.config.layout,
     )
+    profile = with_pairs(profile)
     admission.admit_result_bytes(
         "one audit sample's result",
         2 * admission.profile_message_bytes(profile, n_players) + reference.nbytes,
@@ -133,6 +134,7 @@ def _check_sample(job: _AuditJob, sample: analysis_pb2.AuditSample, settings: Se
             n_evaluations=2,
             layout=model.layout,
         )
+        profile = with_pairs(profile)
     return _Sample(sample.id, x, label, target, profile)
 
 
@@ -326,8 +328,18 @@ def _audit_sample(
         0,
         (outcome.clean_pred, outcome.adv_pred),
         return_profiles=config.return_profiles,
-        return_pairs=config.return_profiles,
+        return_pairs=True,
     )
+    if not (config.return_profiles and config.profile.return_pairs):
+        # Pairs and their I^(m) always go out (the SDK recomputes the specificity from them);
+        # their standard errors would double that and only go out when asked for.
+        message.clean.ClearField("interactions_stderr")
+        message.adversarial.ClearField("interactions_stderr")
     return convert.sample_result(
         sample_id, label, outcome, spent, message, config.return_adversarial, sweep_robust
     )
+
+
+def with_pairs(profile: ProfileSpec) -> ProfileSpec:
+    """The audit's profile keeps per-pair I^(m): the summary's category specificity needs them."""
+    return replace(profile, return_pairs=True)

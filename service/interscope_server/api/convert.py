@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 
 from interscope import _diagnostics as diagnostics
 from interscope._diagnostics import ExampleChecks, Flag
+from interscope._specificity import CategorySpecificity, category_specificity
 from interscope.codec import TensorError, from_tensor, to_tensor
 from interscope.v1 import analysis_pb2, models_pb2, tensor_pb2
 from interscope_server import __version__, attacks, errors
@@ -195,9 +196,7 @@ def perturbation_to_proto(
         (message.clean, result.clean, predictions[0]),
         (message.adversarial, result.perturbed, predictions[1]),
     ):
-        target.CopyFrom(
-            profile_to_proto(profile, input_index, prediction, return_pairs and return_profiles)
-        )
+        target.CopyFrom(profile_to_proto(profile, input_index, prediction, return_pairs))
         if not return_profiles:
             target.ClearField("shapley_interaction")
             target.ClearField("shapley_values")
@@ -465,6 +464,17 @@ def audit_summary(
         _statistic(np.array([list(r.perturbation.adversarial.mean_abs) for r in ok]))
     )
     summary.delta_mean.CopyFrom(_statistic(np.array([list(r.perturbation.delta_mean) for r in ok])))
+    summary.clean_disentanglement.CopyFrom(
+        _statistic(np.array([list(r.perturbation.clean.disentanglement) for r in ok]))
+    )
+    summary.adversarial_disentanglement.CopyFrom(
+        _statistic(np.array([list(r.perturbation.adversarial.disentanglement) for r in ok]))
+    )
+    for target, which in (
+        (summary.clean_specificity, "clean"),
+        (summary.adversarial_specificity, "adversarial"),
+    ):
+        target.CopyFrom(specificity_to_proto(_specificity(ok, which)))
     for label in sorted({r.label for r in ok}):
         rows = [r for r in ok if r.label == label]
         summary.per_class.append(
@@ -554,3 +564,26 @@ def load_model_response(info: models_pb2.ModelInfo) -> models_pb2.LoadModelRespo
 
 def unload_model_response() -> models_pb2.UnloadModelResponse:
     return models_pb2.UnloadModelResponse()
+
+
+def specificity_to_proto(result: CategorySpecificity) -> analysis_pb2.CategorySpecificity:
+    """An audit's category specificity (interscope._specificity) as its wire message."""
+    return analysis_pb2.CategorySpecificity(
+        eta_squared=_floats(result.eta_squared),
+        adjusted=_floats(result.adjusted),
+        adjusted_stderr=_floats(result.adjusted_stderr),
+        chance=float(result.chance),
+        n_samples=int(result.n_samples),
+        classes=[int(c) for c in result.classes],
+        class_counts=[int(c) for c in result.class_counts],
+        pairs=to_tensor(np.asarray(result.pairs, dtype=np.int64)),
+        class_means=to_tensor(np.asarray(result.class_means, dtype=np.float64)),
+    )
+
+
+def _specificity(results: Sequence[analysis_pb2.SampleResult], which: str) -> CategorySpecificity:
+    """Category specificity of the samples' per-pair I^(m) (all carry the same pairs)."""
+    profiles = [getattr(r.perturbation, which) for r in results]
+    values = [from_tensor(p.interactions, what="interactions") for p in profiles]
+    pairs = from_tensor(profiles[0].pairs, what="pairs")
+    return category_specificity(np.stack(values), [r.label for r in results], pairs)
