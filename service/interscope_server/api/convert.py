@@ -16,9 +16,10 @@ import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from interscope import _diagnostics as diagnostics
 from interscope._diagnostics import ExampleChecks, Flag
-from interscope._specificity import CategorySpecificity, category_specificity
+from interscope._models import SampleResult
+from interscope._specificity import CategorySpecificity
+from interscope._summary import summarize
 from interscope.codec import TensorError, from_tensor, to_tensor
 from interscope.v1 import analysis_pb2, models_pb2, tensor_pb2
 from interscope_server import __version__, attacks, errors
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from interscope_server.models.backend import Backend
 
 FLOAT_TYPES = ("FP32", "FP64", "FP16")
-_Z95 = 1.959963984540054
 
 
 def decode_inputs(
@@ -321,17 +321,6 @@ def checks_to_proto(checks: ExampleChecks) -> analysis_pb2.MaskingChecks:
     return message
 
 
-def checks_from_proto(message: analysis_pb2.MaskingChecks) -> ExampleChecks:
-    return ExampleChecks(
-        gradient_l1=message.gradient_l1,
-        loss_gain=message.loss_gain,
-        black_box_fooled=message.black_box_fooled if message.HasField("black_box_fooled") else None,
-        more_steps_fooled=(
-            message.more_steps_fooled if message.HasField("more_steps_fooled") else None
-        ),
-    )
-
-
 def flags_to_proto(flags: Sequence[Flag]) -> list[analysis_pb2.MaskingFlag]:
     return [
         analysis_pb2.MaskingFlag(
@@ -415,78 +404,67 @@ def sample_result(
     return result
 
 
-def _statistic(table: np.ndarray) -> analysis_pb2.OrderStatistic:
-    """Mean over samples (rows) by order (columns) with a normal 95% confidence interval."""
-    mean = table.mean(axis=0)
-    if len(table) > 1:
-        half = _Z95 * table.std(axis=0, ddof=1) / np.sqrt(len(table))
-    else:
-        half = np.zeros_like(mean)
-    return analysis_pb2.OrderStatistic(
-        mean=mean.tolist(), ci_low=(mean - half).tolist(), ci_high=(mean + half).tolist()
-    )
-
-
 def audit_summary(
     results: Sequence[analysis_pb2.SampleResult],
     class_names: Sequence[str],
     provenance: analysis_pb2.Provenance,
     sweep_eps: Sequence[float] = (),
 ) -> analysis_pb2.AuditSummary:
-    """The audit's summary over the samples that succeeded (failed ones are counted apart)."""
-    ok = [r for r in results if not r.HasField("error")]
-    summary = analysis_pb2.AuditSummary(
-        n_samples=len(ok), n_failed=len(results) - len(ok), provenance=provenance
+    """The audit's summary over the samples that succeeded (failed ones are counted apart).
+
+    Computed by the SDK's own `interscope._summary.summarize` over the samples as the SDK
+    reads them off the wire: one computation, so a client recomputing the summary across
+    replicas or from checkpoints gets exactly the server's numbers.
+    """
+    samples = [SampleResult.from_proto(r) for r in results]
+    summary = summarize(samples, class_names, sweep_eps)
+    message = analysis_pb2.AuditSummary(
+        n_samples=summary.n_samples, n_failed=summary.n_failed, provenance=provenance
     )
-    if not ok:
-        return summary
-    # Decided from per-sample fields only, as the SDK's client-side summary does.
-    sweep_rows = [list(r.sweep_robust) for r in ok]
-    checks = [checks_from_proto(r.checks) for r in ok if r.HasField("checks")]
-    summary.masking_flags.extend(
-        flags_to_proto(diagnostics.diagnose(checks, sweep_eps, sweep_rows))
-    )
-    if sweep_eps:
-        summary.robustness_curve.eps.extend(sweep_eps)
-        summary.robustness_curve.robust_accuracy.extend(
-            diagnostics.robustness_curve(sweep_eps, sweep_rows)
-        )
-    summary.clean_accuracy = float(np.mean([r.clean_correct for r in ok]))
-    summary.robust_accuracy = float(np.mean([r.robust for r in ok]))
-    summary.success_rate = float(np.mean([r.attack_success for r in ok]))
-    first = ok[0].perturbation
-    summary.orders.extend(first.clean.orders)
-    summary.ratios.extend(first.clean.ratios)
-    summary.clean_mean_abs.CopyFrom(
-        _statistic(np.array([list(r.perturbation.clean.mean_abs) for r in ok]))
-    )
-    summary.adversarial_mean_abs.CopyFrom(
-        _statistic(np.array([list(r.perturbation.adversarial.mean_abs) for r in ok]))
-    )
-    summary.delta_mean.CopyFrom(_statistic(np.array([list(r.perturbation.delta_mean) for r in ok])))
-    summary.clean_disentanglement.CopyFrom(
-        _statistic(np.array([list(r.perturbation.clean.disentanglement) for r in ok]))
-    )
-    summary.adversarial_disentanglement.CopyFrom(
-        _statistic(np.array([list(r.perturbation.adversarial.disentanglement) for r in ok]))
-    )
-    for target, which in (
-        (summary.clean_specificity, "clean"),
-        (summary.adversarial_specificity, "adversarial"),
-    ):
-        target.CopyFrom(specificity_to_proto(_specificity(ok, which)))
-    for label in sorted({r.label for r in ok}):
-        rows = [r for r in ok if r.label == label]
-        summary.per_class.append(
-            analysis_pb2.ClassBreakdown(
-                label=label,
-                name=class_names[label] if 0 <= label < len(class_names) else str(label),
-                n=len(rows),
-                clean_accuracy=float(np.mean([r.clean_correct for r in rows])),
-                robust_accuracy=float(np.mean([r.robust for r in rows])),
+    if not summary.n_samples:
+        return message
+    message.clean_accuracy = summary.clean_accuracy
+    message.robust_accuracy = summary.robust_accuracy
+    message.success_rate = summary.success_rate
+    message.orders.extend(int(m) for m in summary.orders)
+    message.ratios.extend(float(r) for r in summary.ratios)
+    statistics = {
+        "clean_mean_abs": summary.clean_mean_abs,
+        "adversarial_mean_abs": summary.adversarial_mean_abs,
+        "delta_mean": summary.delta_mean,
+        "clean_disentanglement": summary.clean_disentanglement,
+        "adversarial_disentanglement": summary.adversarial_disentanglement,
+    }
+    for name, statistic in statistics.items():
+        if statistic is not None:
+            getattr(message, name).CopyFrom(
+                analysis_pb2.OrderStatistic(
+                    mean=_floats(statistic.mean),
+                    ci_low=_floats(statistic.ci_low),
+                    ci_high=_floats(statistic.ci_high),
+                )
             )
+    message.masking_flags.extend(flags_to_proto(summary.masking_flags))
+    if summary.robustness_curve is not None:
+        message.robustness_curve.eps.extend(_floats(summary.robustness_curve.eps))
+        message.robustness_curve.robust_accuracy.extend(
+            _floats(summary.robustness_curve.robust_accuracy)
         )
-    return summary
+    for name in ("clean_specificity", "adversarial_specificity"):
+        specificity = getattr(summary, name)
+        if specificity is not None:
+            getattr(message, name).CopyFrom(specificity_to_proto(specificity))
+    message.per_class.extend(
+        analysis_pb2.ClassBreakdown(
+            label=c.label,
+            name=c.name,
+            n=c.n,
+            clean_accuracy=c.clean_accuracy,
+            robust_accuracy=c.robust_accuracy,
+        )
+        for c in summary.per_class
+    )
+    return message
 
 
 # -- ModelService ----------------------------------------------------------------------------
@@ -579,11 +557,3 @@ def specificity_to_proto(result: CategorySpecificity) -> analysis_pb2.CategorySp
         pairs=to_tensor(np.asarray(result.pairs, dtype=np.int64)),
         class_means=to_tensor(np.asarray(result.class_means, dtype=np.float64)),
     )
-
-
-def _specificity(results: Sequence[analysis_pb2.SampleResult], which: str) -> CategorySpecificity:
-    """Category specificity of the samples' per-pair I^(m) (all carry the same pairs)."""
-    profiles = [getattr(r.perturbation, which) for r in results]
-    values = [from_tensor(p.interactions, what="interactions") for p in profiles]
-    pairs = from_tensor(profiles[0].pairs, what="pairs")
-    return category_specificity(np.stack(values), [r.label for r in results], pairs)
