@@ -639,6 +639,7 @@ class Client(BaseClient):
         seed: int | None = None,
         check_queries: int | None = None,
         check_reruns: int | None = None,
+        loss: str | None = None,
     ) -> Iterator[AttackEvent]:
         """Attack the inputs `x` with labels `y`, as events: Progress, ExampleResult, AttackResult.
 
@@ -690,6 +691,7 @@ class Client(BaseClient):
         seed: int | None = None,
         check_queries: int | None = None,
         check_reruns: int | None = None,
+        loss: str | None = None,
     ) -> AttackResult:
         """Like `attack_stream` (the same parameters), returning only the final AttackResult."""
         arguments = _arguments(locals())
@@ -927,6 +929,7 @@ class AsyncClient(BaseClient):
         seed: int | None = None,
         check_queries: int | None = None,
         check_reruns: int | None = None,
+        loss: str | None = None,
     ) -> AsyncIterator[AttackEvent]:
         """Attack events; the parameters are Client.attack_stream's."""
         given = _given(AttackOptions, locals())
@@ -964,6 +967,7 @@ class AsyncClient(BaseClient):
         seed: int | None = None,
         check_queries: int | None = None,
         check_reruns: int | None = None,
+        loss: str | None = None,
     ) -> AttackResult:
         """Like `attack_stream` (the same parameters), returning only the final AttackResult."""
         arguments = _arguments(locals())

@@ -51,6 +51,12 @@ _ATTACKS = {
     if value != analysis_pb2.ATTACK_KIND_UNSPECIFIED
 }
 _NORMS = {"linf": analysis_pb2.NORM_LINF, "l2": analysis_pb2.NORM_L2}
+# From the proto enum too: LOSS_DLR -> "dlr".
+_LOSSES = {
+    name.removeprefix("LOSS_").lower(): value
+    for name, value in analysis_pb2.Loss.items()
+    if value != analysis_pb2.LOSS_UNSPECIFIED
+}
 
 #: Names accepted by the options, for CLI choices and error messages.
 VALUE_FUNCTIONS = tuple(_VALUES)
@@ -61,6 +67,7 @@ CONTEXT_SHARINGS = tuple(_CONTEXT_SHARINGS)
 TARGET_STATISTICS = tuple(_TARGET_STATISTICS)
 ATTACKS = tuple(_ATTACKS)
 NORMS = tuple(_NORMS)
+LOSSES = tuple(_LOSSES)
 BASELINES = ("zero", "mean", "blur")
 
 
@@ -184,8 +191,9 @@ class AttackOptions:
     lower case with dashes, e.g. "pgd", "pgd-margin", "square"), norm, budget.
 
     Zeros mean the server's defaults (steps 10, step size 2.5 * eps / steps, one restart,
-    margin threshold 8, query budget 1000); random_start None means the attack's own default
-    (PGD and APGD start at a random point, FGSM and PGD-margin at the input).
+    margin threshold 8, query budget 1000, autoattack's 5000); random_start None means the
+    attack's own default (PGD and APGD start at a random point, FGSM and PGD-margin at the
+    input); loss None means the attack's own objective (LOSSES: "ce", "dlr"; apgd only).
     """
 
     attack: str = "pgd"
@@ -204,6 +212,7 @@ class AttackOptions:
     #: default (100 and 16).
     check_queries: int | None = None
     check_reruns: int | None = None
+    loss: str | None = None
 
     @classmethod
     def coerce(cls, value: AttackOptions | Mapping[str, Any]) -> AttackOptions:
@@ -233,6 +242,8 @@ class AttackOptions:
             spec.check_queries = int(self.check_queries)
         if self.check_reruns is not None:
             spec.check_reruns = int(self.check_reruns)
+        if self.loss is not None:
+            spec.loss = _pick(_LOSSES, self.loss, "loss")
         return spec
 
 

@@ -26,6 +26,7 @@ from interscope._options import (
     CLASS_CHOICES,
     CONTEXT_SHARINGS,
     ESTIMATORS,
+    LOSSES,
     NORMS,
     PAIR_MODES,
     TARGET_STATISTICS,
@@ -278,6 +279,9 @@ def _attack_args(parser: argparse.ArgumentParser) -> None:
         help="gradient-masking check: robust examples per batch re-attacked with twice the "
         "steps (0: off; server default 16)",
     )
+    group.add_argument(
+        "--loss", choices=LOSSES, default=None, help="apgd's objective (default: ce)"
+    )
 
 
 def _flag_lines(flags: Any) -> list[str]:
@@ -303,6 +307,7 @@ def _attack_options(args: argparse.Namespace) -> AttackOptions:
         seed=args.seed,
         check_queries=args.check_queries,
         check_reruns=args.check_reruns,
+        loss=args.loss,
     )
 
 

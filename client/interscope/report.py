@@ -40,6 +40,8 @@ _ATTACKS = {
     "ATTACK_KIND_APGD": "APGD",
     "ATTACK_KIND_SQUARE": "Square (black-box)",
     "ATTACK_KIND_SIMBA": "SimBA (black-box)",
+    "ATTACK_KIND_AUTOATTACK": "AutoAttack (standard)",
+    "ATTACK_KIND_FAB": "FAB",
 }
 _NORMS = {"NORM_LINF": "L∞", "NORM_L2": "L2"}
 _VALUES = {

@@ -235,7 +235,9 @@ class _AttackKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AttackKind
     margin_threshold, halving the step on overshoot. Untargeted. White-box.
     """
     ATTACK_KIND_APGD: _AttackKind.ValueType  # 4
-    """APGD with cross-entropy loss (Croce and Hein 2020). White-box."""
+    """APGD (Croce and Hein 2020) with the cross-entropy loss, or DLR with loss = LOSS_DLR
+    (targeted: targeted DLR, APGD-T). White-box.
+    """
     ATTACK_KIND_SQUARE: _AttackKind.ValueType  # 5
     """Square attack (Andriushchenko et al. 2020): forward passes only, any backend; on a
     features layout its windows are runs of consecutive features.
@@ -243,6 +245,18 @@ class _AttackKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AttackKind
     ATTACK_KIND_SIMBA: _AttackKind.ValueType  # 6
     """SimBA (Guo et al. 2019): random search over single coordinates (features or pixels),
     forward passes only, any backend; suited to tabular models and trees.
+    """
+    ATTACK_KIND_AUTOATTACK: _AttackKind.ValueType  # 7
+    """AutoAttack, standard version (Croce and Hein 2020): APGD-CE, then APGD-T (targeted DLR) and
+    FAB-T over the 9 most likely other classes (K-1 when fewer), then Square with 5000 queries
+    (query_budget); each attack runs only on the inputs still robust, and an input is robust
+    only if all fail. L-inf or L2, untargeted, one restart; steps (default 100) per APGD and
+    FAB run. Needs a model with at least 4 classes. White-box.
+    """
+    ATTACK_KIND_FAB: _AttackKind.ValueType  # 8
+    """FAB (Croce and Hein 2020): minimum-norm attack stepping to the projection onto the
+    linearised decision boundary; success only within eps. Untargeted, or targeted at
+    AttackRequest.targets. White-box.
     """
 
 class AttackKind(_AttackKind, metaclass=_AttackKindEnumTypeWrapper):
@@ -261,7 +275,9 @@ ATTACK_KIND_PGD_MARGIN: AttackKind.ValueType  # 3
 margin_threshold, halving the step on overshoot. Untargeted. White-box.
 """
 ATTACK_KIND_APGD: AttackKind.ValueType  # 4
-"""APGD with cross-entropy loss (Croce and Hein 2020). White-box."""
+"""APGD (Croce and Hein 2020) with the cross-entropy loss, or DLR with loss = LOSS_DLR
+(targeted: targeted DLR, APGD-T). White-box.
+"""
 ATTACK_KIND_SQUARE: AttackKind.ValueType  # 5
 """Square attack (Andriushchenko et al. 2020): forward passes only, any backend; on a
 features layout its windows are runs of consecutive features.
@@ -269,6 +285,18 @@ features layout its windows are runs of consecutive features.
 ATTACK_KIND_SIMBA: AttackKind.ValueType  # 6
 """SimBA (Guo et al. 2019): random search over single coordinates (features or pixels),
 forward passes only, any backend; suited to tabular models and trees.
+"""
+ATTACK_KIND_AUTOATTACK: AttackKind.ValueType  # 7
+"""AutoAttack, standard version (Croce and Hein 2020): APGD-CE, then APGD-T (targeted DLR) and
+FAB-T over the 9 most likely other classes (K-1 when fewer), then Square with 5000 queries
+(query_budget); each attack runs only on the inputs still robust, and an input is robust
+only if all fail. L-inf or L2, untargeted, one restart; steps (default 100) per APGD and
+FAB run. Needs a model with at least 4 classes. White-box.
+"""
+ATTACK_KIND_FAB: AttackKind.ValueType  # 8
+"""FAB (Croce and Hein 2020): minimum-norm attack stepping to the projection onto the
+linearised decision boundary; success only within eps. Untargeted, or targeted at
+AttackRequest.targets. White-box.
 """
 Global___AttackKind: _TypeAlias = AttackKind  # noqa: Y015
 
@@ -290,6 +318,34 @@ NORM_UNSPECIFIED: Norm.ValueType  # 0
 NORM_LINF: Norm.ValueType  # 1
 NORM_L2: Norm.ValueType  # 2
 Global___Norm: _TypeAlias = Norm  # noqa: Y015
+
+class _Loss:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LossEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Loss.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LOSS_UNSPECIFIED: _Loss.ValueType  # 0
+    """The attack's default (APGD: cross-entropy)."""
+    LOSS_CE: _Loss.ValueType  # 1
+    LOSS_DLR: _Loss.ValueType  # 2
+    """Difference of logits ratio (Croce and Hein 2020): -(z_y - max_{i!=y} z_i) /
+    (z_pi1 - z_pi3), targeted -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2), z_pi sorted
+    descending. Needs 3 classes (targeted 4), else INVALID_ARGUMENT.
+    """
+
+class Loss(_Loss, metaclass=_LossEnumTypeWrapper):
+    """The objective of attacks that offer a choice (APGD); any other kind: INVALID_ARGUMENT."""
+
+LOSS_UNSPECIFIED: Loss.ValueType  # 0
+"""The attack's default (APGD: cross-entropy)."""
+LOSS_CE: Loss.ValueType  # 1
+LOSS_DLR: Loss.ValueType  # 2
+"""Difference of logits ratio (Croce and Hein 2020): -(z_y - max_{i!=y} z_i) /
+(z_pi1 - z_pi3), targeted -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2), z_pi sorted
+descending. Needs 3 classes (targeted 4), else INVALID_ARGUMENT.
+"""
+Global___Loss: _TypeAlias = Loss  # noqa: Y015
 
 @_typing.final
 class GridPlayers(_message.Message):
@@ -1156,6 +1212,7 @@ class AttackSpec(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     CHECK_QUERIES_FIELD_NUMBER: _builtins.int
     CHECK_RERUNS_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
     kind: Global___AttackKind.ValueType
     """Required."""
     norm: Global___Norm.ValueType
@@ -1180,7 +1237,9 @@ class AttackSpec(_message.Message):
     margin_threshold: _builtins.float
     """PGD_MARGIN: stop once z_pred(x) - z_y(x_adv) exceeds this. Default 8.0 when 0."""
     query_budget: _builtins.int
-    """SQUARE, SIMBA: forward passes per input, >= 1. Default 1000 when 0."""
+    """SQUARE, SIMBA (and AUTOATTACK's Square): forward passes per input, >= 1. Default 1000 when
+    0 (AUTOATTACK: 5000).
+    """
     seed: _builtins.int
     """Seed for random starts and Square's sampling; equal seeds give equal results."""
     check_queries: _builtins.int
@@ -1192,6 +1251,8 @@ class AttackSpec(_message.Message):
     """White-box kinds: examples left robust, per batch of 64, that the more-steps check
     re-attacks with twice the steps and a fresh start; 0 turns it off. Unset: 16.
     """
+    loss: Global___Loss.ValueType
+    """APGD's objective; unset: the attack's default."""
     def __init__(
         self,
         *,
@@ -1208,10 +1269,11 @@ class AttackSpec(_message.Message):
         seed: _builtins.int = ...,
         check_queries: _builtins.int | None = ...,
         check_reruns: _builtins.int | None = ...,
+        loss: Global___Loss.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_check_queries", b"_check_queries", "_check_reruns", b"_check_reruns", "_random_start", b"_random_start", "check_queries", b"check_queries", "check_reruns", b"check_reruns", "random_start", b"random_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_check_queries", b"_check_queries", "_check_reruns", b"_check_reruns", "_random_start", b"_random_start", "check_queries", b"check_queries", "check_reruns", b"check_reruns", "eps", b"eps", "kind", b"kind", "margin_threshold", b"margin_threshold", "norm", b"norm", "query_budget", b"query_budget", "random_start", b"random_start", "restarts", b"restarts", "seed", b"seed", "step_size", b"step_size", "steps", b"steps", "targeted", b"targeted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_check_queries", b"_check_queries", "_check_reruns", b"_check_reruns", "_random_start", b"_random_start", "check_queries", b"check_queries", "check_reruns", b"check_reruns", "eps", b"eps", "kind", b"kind", "loss", b"loss", "margin_threshold", b"margin_threshold", "norm", b"norm", "query_budget", b"query_budget", "random_start", b"random_start", "restarts", b"restarts", "seed", b"seed", "step_size", b"step_size", "steps", b"steps", "targeted", b"targeted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__check_queries: _TypeAlias = _typing.Literal["check_queries"]  # noqa: Y015
     _WhichOneofArgType__check_queries: _TypeAlias = _typing.Literal["_check_queries", b"_check_queries"]  # noqa: Y015

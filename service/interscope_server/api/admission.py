@@ -15,7 +15,7 @@ from interscope_server.analysis.profile import (
     resolve_orders,
 )
 from interscope_server.analysis.sampled import expected_sampled_forwards, independent_contexts
-from interscope_server.attacks.base import AttackSpec
+from interscope_server.attacks.base import AttackSpec, attack_class
 from interscope_server.config import Settings
 
 #: Protobuf framing and the scalar fields of one profile or example message, generously.
@@ -26,13 +26,8 @@ _F64 = 8
 
 def attack_cost(spec: AttackSpec, n_inputs: int) -> tuple[int, int]:
     """(forward passes, input-gradient passes) an attack on `n_inputs` inputs may spend."""
-    if spec.white_box:
-        restarts = max(1, spec.restarts)
-        gradients = n_inputs * spec.resolved_steps * restarts
-        # A clean prediction, a check per restart and the final prediction per input.
-        forwards = n_inputs * (restarts + 2)
-        return forwards, gradients
-    return n_inputs * spec.max_queries, 0
+    forwards, gradients = attack_class(spec.name).passes_per_input(spec)
+    return n_inputs * forwards, n_inputs * gradients
 
 
 #: Scheduling weights: a gradient pass costs about a forward and a backward (3 forwards), and
@@ -48,7 +43,8 @@ _ATTACK_BATCH = 64
 def attack_schedule_cost(spec: AttackSpec, n_inputs: int) -> int:
     """An attack's cost in forward-equivalents, for scheduling (WorkerLanes), not admission."""
     forwards, gradients = attack_cost(spec, n_inputs)
-    per_batch = spec.resolved_steps * max(1, spec.restarts) if spec.white_box else spec.max_queries
+    # Passes per input run one after another, as the batch's sequential steps.
+    per_batch = sum(attack_class(spec.name).passes_per_input(spec))
     steps = per_batch * -(-n_inputs // _ATTACK_BATCH)
     return forwards + _GRADIENT_WEIGHT * gradients + _STEP_ROWS * steps
 

@@ -36,6 +36,7 @@ from interscope_server.attacks.base import (
     DEFAULT_CHECK_RERUNS,
     AttackName,
     AttackSpec,
+    Loss,
     Norm,
     ValueRange,
 )
@@ -88,6 +89,13 @@ NORMS: dict[int, Norm] = {
     analysis_pb2.NORM_UNSPECIFIED: "linf",
     analysis_pb2.NORM_LINF: "linf",
     analysis_pb2.NORM_L2: "l2",
+}
+
+#: Loss -> the attacks' loss name (LOSS_CE -> "ce"); unspecified is the attack's default.
+LOSSES: dict[int, Loss | None] = {
+    analysis_pb2.LOSS_UNSPECIFIED: None,
+    analysis_pb2.LOSS_CE: "ce",
+    analysis_pb2.LOSS_DLR: "dlr",
 }
 
 
@@ -280,6 +288,7 @@ def attack_spec(
     )
     name = _enum(ATTACK_NAMES, spec.kind, "attack.kind", analysis_pb2.AttackKind)
     norm = _enum(NORMS, spec.norm, "attack.norm", analysis_pb2.Norm)
+    loss = _enum(LOSSES, spec.loss, "attack.loss", analysis_pb2.Loss)
     if spec.seed > 2**63 - 1:
         raise errors.InvalidArgument("attack.seed must be below 2^63")
     return AttackSpec(
@@ -293,7 +302,7 @@ def attack_spec(
         targeted=bool(spec.targeted),
         target_classes=tuple(int(t) for t in targets) if spec.targeted else (),
         margin_threshold=float(spec.margin_threshold or 8.0),
-        max_queries=int(spec.query_budget or 1000),
+        max_queries=int(spec.query_budget or attack_class(name).default_queries),
         seed=int(spec.seed),
         value_range=value_range,
         layout=model.layout,
@@ -303,4 +312,5 @@ def attack_spec(
         check_reruns=(
             int(spec.check_reruns) if spec.HasField("check_reruns") else DEFAULT_CHECK_RERUNS
         ),
+        loss=loss,
     )

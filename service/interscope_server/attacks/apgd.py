@@ -1,4 +1,4 @@
-"""Auto-PGD with cross-entropy loss (Croce and Hein), the step-size schedule AutoAttack uses."""
+"""Auto-PGD with the cross-entropy or DLR loss (Croce and Hein), AutoAttack's step schedule."""
 
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ class APGD(WhiteBoxAttack):
     Defaults (AttackSpec): eps 8/255, 100 steps, random start on (a random direction scaled to
     the ball's boundary, as AutoAttack does), restarts 1; step_size may
     not be set.
-    Loss: cross-entropy of the label, ascended (untargeted), or of the target, descended
-    (AutoAttack's targeted variant uses the DLR loss instead; this one keeps CE).
+    Loss (spec.loss): "ce" (default), cross-entropy of the label ascended (untargeted) or of
+    the target descended (targeted); "dlr", the difference-of-logits ratio (`base.dlr`),
+    untargeted or, with a target, targeted: APGD-DLR and AutoAttack's APGD-T.
     Early stop per example at the first successful iterate. An example never fooled returns its
     highest-loss point.
     Shapes: x (B, *input_shape) float32 in value_range; labels/targets (B,) int64; logits (B, K).
@@ -45,6 +46,7 @@ class APGD(WhiteBoxAttack):
     default_steps = 100
     default_random_start = True
     own_step_size = True
+    losses = ("ce", "dlr")
 
     def single_run(
         self,
@@ -55,6 +57,7 @@ class APGD(WhiteBoxAttack):
         generator: torch.Generator,
     ) -> BatchOutcome:
         spec = self.spec
+        loss_kind = spec.resolved_loss
         total = spec.resolved_steps
         n = ball.x.shape[0]
         device = ball.x.device
@@ -64,7 +67,7 @@ class APGD(WhiteBoxAttack):
 
         cancel.check()
         x_adv = self._start(ball, generator) if spec.resolved_random_start else ball.x.clone()
-        logits_out, loss, grad = forward_backward(model, x_adv, goal)
+        logits_out, loss, grad = forward_backward(model, x_adv, goal, loss_kind)
         steps = torch.zeros(n, dtype=torch.long, device=device)
         queries = torch.ones(n, dtype=torch.long, device=device)
         done = goal.success(logits_out)
@@ -94,7 +97,7 @@ class APGD(WhiteBoxAttack):
                     x_k + MOMENTUM * (z - x_k) + (1 - MOMENTUM) * momentum, active
                 )
             sub_goal = goal.subset(active)
-            logits, loss, new_grad = forward_backward(model, x_next, sub_goal)
+            logits, loss, new_grad = forward_backward(model, x_next, sub_goal, loss_kind)
             x_adv[active] = x_next
             grad[active] = new_grad
             logits_out[active] = logits
@@ -132,7 +135,7 @@ class APGD(WhiteBoxAttack):
             logits_out[failed] = logits
             queries[failed] += 1
             sub_goal = goal.subset(failed)
-            loss_best[failed] = sub_goal.ce_objective(logits)
+            loss_best[failed] = sub_goal.objective(logits, loss_kind)
             done[failed] = sub_goal.success(logits)
         return BatchOutcome(x_adv, logits_out, steps, queries, done, loss_best)
 

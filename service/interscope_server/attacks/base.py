@@ -24,12 +24,17 @@ from interscope_server.layout import LAYOUTS, Layout
 Evaluator: TypeAlias = Callable[[np.ndarray], np.ndarray]
 
 Norm = Literal["linf", "l2"]
+#: The objective a gradient attack ascends: cross-entropy, or Croce and Hein's DLR (see `dlr`).
+Loss = Literal["ce", "dlr"]
 #: An attack's kind: the `kind` its class declares (the proto's AttackKind name, lower case).
 AttackName: TypeAlias = str
 #: One (low, high) for every element, or one per feature in flattened order.
 ValueRange: TypeAlias = tuple[float, float] | tuple[tuple[float, float], ...]
 
 NORMS: tuple[Norm, ...] = get_args(Norm)
+LOSSES: tuple[Loss, ...] = get_args(Loss)
+#: The DLR denominator's guard against equal top logits (Croce and Hein's 1e-12).
+DLR_GUARD = 1e-12
 
 # Limits keep one request from occupying a worker for hours; the API layer may tighten them.
 MAX_STEPS = 10_000
@@ -127,6 +132,8 @@ class AttackSpec:
             gradient-masking check on each example left robust; 0 turns that check off.
         check_reruns: white-box attacks only: how many examples left robust, per batch, the
             more-steps check re-attacks with twice the steps; 0 turns it off.
+        loss: the objective of attacks that offer a choice (apgd: "ce" or "dlr"); None takes
+            the attack's default (apgd: ce). DLR needs 3 classes, targeted DLR 4.
     """
 
     name: AttackName
@@ -148,6 +155,7 @@ class AttackSpec:
     layout: Layout = "NCHW"
     check_queries: int = DEFAULT_CHECK_QUERIES
     check_reruns: int = DEFAULT_CHECK_RERUNS
+    loss: Loss | None = None
 
     @property
     def per_feature(self) -> bool:
@@ -282,7 +290,21 @@ class AttackSpec:
                 f"{self.name} sets its own step size; leave step_size unset "
                 f"(allowed with {', '.join(allowed)})"
             )
+        if self.loss is not None:
+            if self.loss not in LOSSES:
+                raise InvalidArgument(f"unknown loss {self.loss!r}; allowed: {', '.join(LOSSES)}")
+            if self.loss not in attack.losses:
+                allowed = [k for k, c in attack_classes().items() if self.loss in c.losses]
+                raise InvalidArgument(
+                    f"{self.name} does not take a loss choice; leave loss unset "
+                    f"(loss {self.loss!r} is allowed with {', '.join(allowed)})"
+                )
         attack.check(self)
+
+    @property
+    def resolved_loss(self) -> Loss:
+        """The loss the attack ascends: the spec's, or the attack's default."""
+        return self.loss if self.loss is not None else attack_class(self.name).default_loss
 
     @property
     def white_box(self) -> bool:
@@ -383,6 +405,31 @@ class AttackSummary:
 AttackEvent: TypeAlias = Progress | ExampleResult | AttackSummary
 
 
+def dlr(logits: Tensor, labels: Tensor, targets: Tensor | None = None) -> Tensor:
+    """(B,) Croce and Hein's difference-of-logits-ratio loss, to ascend (arXiv 2003.01690).
+
+    With z sorted descending as z_pi1 >= z_pi2 >= ..., untargeted:
+        -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12),
+    targeted at t:
+        -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12).
+    The ratio does not change when the logits are shifted or scaled, so a saturated softmax
+    cannot flatten it the way it flattens cross-entropy. Needs K >= 3 (targeted K >= 4).
+    """
+    top = logits.topk(3 if targets is None else 4, dim=1).values
+    own = logits.gather(1, labels[:, None])[:, 0]
+    if targets is None:
+        return -label_margin(logits, labels) / (top[:, 0] - top[:, 2] + DLR_GUARD)
+    other = logits.gather(1, targets[:, None])[:, 0]
+    return -(own - other) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + DLR_GUARD)
+
+
+def min_classes(loss: Loss, targeted: bool) -> int:
+    """The fewest classes `loss` is defined for: DLR reads the 3rd (targeted: 4th) logit."""
+    if loss == "dlr":
+        return 4 if targeted else 3
+    return 2
+
+
 def label_margin(logits: Tensor, labels: Tensor) -> Tensor:
     """z_y - max_{c != y} z_c per row (B,), the label's classification margin."""
     own = logits.gather(1, labels[:, None])[:, 0]
@@ -396,17 +443,26 @@ class Goal:
 
     labels: Tensor
     targets: Tensor | None
+    #: Targets only steer the loss: any wrong class counts as success (AutoAttack's APGD-T and
+    #: FAB-T, whose targets are a search strategy for an untargeted goal).
+    any_wrong_class: bool = False
 
     def subset(self, index: Tensor) -> Goal:
         targets = None if self.targets is None else self.targets[index]
-        return Goal(self.labels[index], targets)
+        return Goal(self.labels[index], targets, self.any_wrong_class)
 
     def success(self, logits: Tensor) -> Tensor:
         """(B,) bool: untargeted, argmax != label; targeted, argmax == target."""
         pred = logits.argmax(dim=1)
-        if self.targets is None:
+        if self.targets is None or self.any_wrong_class:
             return pred != self.labels
         return pred == self.targets
+
+    def objective(self, logits: Tensor, loss: Loss) -> Tensor:
+        """(B,) loss to ascend: `ce_objective` or DLR (targeted DLR when there are targets)."""
+        if loss == "dlr":
+            return dlr(logits, self.labels, self.targets)
+        return self.ce_objective(logits)
 
     def ce_objective(self, logits: Tensor) -> Tensor:
         """(B,) loss to ascend: CE of the label (untargeted) or minus CE of the target."""
@@ -610,6 +666,12 @@ class Attack(ABC):
     default_random_start: ClassVar[bool] = False
     #: Whether the attack sets its own step size (schedule or search), so the spec may not.
     own_step_size: ClassVar[bool] = False
+    #: The query budget the wire's query_budget 0 stands for.
+    default_queries: ClassVar[int] = 1000
+    #: Losses the spec may choose between (empty: the attack has its own objective).
+    losses: ClassVar[tuple[Loss, ...]] = ()
+    #: The loss when the spec leaves it unset.
+    default_loss: ClassVar[Loss] = "ce"
     #: Whether examples that already meet the goal are attacked too (pgd_margin's stop is a
     #: margin, not success); otherwise the runner passes on only examples still to fool.
     attacks_all: ClassVar[bool] = False
@@ -636,6 +698,26 @@ class Attack(ABC):
 
     def prepare(self, input_shape: tuple[int, ...]) -> None:  # noqa: B027 - optional hook
         """Check the input shape suits the attack; raise InvalidArgument if not."""
+
+    def check_classes(self, n_classes: int) -> None:
+        """Check the model's class count suits the attack's loss; InvalidArgument if not."""
+        loss = self.spec.resolved_loss
+        need = min_classes(loss, self.spec.targeted)
+        if n_classes < need:
+            kind = "targeted " if self.spec.targeted else ""
+            raise InvalidArgument(
+                f"{self.spec.name} with the {kind}{loss} loss needs a model with at least "
+                f"{need} classes, this one has {n_classes}; use loss ce"
+            )
+
+    @classmethod
+    def passes_per_input(cls, spec: AttackSpec) -> tuple[int, int]:
+        """Upper bound of (forward passes, input-gradient passes) the attack spends per input."""
+        if cls.white_box:
+            restarts = max(1, spec.restarts)
+            # A clean prediction, a check per restart and the final prediction per input.
+            return restarts + 2, spec.resolved_steps * restarts
+        return spec.max_queries, 0
 
 
 class WhiteBoxAttack(Attack):
@@ -714,9 +796,9 @@ class BlackBoxAttack(Attack):
 
 
 def forward_backward(
-    model: torch.nn.Module, x_adv: Tensor, goal: Goal
+    model: torch.nn.Module, x_adv: Tensor, goal: Goal, loss: Loss = "ce"
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Logits (B, K), per-example CE objective (B,) and its gradient wrt x_adv, in one pass.
+    """Logits (B, K), per-example objective (B,) and its gradient wrt x_adv, in one pass.
 
     The objective is summed, not averaged, so each row's gradient does not depend on how many
     rows share the batch.
@@ -724,7 +806,7 @@ def forward_backward(
     with torch.enable_grad():
         x_var = x_adv.detach().requires_grad_(True)
         logits = model(x_var)
-        objective = goal.ce_objective(logits)
+        objective = goal.objective(logits, loss)
         (grad,) = torch.autograd.grad(objective.sum(), x_var)
     return logits.detach(), objective.detach(), grad.detach()
 

@@ -130,6 +130,7 @@ def attack_events(
             clean = evaluate_tensor(evaluate, xb, tuple(xb.shape[1:]))
         if b == 0:
             _check_classes(clean.shape[1], labels, targets)
+            attack.check_classes(clean.shape[1])
         todo = (
             torch.arange(hi - lo, device=device)
             if attack.attacks_all
