@@ -117,6 +117,16 @@ def test_attack_json(address: str, data: Path, capsys: pytest.CaptureFixture[str
     assert 0 <= out["robust_accuracy"] <= out["clean_accuracy"] <= 1
 
 
+def test_attack_autoattack_json(address: str, data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["attack", "--address", address, "--model", "digits-cnn", "--data", str(data)]
+    budget = ["--eps", "0.2", "--steps", "2", "--query-budget", "10", "--json"]
+    out = _json(capsys, [*argv, "--attack", "autoattack", *budget])
+    assert isinstance(out, dict)
+    assert 0 <= out["robust_accuracy"] <= out["clean_accuracy"] <= 1
+    dlr = _json(capsys, [*argv, "--attack", "apgd", "--loss", "dlr", "--eps", "0.2", "--json"])
+    assert isinstance(dlr, dict) and dlr["robust_accuracy"] <= dlr["clean_accuracy"]
+
+
 def test_audit_writes_report(
     address: str, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

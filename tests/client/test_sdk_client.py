@@ -150,3 +150,25 @@ def test_async_client(server: BackgroundServer, digits: tuple[np.ndarray, np.nda
                 await client.get_model("nope")
 
     asyncio.run(main())
+
+
+def test_autoattack_and_the_dlr_loss_through_the_sdk(
+    server: BackgroundServer, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, y = digits
+    with interscope.Client(server.address, timeout=120) as client:
+        auto = client.attack(
+            model="digits-cnn", x=x[:4], y=y[:4], attack="autoattack", eps=0.2, steps=3,
+            query_budget=20,
+        )  # fmt: skip
+        assert auto.robust_accuracy <= auto.clean_accuracy
+        assert auto.adversarial is not None
+        assert np.abs(auto.adversarial - x[:4]).max() <= 0.2 + 1e-6
+        dlr = client.attack(
+            model="digits-cnn", x=x[:4], y=y[:4], attack="apgd", loss="dlr", eps=0.2, steps=5
+        )
+        assert dlr.robust_accuracy <= dlr.clean_accuracy
+        with pytest.raises(interscope.InvalidArgumentError, match="does not take a loss"):
+            client.attack(model="digits-cnn", x=x[:1], y=y[:1], attack="pgd", loss="dlr")
+        with pytest.raises(ValueError, match="unknown loss"):
+            client.attack(model="digits-cnn", x=x[:1], y=y[:1], attack="apgd", loss="hinge")
