@@ -117,7 +117,9 @@ def test_attack_json(address: str, data: Path, capsys: pytest.CaptureFixture[str
     assert 0 <= out["robust_accuracy"] <= out["clean_accuracy"] <= 1
 
 
-def test_attack_autoattack_json(address: str, data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_attack_autoattack_json(
+    address: str, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = ["attack", "--address", address, "--model", "digits-cnn", "--data", str(data)]
     budget = ["--eps", "0.2", "--steps", "2", "--query-budget", "10", "--json"]
     out = _json(capsys, [*argv, "--attack", "autoattack", *budget])

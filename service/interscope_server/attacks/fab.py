@@ -86,8 +86,14 @@ class FAB(WhiteBoxAttack):
             # In units of eps (u = x / unit) the plane is w . (u - u_k) = -df.
             w = (dg * unit).flatten(1).double()
             gap = (w * ((x_k - x0) / unit).flatten(1).double()).sum(dim=1)
-            d_k = self._project(x_k, w, -df.double(), ball)
-            d_0 = self._project(x0, w, -df.double() + gap, ball)
+            # Both projections in one batch: half the small tensor ops of the bisection.
+            both = self._project(
+                torch.cat([x_k, x0]),
+                torch.cat([w, w]),
+                torch.cat([-df.double(), -df.double() + gap]),
+                ball,
+            )
+            d_k, d_0 = both[:n], both[n:]
             a_k = _norm((d_k / unit).flatten(1), ball.norm)
             a_0 = _norm((d_0 / unit).flatten(1), ball.norm)
             alpha = (a_k / (a_k + a_0 + _TINY)).clamp(0.0, ALPHA_MAX).float().view(shape)
