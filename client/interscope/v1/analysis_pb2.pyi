@@ -1223,7 +1223,9 @@ class AttackSpec(_message.Message):
     sqrt(sum_j ((x'_j - x_j) / w_j)^2) <= eps; step sizes and reported norms use those units.
     """
     steps: _builtins.int
-    """Iterations (PGD, APGD, PGD_MARGIN max steps), >= 1. Default 10 when 0. Ignored by FGSM."""
+    """Iterations (PGD, APGD, PGD_MARGIN max steps; FAB, and each APGD and FAB run of AUTOATTACK),
+    >= 1. Default when 0: the kind's (PGD 10; APGD, FAB, AUTOATTACK 100). Ignored by FGSM.
+    """
     step_size: _builtins.float
     """Step size in raw input units, > 0. Default 2.5 * eps / steps when 0."""
     random_start: _builtins.bool
