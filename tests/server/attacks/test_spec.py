@@ -15,7 +15,7 @@ from interscope_server.errors import InvalidArgument
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"name": "cw"}, "allowed: apgd, fgsm, pgd, pgd_margin, simba, square"),
+        ({"name": "cw"}, "allowed: apgd, autoattack, fab, fgsm, pgd, pgd_margin, simba, square"),
         ({"name": "pgd", "norm": "l1"}, "allowed: linf, l2"),
         ({"name": "pgd", "eps": 0.0}, "eps must be"),
         ({"name": "pgd", "eps": float("nan")}, "eps must be"),
@@ -61,7 +61,11 @@ def test_defaults_resolve_per_attack() -> None:
     assert AttackSpec("pgd_margin", eps=32 / 255).resolved_step_size == pytest.approx(2 / 255)
     assert AttackSpec("pgd").resolved_random_start
     assert not AttackSpec("pgd_margin").resolved_random_start
-    assert [AttackSpec(name).white_box for name in ATTACK_NAMES] == [True] * 4 + [False] * 2
+    black_box = {"simba", "square"}
+    assert [AttackSpec(name).white_box for name in ATTACK_NAMES] == [
+        name not in black_box for name in ATTACK_NAMES
+    ]
+    assert len(ATTACK_NAMES) == 8
 
 
 def test_numpy_scalars_are_accepted_and_bools_are_not() -> None:
