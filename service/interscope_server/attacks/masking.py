@@ -135,6 +135,7 @@ def _black_box(
             random_start=None,
             restarts=1,
             max_queries=spec.check_queries,
+            loss=None,  # Square has its own margin objective
         )
     )
     try:

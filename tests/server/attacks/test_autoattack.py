@@ -140,7 +140,16 @@ def test_autoattack_beats_apgd_ce_and_attacks_only_what_is_still_robust(
     apgd_spec = AttackSpec("apgd", eps=0.15, steps=steps, seed=4)
     apgd = run_attack(apgd_spec, x, y, adversarial_model, None)
     counted = CountingModule(adversarial_model)
-    spec = AttackSpec("autoattack", eps=0.15, steps=steps, max_queries=queries, seed=4)
+    # The runner's gradient-masking checks off: this counts AutoAttack's own passes.
+    spec = AttackSpec(
+        "autoattack",
+        eps=0.15,
+        steps=steps,
+        max_queries=queries,
+        seed=4,
+        check_queries=0,
+        check_reruns=0,
+    )
     auto = run_attack(spec, x, y, counted, None)
     assert auto.summary.robust_accuracy <= apgd.summary.robust_accuracy
     assert auto.summary.robust_accuracy < auto.summary.clean_accuracy
@@ -152,7 +161,8 @@ def test_autoattack_beats_apgd_ce_and_attacks_only_what_is_still_robust(
             assert b.queries > 1 + a.queries
         assert b.linf <= 0.15
     # Every forward the model saw is in some example's count (plus the runner's clean pass).
-    assert counted.rows == len(x) + auto.summary.total_queries
+    # (and the gradient-masking checks' own count, kept apart in the summary).
+    assert counted.rows == len(x) + auto.summary.total_queries + auto.summary.check_queries
     robust = [r for r in auto.results if r.attacked and not r.success]
     # Those no attack fooled paid for all of them, Square's whole budget included.
     assert all(r.queries >= 1 + (steps + 1) * 10 + 9 * (2 * steps + 1) + queries for r in robust)
