@@ -55,6 +55,9 @@ class AutoAttack(WhiteBoxAttack):
     """
 
     kind = "autoattack"
+    # Its Square stage already is the black-box check, and a second, longer ensemble run per
+    # batch would cost more than the evaluation itself: only the gradient checks apply.
+    extra_checks = False
     default_steps = 100
     default_queries = SQUARE_QUERIES
     default_random_start = True

@@ -662,6 +662,9 @@ class Attack(ABC):
     default_steps: ClassVar[int] = 0
     #: Whether the step count is the attack's own (fgsm: one), so the wire's `steps` is ignored.
     fixed_steps: ClassVar[bool] = False
+    #: Whether the gradient-masking checks may add their black-box and more-steps runs
+    #: (attacks/masking.py); an ensemble that holds a black-box attack already opts out.
+    extra_checks: ClassVar[bool] = True
     #: Whether to start from a random point when the spec leaves `random_start` unset.
     default_random_start: ClassVar[bool] = False
     #: Whether the attack sets its own step size (schedule or search), so the spec may not.

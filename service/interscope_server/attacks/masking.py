@@ -91,11 +91,12 @@ def check_batch(
     gain = (sub_goal.ce_objective(adv[robust]) - sub_goal.ce_objective(clean[robust])).double()
     gain_np = gain.cpu().numpy()
 
+    extra = attack_class(spec.name).extra_checks
     black_box: list[bool | None] = [None] * len(rows)
-    if spec.check_queries > 0:
+    if spec.check_queries > 0 and extra:
         black_box = _black_box(spec, model, x[robust], sub_goal, queries, rows, cancel, generator)
     more_steps: list[bool | None] = [None] * len(rows)
-    if spec.check_reruns > 0 and not attack_class(spec.name).fixed_steps:
+    if spec.check_reruns > 0 and extra and not attack_class(spec.name).fixed_steps:
         picked = _spread(len(rows), spec.check_reruns)
         index = robust[torch.from_numpy(picked).to(robust.device)]
         fooled = _more_steps(spec, model, x[index], goal.subset(index), cancel, generator)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -178,6 +180,11 @@ def test_autoattack_l2_keeps_to_the_ball(standard_model: torch.nn.Module, digits
     assert auto.summary.robust_accuracy <= apgd.summary.robust_accuracy
     assert max(r.l2 for r in auto.results) <= 1.0
     assert all(r.x_adv.min() >= 0.0 and r.x_adv.max() <= 1.0 for r in auto.results)
+    # With the default masking checks: the gradient checks only; its own Square stage is the
+    # black-box check, and no second ensemble run is spent on the more-steps one.
+    checked = [r.checks for r in auto.results if r.attacked and not r.success]
+    assert checked and all(c is not None and math.isfinite(c.gradient_l1) for c in checked)
+    assert all(c.black_box_fooled is None and c.more_steps_fooled is None for c in checked)
 
 
 def test_autoattack_rejects_what_it_cannot_honour(tiny_model: torch.nn.Module) -> None:
