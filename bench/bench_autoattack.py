@@ -45,6 +45,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=100, help="held-out digits per model")
     parser.add_argument("--eps", type=float, default=0.1)
+    parser.add_argument(
+        "--hosts",
+        choices=["process", "inline"],
+        default="process",
+        help="models in host processes (the product's default) or in the server's own",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -52,7 +58,7 @@ def main() -> int:
     repository = build_demo_repository(ROOT / ".cache" / "demo-repository")
     with np.load(repository / TEST_DATA_FILE) as data:
         x, y = data["x"][: args.n], data["y"][: args.n]
-    server, address = start_server(repository, "process")
+    server, address = start_server(repository, args.hosts)
     rows = []
     try:
         with interscope.Client(address, timeout=3600) as client:
@@ -85,7 +91,7 @@ def main() -> int:
 
     print(
         f"\nAutoAttack standard, L-inf eps {args.eps}, {args.n} digits, seed 0, one thread each; "
-        "ours through the server"
+        f"ours through the server, models in {args.hosts} hosts"
     )
     print(f"{'model':20s}{'ours':>8s}{'theirs':>8s}{'|diff|':>8s}{'ours s':>9s}{'theirs s':>10s}"
           f"{'ratio':>7s}")  # fmt: skip
