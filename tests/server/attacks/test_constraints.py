@@ -106,12 +106,13 @@ def test_per_feature_ranges_and_eps_units_are_respected_exactly(
     x = np.clip(x, low32, high32)
     x[:3] = low32.astype(np.float32)
     x[3:6] = high32.astype(np.float32)
-    y = np.arange(12) % 3
+    # Four classes: AUTOATTACK's targeted DLR loss needs them.
+    y = np.arange(12) % 4
     torch.manual_seed(0)
     # Works on unit-scaled features, so every feature matters despite the scales.
     scale = torch.from_numpy(1 / (pairs[:, 1] - pairs[:, 0])).float()
     offset = torch.from_numpy(pairs[:, 0]).float()
-    linear = torch.nn.Linear(len(pairs), 3)
+    linear = torch.nn.Linear(len(pairs), 4)
     model = torch.nn.Sequential(_Affine(offset, scale), linear).eval()
 
     def evaluate(batch: np.ndarray) -> np.ndarray:
@@ -150,4 +151,6 @@ class _Affine(torch.nn.Module):
 def _budget(name: AttackName) -> dict[str, Any]:
     if name in ("simba", "square"):
         return {"max_queries": 60}
-    return {"steps": 8} if name in ("pgd", "apgd", "pgd_margin") else {}
+    if name == "autoattack":
+        return {"steps": 4, "max_queries": 60}
+    return {"steps": 8} if name in ("pgd", "apgd", "pgd_margin", "fab") else {}
