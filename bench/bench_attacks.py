@@ -94,7 +94,7 @@ def main() -> int:
     for _ in range(2):  # warm-up: TorchScript profiling runs and allocator growth
         ours(), theirs()
     # Rounds run both back to back, alternating which goes first, and the ratio is the median of
-    # per-round ratios, so a busy neighbour slows both sides of a round alike.
+    # per-round ratios, so a busy neighbor slows both sides of a round alike.
     rounds: list[tuple[float, float]] = []
     acc_ours = acc_theirs = 0.0
     for i in range(args.repeats):

@@ -4,7 +4,7 @@ fewer forwards, as a function of the number of pairs. The measured crossover is 
 
 Run from the repository root: `python bench/bench_crossover.py [--images 4] [--samples 20]`.
 Both estimators run side by side in this process on the same onnxruntime session, on the demo
-digits CNN, an 8 x 8 grid (64 players), the first P neighbour pairs, twelve orders.
+digits CNN, an 8 x 8 grid (64 players), the first P neighbor pairs, twelve orders.
 
 Efficiency at equal standard error: (forwards_independent * se_independent^2) /
 (forwards_shared * se_shared^2), > 1 when shared contexts win. Samples ~ 1/se^2, so this is
@@ -29,8 +29,8 @@ RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
 #: (name, OrderStats attribute) of each statistic whose SE we compare.
 STATISTICS = (
     ("per-pair I", "pair_se"),
-    ("strength mean|I|", "mean_abs_se"),
-    ("signed mean", "mean_se"),
+    ("strength mean|I|", "mean_abs_stderr"),
+    ("signed mean", "mean_stderr"),
 )
 
 
@@ -66,11 +66,11 @@ def main() -> None:
     evaluate = evaluator(repo / "digits-cnn", 1)
     with np.load(repo / TEST_DATA_FILE) as data:
         xs, ys = data["x"][: args.images], data["y"][: args.images]
-    all_pairs = GridPlayers(8, 8).neighbour_pairs(1)
+    all_pairs = GridPlayers(8, 8).neighbor_pairs(1)
     rng = np.random.default_rng(0)
     orders = orders_from_ratios(RATIOS, 64)
     print(
-        f"{len(all_pairs)} neighbour pairs on 8 x 8; {len(orders)} orders; "
+        f"{len(all_pairs)} neighbor pairs on 8 x 8; {len(orders)} orders; "
         f"~{args.samples} contexts per pair and order; {args.images} images"
     )
     print("pairs  " + "  ".join(f"{name:>18}" for name, _ in STATISTICS) + "   fwd shared/indep")

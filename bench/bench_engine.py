@@ -90,7 +90,7 @@ def bench_exact_vs_raw(evaluate: Evaluate, x: np.ndarray, y: int, repeats: int) 
 def bench_sampling(evaluate: Evaluate, x: np.ndarray, y: int, samples: int) -> None:
     grid = GridPlayers(8, 8)
     n = grid.n_players
-    pairs = grid.neighbour_pairs(1)
+    pairs = grid.neighbor_pairs(1)
     orders = orders_from_ratios((0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0), n)
 
     def game() -> ModelGame:
@@ -104,7 +104,7 @@ def bench_sampling(evaluate: Evaluate, x: np.ndarray, y: int, samples: int) -> N
     stats = estimate(g_ours, plan, CHUNK)
     t_ours = time.perf_counter() - t
     se_ours = float(np.nanmean([np.nanmean(s.pair_se) for s in stats]))
-    agg_ours = float(np.mean([s.mean_se for s in stats]))
+    agg_ours = float(np.mean([s.mean_stderr for s in stats]))
 
     # The paper's scheme: every pair its own contexts, 4 forwards per sample.
     g_pp = game()
@@ -113,13 +113,13 @@ def bench_sampling(evaluate: Evaluate, x: np.ndarray, y: int, samples: int) -> N
     stats_pp = estimate(g_pp, plan_pp, CHUNK)
     t_pp = time.perf_counter() - t
     se_pp = float(np.nanmean([np.nanmean(s.pair_se) for s in stats_pp]))
-    agg_pp = float(np.mean([s.mean_se for s in stats_pp]))
+    agg_pp = float(np.mean([s.mean_stderr for s in stats_pp]))
     # Time to reach a given SE scales as SE^2 (samples ~ 1/SE^2): compare at equal per-pair SE.
     equal_se = (t_pp * se_pp**2) / (t_ours * se_ours**2)
     # Shared contexts correlate the pairs' errors, so an order's mean over pairs gains less.
     equal_agg = (t_pp * agg_pp**2) / (t_ours * agg_ours**2)
     print(
-        f"(b) {n} players, {len(pairs)} neighbour pairs, {len(orders)} orders, ~{samples} "
+        f"(b) {n} players, {len(pairs)} neighbor pairs, {len(orders)} orders, ~{samples} "
         f"contexts per pair: shared contexts {g_ours.forwards} forwards for {plan.samples} "
         f"Delta v samples = {g_ours.forwards / plan.samples:.3f} forwards/sample "
         f"(target <= 1.5; per-pair scheme "

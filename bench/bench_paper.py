@@ -1,13 +1,13 @@
 """Paper-scale benchmark: a ResNet-18-style network on 64x64 inputs, a 16x16 grid (256 players),
-200 neighbour pairs, ten orders, through a real server over loopback.
+200 neighbor pairs, ten orders, through a real server over loopback.
 
-Run from the repository root: `python bench/bench_paper.py [--contexts 8] [--images 2]`.
+Run from the repository root: `python bench/bench_paper.py [--contexts-per-order 8] [--images 2]`.
 
 What it measures, side by side in this one script on one onnxruntime model:
 - (a) the raw batched forward rate of the model (onnxruntime, batch 256): the limit;
 - (b) a sampled Profile with shared contexts and one with independent contexts (the paper's
-  per-pair scheme, four forwards per Delta v sample), each with `--contexts` contexts per pair
-  and order: forwards, wall time and the per-pair standard errors the server reports;
+  per-pair scheme, four forwards per Delta v sample), each with `--contexts-per-order` contexts per
+  pair and order: forwards, wall time and the per-pair standard errors the server reports;
 - from those, the forwards and wall time per image to reach the paper's per-pair standard error
   (100 contexts per pair and order in the per-pair scheme): standard errors shrink as
   1/sqrt(samples), so a scheme with mean per-pair variance V at F forwards needs F * V / V* for
@@ -144,9 +144,9 @@ def profile_options(contexts: int, independent: bool, pairs: int = PAIRS) -> dic
         "pairs": "neighbors",
         "num_pairs": pairs,
         "ratios": RATIOS,
-        "contexts": contexts,
+        "contexts_per_order": contexts,
         "context_sharing": "independent" if independent else "shared",
-        "pairwise": True,
+        "return_pairs": True,
         "seed": 1,
     }
 
@@ -191,7 +191,9 @@ def memory_child(repository: str, pairs: int, queue: Any) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--contexts", type=int, default=8, help="contexts per pair and order")
+    parser.add_argument(
+        "--contexts-per-order", type=int, default=8, help="contexts per pair and order"
+    )
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
@@ -207,12 +209,12 @@ def main() -> None:
         # Warm-up, which also gives the predicted classes the profiles explain.
         warm = client.profile(model="resnet18-64", x=x, **profile_options(2, False))
         y = np.array([p.prediction for p in warm.profiles])
-        shared = sampled(client, x, y, args.contexts, independent=False)
-        per_pair = sampled(client, x, y, args.contexts, independent=True)
-        target = per_pair[2] * args.contexts / PAPER_CONTEXTS  # the paper's variance
+        shared = sampled(client, x, y, args.contexts_per_order, independent=False)
+        per_pair = sampled(client, x, y, args.contexts_per_order, independent=True)
+        target = per_pair[2] * args.contexts_per_order / PAPER_CONTEXTS  # the paper's variance
         print(
-            f"(b) {GRID[0]}x{GRID[1]} grid ({GRID[0] * GRID[1]} players), {PAIRS} neighbour "
-            f"pairs, {len(RATIOS)} orders, {args.contexts} contexts per pair and order, "
+            f"(b) {GRID[0]}x{GRID[1]} grid ({GRID[0] * GRID[1]} players), {PAIRS} neighbor "
+            f"pairs, {len(RATIOS)} orders, {args.contexts_per_order} contexts per pair and order, "
             f"{args.images} images:"
         )
         needed = {}
@@ -242,7 +244,7 @@ def main() -> None:
             attack="pgd",
             eps=8 / 255,
             steps=10,
-            profile=profile_options(args.contexts, False),
+            profile=profile_options(args.contexts_per_order, False),
         )
         wall = time.perf_counter() - start
         provenance = attack.summary.provenance

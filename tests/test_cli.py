@@ -77,7 +77,7 @@ def test_profile_json(
             "log-prob",
             "--estimator",
             "exact",
-            "--pairwise",
+            "--return-pairs",
             "--json",
         ],
     )
@@ -189,7 +189,7 @@ def test_demo_repository_and_reduced_demo(
                 str(out_dir),
                 "--samples",
                 "3",
-                "--contexts",
+                "--contexts-per-order",
                 "2",
                 "--steps",
                 "2",
@@ -304,7 +304,7 @@ def test_a_gallery_over_too_many_players_says_why_it_has_no_heatmaps(
 ) -> None:
     out_dir = tmp_path / "audit"
     argv = ["audit", "--address", address, "--model", "digits-cnn", "--data", str(data)]
-    argv += ["--limit", "2", "--steps", "1", "--grid", "5x4", "--contexts", "2"]
+    argv += ["--limit", "2", "--steps", "1", "--grid", "5x4", "--contexts-per-order", "2"]
     argv += ["--ratios", "0.1,0.9", "--out", str(out_dir)]
     assert main(argv) == 0
     gallery = json.loads((out_dir / "report.json").read_text())["gallery"]

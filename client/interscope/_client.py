@@ -547,11 +547,11 @@ class Client(BaseClient):
         pairs: str | None = None,
         num_pairs: int | None = None,
         neighbor_radius: int | None = None,
-        contexts: int | None = None,
+        contexts_per_order: int | None = None,
         context_sharing: str | None = None,
         target_statistic: str | None = None,
         seed: int | None = None,
-        pairwise: bool | None = None,
+        return_pairs: bool | None = None,
     ) -> Iterator[ProfileEvent]:
         """Interaction profiles of the inputs `x` (N, *input_shape, or one example), as events.
 
@@ -567,7 +567,8 @@ class Client(BaseClient):
                 ProfileOptions field below that is not None overrides it (see ProfileOptions
                 for their meaning): grid=(R, C) | features= | mask= (the players), baseline,
                 baseline_reference, value, orders | ratios, estimator, pairs, num_pairs,
-                neighbor_radius, contexts, context_sharing, target_statistic, seed, pairwise.
+                neighbor_radius, contexts_per_order, context_sharing, target_statistic, seed,
+                return_pairs.
             timeout: seconds for the whole call; default the client's.
         """
         spec = _given(ProfileOptions, locals())
@@ -599,11 +600,11 @@ class Client(BaseClient):
         pairs: str | None = None,
         num_pairs: int | None = None,
         neighbor_radius: int | None = None,
-        contexts: int | None = None,
+        contexts_per_order: int | None = None,
         context_sharing: str | None = None,
         target_statistic: str | None = None,
         seed: int | None = None,
-        pairwise: bool | None = None,
+        return_pairs: bool | None = None,
     ) -> ProfileResult:
         """Like `profile_stream` (the same parameters), returning only the final ProfileResult."""
         arguments = _arguments(locals())
@@ -853,11 +854,11 @@ class AsyncClient(BaseClient):
         pairs: str | None = None,
         num_pairs: int | None = None,
         neighbor_radius: int | None = None,
-        contexts: int | None = None,
+        contexts_per_order: int | None = None,
         context_sharing: str | None = None,
         target_statistic: str | None = None,
         seed: int | None = None,
-        pairwise: bool | None = None,
+        return_pairs: bool | None = None,
     ) -> AsyncIterator[ProfileEvent]:
         """Interaction profiles as events; the parameters are Client.profile_stream's."""
         spec = _given(ProfileOptions, locals())
@@ -889,11 +890,11 @@ class AsyncClient(BaseClient):
         pairs: str | None = None,
         num_pairs: int | None = None,
         neighbor_radius: int | None = None,
-        contexts: int | None = None,
+        contexts_per_order: int | None = None,
         context_sharing: str | None = None,
         target_statistic: str | None = None,
         seed: int | None = None,
-        pairwise: bool | None = None,
+        return_pairs: bool | None = None,
     ) -> ProfileResult:
         """Like `profile_stream` (the same parameters), returning only the final ProfileResult."""
         arguments = _arguments(locals())

@@ -34,7 +34,7 @@ class DemoOptions:
     steps: int = 10
     grid: int = 4
     estimator: str = "sampled"
-    contexts: int = 16
+    contexts_per_order: int = 16
     seed: int = 0
     progress: bool = True
     #: Samples per model in the report's gallery (exact profiles, about 3 s each here).
@@ -119,7 +119,7 @@ def run_demo(options: DemoOptions, *, stream: TextIO | None = None) -> list[Audi
     profile = ProfileOptions(
         grid=(options.grid, options.grid),
         estimator=options.estimator,
-        contexts=options.contexts,
+        contexts_per_order=options.contexts_per_order,
         seed=options.seed,
     )
     out_dir = options.out or options.workdir / "report"

@@ -101,13 +101,13 @@ def build_gallery(
     exact = dataclasses.replace(
         profile,
         estimator="exact",
-        pairwise=True,
+        return_pairs=True,
         orders=None,
         ratios=None,
         pairs=None,
         num_pairs=0,
         neighbor_radius=0,
-        contexts=0,
+        contexts_per_order=0,
         context_sharing="shared",
     )
     names = classes or []

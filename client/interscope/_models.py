@@ -239,7 +239,7 @@ class InteractionProfile(_DictMixin):
     mean_abs_stderr: np.ndarray
     strength: np.ndarray
     disentanglement: np.ndarray
-    #: (k, 2) player pairs with i < j, and (len(orders), k) I^(m)(i,j); with pairwise=True.
+    #: (k, 2) player pairs with i < j, and (len(orders), k) I^(m)(i,j); with return_pairs=True.
     pairs: np.ndarray | None
     interactions: np.ndarray | None
     interactions_stderr: np.ndarray | None
@@ -300,7 +300,7 @@ class ProfileResult(_DictMixin):
 
     @property
     def pairs(self) -> np.ndarray | None:
-        """(k, 2) pairs (i < j) shared by every input's profile; None without pairwise=True."""
+        """(k, 2) pairs (i < j) shared by every input's profile; None without return_pairs=True."""
         return self.profiles[0].pairs if self.profiles else None
 
     @property

@@ -101,11 +101,11 @@ class ProfileOptions:
     pairs: str | None = None
     num_pairs: int = 0
     neighbor_radius: int = 0
-    contexts: int = 0
+    contexts_per_order: int = 0
     context_sharing: str = "auto"
     target_statistic: str = "pairs"
     seed: int = 0
-    pairwise: bool = False
+    return_pairs: bool = False
 
     @classmethod
     def coerce(cls, value: ProfileOptions | Mapping[str, Any]) -> ProfileOptions:
@@ -146,14 +146,14 @@ class ProfileOptions:
                 ),
                 num_pairs=int(self.num_pairs),
                 neighbor_radius=int(self.neighbor_radius),
-                contexts_per_order=int(self.contexts),
+                contexts_per_order=int(self.contexts_per_order),
                 context_sharing=_pick(_CONTEXT_SHARINGS, self.context_sharing, "context sharing"),
                 target_statistic=_pick(
                     _TARGET_STATISTICS, self.target_statistic, "target statistic"
                 ),
             ),
             seed=int(self.seed),
-            return_pairs=bool(self.pairwise),
+            return_pairs=bool(self.return_pairs),
         )
         if self.orders is not None:
             spec.orders.orders.extend(int(m) for m in self.orders)

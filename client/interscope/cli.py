@@ -198,7 +198,9 @@ def _profile_args(parser: argparse.ArgumentParser, *, default_estimator: str = "
     group.add_argument("--pairs", choices=PAIR_MODES, help="pairs the sampled estimator uses")
     group.add_argument("--num-pairs", type=_count(0), default=0)
     group.add_argument("--neighbor-radius", type=_count(0), default=0)
-    group.add_argument("--contexts", type=_count(0), default=0, help="sampled contexts per order")
+    group.add_argument(
+        "--contexts-per-order", type=_count(0), default=0, help="sampled contexts per order"
+    )
     group.add_argument(
         "--context-sharing",
         default="auto",
@@ -216,7 +218,7 @@ def _profile_args(parser: argparse.ArgumentParser, *, default_estimator: str = "
 
 
 def _profile_options(
-    args: argparse.Namespace, *, pairwise: bool = False, feature_names: Sequence[str] = ()
+    args: argparse.Namespace, *, return_pairs: bool = False, feature_names: Sequence[str] = ()
 ) -> ProfileOptions:
     baseline: Any = args.baseline
     with contextlib.suppress(ValueError):
@@ -240,11 +242,11 @@ def _profile_options(
         pairs=args.pairs,
         num_pairs=args.num_pairs,
         neighbor_radius=args.neighbor_radius,
-        contexts=args.contexts,
+        contexts_per_order=args.contexts_per_order,
         context_sharing=args.context_sharing,
         target_statistic=args.target_statistic,
         seed=args.profile_seed,
-        pairwise=pairwise,
+        return_pairs=return_pairs,
     )
 
 
@@ -410,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--samples", type=_count(1), default=48, help="digits audited per model")
     demo.add_argument("--estimator", default="sampled", choices=ESTIMATORS)
-    demo.add_argument("--contexts", type=_count(1), default=16)
+    demo.add_argument("--contexts-per-order", type=_count(1), default=16)
     demo.add_argument("--eps", type=_real(positive=True), default=0.1)
     demo.add_argument("--steps", type=_count(1), default=10)
     demo.add_argument("--json", action="store_true")
@@ -437,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--input", type=Path, required=True, help=".npy: one input or a batch")
     profile.add_argument("--label", type=_count(0), help="class y (default: the prediction)")
     profile.add_argument("--class-choice", choices=CLASS_CHOICES)
-    profile.add_argument("--pairwise", action="store_true", help="return I^(m)(i,j) per pair")
+    profile.add_argument("--return-pairs", action="store_true", help="return I^(m)(i,j) per pair")
     _profile_args(profile)
     profile.add_argument("--seed", type=_count(0), dest="profile_seed", help=argparse.SUPPRESS)
 
@@ -585,7 +587,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         out=args.out,
         samples=args.samples,
         estimator=args.estimator,
-        contexts=args.contexts,
+        contexts_per_order=args.contexts_per_order,
         eps=args.eps,
         steps=args.steps,
     )
@@ -656,7 +658,9 @@ def _cmd_profile(args: argparse.Namespace) -> int:
             label=args.label,
             class_choice=args.class_choice,
             options=_profile_options(
-                args, pairwise=args.pairwise, feature_names=_feature_names(client, args, args.model)
+                args,
+                return_pairs=args.return_pairs,
+                feature_names=_feature_names(client, args, args.model),
             ),
         ):
             if isinstance(event, Progress) and event.total:
@@ -736,8 +740,8 @@ def _audit_header(args: argparse.Namespace, n: int) -> str:
         attack += f" of {args.step_size:.4g}"
     players = f"mask {args.mask}" if args.mask is not None else "{}x{} grid".format(*args.grid)
     profile = f"{players}, {args.baseline} baseline, {args.value}, {args.estimator} estimator"
-    if args.contexts:
-        profile += f", {args.contexts} contexts"
+    if args.contexts_per_order:
+        profile += f", {args.contexts_per_order} contexts"
     return f"audit of {n} samples: attack {attack}; players {profile}"
 
 

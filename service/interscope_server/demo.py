@@ -168,7 +168,7 @@ def load_digits_16(recipe: DemoRecipe) -> tuple[np.ndarray, np.ndarray, np.ndarr
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)  # pixel values are 0..16
     factor = recipe.image_size // 8
-    # Nearest-neighbour upsampling keeps the values exactly in [0, 1] and is bit-reproducible.
+    # Nearest-neighbor upsampling keeps the values exactly in [0, 1] and is bit-reproducible.
     images = images.repeat(factor, axis=1).repeat(factor, axis=2)[:, None, :, :]
     labels = digits.target.astype(np.int64)
     order = np.random.default_rng(recipe.seed).permutation(len(labels))

@@ -42,7 +42,7 @@ def test_profile_exact_pairwise_and_stream(
             label=y[:1],
             grid=(3, 3),
             estimator="exact",
-            pairwise=True,
+            return_pairs=True,
         )
         assert result.n_players == 9
         np.testing.assert_array_equal(result.orders, np.arange(8))

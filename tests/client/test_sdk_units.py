@@ -69,7 +69,7 @@ def test_addresses_and_targets() -> None:
 
 def test_profile_options_to_spec() -> None:
     spec = interscope.ProfileOptions(
-        grid=(4, 4), estimator="exact", value="log-odds", pairwise=True, ratios=[0.5]
+        grid=(4, 4), estimator="exact", value="log-odds", return_pairs=True, ratios=[0.5]
     ).to_proto()
     assert (spec.players.grid.rows, spec.players.grid.cols) == (4, 4)
     assert spec.estimator == analysis_pb2.ESTIMATOR_KIND_EXACT

@@ -614,8 +614,8 @@ class SamplingSpec(_message.Message):
     pair_mode: Global___PairMode.ValueType
     num_pairs: _builtins.int
     """For PAIR_MODE_RANDOM: how many pairs, >= 1. Default when 0: 200, or every pair if fewer.
-    For PAIR_MODE_NEIGHBORS: when > 0, that many of the neighbour pairs, drawn with the seed
-    (default 0: every neighbour pair). Refused with PAIR_MODE_ALL.
+    For PAIR_MODE_NEIGHBORS: when > 0, that many of the neighbor pairs, drawn with the seed
+    (default 0: every neighbor pair). Refused with PAIR_MODE_ALL.
     """
     neighbor_radius: _builtins.int
     """For PAIR_MODE_NEIGHBORS: radius in cells, >= 1. Default 1 when 0."""

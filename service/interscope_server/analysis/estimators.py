@@ -21,7 +21,7 @@ from interscope_server.analysis.results import OrderEstimate
 from interscope_server.analysis.sampled import OrderStats, SamplingPlan, order_stats, run_order
 from interscope_server.cancel import CancelToken
 
-DELTA = "delta"  # the stage name of the paired difference clean - perturbed
+DELTA = "delta"  # the stage name of the paired difference clean - adversarial
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,11 @@ class OrderTable:
     n: int
     orders: np.ndarray
     mean: np.ndarray
-    mean_se: np.ndarray
+    mean_stderr: np.ndarray
     mean_abs: np.ndarray
-    mean_abs_se: np.ndarray
+    mean_abs_stderr: np.ndarray
     disentanglement: np.ndarray
-    disentanglement_se: np.ndarray
+    disentanglement_stderr: np.ndarray
     samples_per_pair: np.ndarray
     pair_mean: np.ndarray  # (orders, pairs)
     pair_se: np.ndarray
@@ -54,9 +54,9 @@ class OrderTable:
                 float(self.mean[row]),
                 float(self.mean_abs[row]),
                 float(self.disentanglement[row]),
-                float(self.mean_se[row]),
-                float(self.mean_abs_se[row]),
-                float(self.disentanglement_se[row]),
+                float(self.mean_stderr[row]),
+                float(self.mean_abs_stderr[row]),
+                float(self.disentanglement_stderr[row]),
                 float(self.samples_per_pair[row]),
             )
 
@@ -67,11 +67,11 @@ class OrderTable:
             n,
             np.asarray(orders),
             np.array([s.mean for s in stats]),
-            np.array([s.mean_se for s in stats]),
+            np.array([s.mean_stderr for s in stats]),
             np.array([s.mean_abs for s in stats]),
-            np.array([s.mean_abs_se for s in stats]),
+            np.array([s.mean_abs_stderr for s in stats]),
             np.array([s.disentanglement for s in stats]),
-            np.array([s.disentanglement_se for s in stats]),
+            np.array([s.disentanglement_stderr for s in stats]),
             np.array([float(s.counts.mean()) for s in stats]),
             np.stack([s.pair_mean for s in stats]),
             np.stack([s.pair_se for s in stats]),
@@ -85,7 +85,7 @@ class GameMeasure:
     table: OrderTable
     value_full: float
     value_empty: float
-    singleton_term: float  # sum_i v({i}) - v(empty); NaN when not measured
+    first_order_term: float  # sum_i v({i}) - v(empty); NaN when not measured
     forwards: int  # the game's own forwards
     exact: ExactInteractions | None = None  # the full tables, when the estimator is exact
 
@@ -278,7 +278,7 @@ class SampledPlanEstimator(Estimator):
         return Decomposition(
             self.orders,
             weights * measured.delta.mean,
-            weights * measured.delta.mean_se,
+            weights * measured.delta.mean_stderr,
             bool(complete),
         )
 

@@ -12,9 +12,7 @@ from interscope_server.analysis.players import Players, resolve_players
 from interscope_server.analysis.values import ValueFunction, class_values
 from interscope_server.cancel import CancelToken
 from interscope_server.errors import InvalidArgument
-
-# The engine never sees a model: float32 inputs (B, *input_shape) -> float32 logits (B, K).
-Evaluator = Callable[[np.ndarray], np.ndarray]
+from interscope_server.evaluator import Evaluator
 
 
 class CountingEvaluator:

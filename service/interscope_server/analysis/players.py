@@ -73,10 +73,10 @@ class GridPlayers:
             cell = cell[:, :, None]  # every channel of a pixel belongs to the pixel's cell
         return np.broadcast_to(cell, input_shape).astype(np.int64)
 
-    def neighbour_pairs(self, radius: int = 1) -> np.ndarray:
-        """Pairs (i, j), i < j, of cells at Chebyshev distance 1..radius (1: 8 neighbours)."""
+    def neighbor_pairs(self, radius: int = 1) -> np.ndarray:
+        """Pairs (i, j), i < j, of cells at Chebyshev distance 1..radius (1: 8 neighbors)."""
         if radius < 1:
-            raise InvalidArgument(f"neighbour radius {radius} is not allowed: it must be >= 1")
+            raise InvalidArgument(f"neighbor radius {radius} is not allowed: it must be >= 1")
         r, c = np.divmod(np.arange(self.n_players), self.cols)
         dist = np.maximum(np.abs(r[:, None] - r[None, :]), np.abs(c[:, None] - c[None, :]))
         i, j = np.nonzero(np.triu((dist >= 1) & (dist <= radius), k=1))

@@ -22,10 +22,10 @@ from interscope_server.analysis.exact import all_pairs
 from interscope_server.analysis.game import CountingEvaluator, Evaluator, ModelGame
 from interscope_server.analysis.players import GridPlayers, Players, resolve_players
 from interscope_server.analysis.results import (
+    ForwardProgress,
     InteractionProfile,
     OrderEstimate,
     PerturbationProfile,
-    Progress,
 )
 from interscope_server.analysis.sampled import (
     DEFAULT_RATIOS,
@@ -52,7 +52,7 @@ class EstimatorChoice(enum.Enum):
 class PairSelection(enum.Enum):
     ALL = "all"
     RANDOM = "random"  # n_random_pairs distinct pairs drawn with the seed
-    NEIGHBOURS = "neighbours"  # grid cells within neighbour_radius (Chebyshev distance)
+    NEIGHBORS = "neighbors"  # grid cells within neighbor_radius (Chebyshev distance)
 
 
 @dataclass(frozen=True)
@@ -68,10 +68,10 @@ class ProfileSpec:
     estimator: EstimatorChoice = EstimatorChoice.AUTO
     pairs: PairSelection = PairSelection.ALL
     n_random_pairs: int = 200
-    neighbour_radius: int = 1
-    #: With NEIGHBOURS: draw this many of the neighbour pairs with the seed (the paper samples
-    #: 200 neighbour pairs of a 16x16 grid); 0 keeps every neighbour pair.
-    n_neighbour_pairs: int = 0
+    neighbor_radius: int = 1
+    #: With NEIGHBORS: draw this many of the neighbor pairs with the seed (the paper samples
+    #: 200 neighbor pairs of a 16x16 grid); 0 keeps every neighbor pair.
+    n_neighbor_pairs: int = 0
     contexts_per_order: int = 100  # expected contexts S per pair and order (sampled)
     context_sharing: ContextSharing = ContextSharing.AUTO  # shared or the paper's per-pair
     target_statistic: TargetStatistic = TargetStatistic.PAIRS  # what AUTO sharing optimises
@@ -82,23 +82,23 @@ class ProfileSpec:
     chunk_size: int = 1024
 
 
-ProfileEvent = Progress | OrderEstimate | InteractionProfile
-PerturbationEvent = Progress | OrderEstimate | PerturbationProfile
+ProfileEvent = ForwardProgress | OrderEstimate | InteractionProfile
+PerturbationEvent = ForwardProgress | OrderEstimate | PerturbationProfile
 
 
 def select_pairs(spec: ProfileSpec, n: int) -> np.ndarray:
     """The (k, 2) pairs i < j the spec asks for, sorted."""
     if spec.pairs is PairSelection.ALL:
         return all_pairs(n)
-    if spec.pairs is PairSelection.NEIGHBOURS:
+    if spec.pairs is PairSelection.NEIGHBORS:
         if not isinstance(spec.players, GridPlayers):
-            raise InvalidArgument("neighbour pairs need grid players; use all or random pairs")
-        pairs = spec.players.neighbour_pairs(spec.neighbour_radius)
+            raise InvalidArgument("neighbor pairs need grid players; use all or random pairs")
+        pairs = spec.players.neighbor_pairs(spec.neighbor_radius)
         if pairs.shape[0] == 0:
-            raise InvalidArgument("the grid has no neighbouring cells; use a larger grid")
-        if not spec.n_neighbour_pairs:
+            raise InvalidArgument("the grid has no neighboring cells; use a larger grid")
+        if not spec.n_neighbor_pairs:
             return pairs
-        return _draw(pairs, spec.n_neighbour_pairs, spec.seed, "neighbour pairs")
+        return _draw(pairs, spec.n_neighbor_pairs, spec.seed, "neighbor pairs")
     return _draw(all_pairs(n), spec.n_random_pairs, spec.seed, f"random pairs for {n} players")
 
 
@@ -242,7 +242,7 @@ def _interaction_profile(
 ) -> InteractionProfile:
     """The InteractionProfile of one measured game (the one place it is built)."""
     table, e = measure.table, measure.exact
-    strength, strength_se = _strength(table.mean_abs, table.mean_abs_se)
+    strength, strength_stderr = _strength(table.mean_abs, table.mean_abs_stderr)
     pairs = spec.return_pairs
     return InteractionProfile(
         estimator=estimator.name,
@@ -253,19 +253,19 @@ def _interaction_profile(
         orders=table.orders,
         ratios=table.ratios,
         mean=table.mean,
-        mean_se=table.mean_se,
+        mean_stderr=table.mean_stderr,
         mean_abs=table.mean_abs,
-        mean_abs_se=table.mean_abs_se,
+        mean_abs_stderr=table.mean_abs_stderr,
         strength=strength,
-        strength_se=strength_se,
+        strength_stderr=strength_stderr,
         disentanglement=table.disentanglement,
-        disentanglement_se=table.disentanglement_se,
+        disentanglement_stderr=table.disentanglement_stderr,
         samples_per_pair=table.samples_per_pair,
         value_full=measure.value_full,
         value_empty=measure.value_empty,
         pairs=estimator.pairs,
         pair_interactions=table.pair_mean if pairs else None,
-        pair_interactions_se=table.pair_se if pairs else None,
+        pair_interactions_stderr=table.pair_se if pairs else None,
         shapley_interaction=None if e is None else e.shapley_interaction,
         shapley_values=None if e is None else e.shapley_values,
         efficiency_residual=None if e is None else e.efficiency_residual(),
@@ -285,15 +285,15 @@ def _prediction_forwards(spec: ProfileSpec) -> int:
 
 def _progress(
     ticks: Generator[Tick, None, Measured], counted: CountingEvaluator, planned: int
-) -> Generator[Progress | OrderEstimate, None, Measured]:
-    """The estimator's ticks as Progress of the forwards counted so far, partials as they are;
-    returns what the estimator measured."""
+) -> Generator[ForwardProgress | OrderEstimate, None, Measured]:
+    """The estimator's ticks as ForwardProgress of the forwards counted so far, partials as they
+    are; returns what the estimator measured."""
     while True:
         try:
             tick = next(ticks)
         except StopIteration as done:
             return done.value
-        yield Progress(counted.forwards, planned, tick) if isinstance(tick, str) else tick
+        yield ForwardProgress(counted.forwards, planned, tick) if isinstance(tick, str) else tick
 
 
 def profile_events(
@@ -303,8 +303,9 @@ def profile_events(
     class_index: int | None = None,
     cancel: CancelToken | None = None,
 ) -> Iterator[ProfileEvent]:
-    """Profile one input x (*input_shape): Progress events, an OrderEstimate per order, then the
-    InteractionProfile last. Raises InvalidArgument / ResourceExhausted before any heavy work."""
+    """Profile one input x (*input_shape): ForwardProgress events, an OrderEstimate per order, then
+    the InteractionProfile last. Raises InvalidArgument / ResourceExhausted before any heavy
+    work."""
     t0 = time.perf_counter()
     x = np.asarray(x, dtype=np.float32)
     evaluate = counted = CountingEvaluator(evaluate)
@@ -330,8 +331,8 @@ def perturbation_events(
     class_index: int | None = None,
     cancel: CancelToken | None = None,
 ) -> Iterator[PerturbationEvent]:
-    """Profile x and x_adv on the same players, baseline, class and contexts: Progress events,
-    OrderEstimates ("clean", "perturbed", "delta"), then the PerturbationProfile last.
+    """Profile x and x_adv on the same players, baseline, class and contexts: ForwardProgress
+    events, OrderEstimates ("clean", "adversarial", "delta"), then the PerturbationProfile last.
 
     With the predicted-class choice, the class is the prediction on the clean x."""
     t0 = time.perf_counter()
@@ -347,7 +348,7 @@ def perturbation_events(
     clean = _game(evaluate, x, spec, plan.class_index, cancel)
     adv = _game(evaluate, x_adv, spec, plan.class_index, cancel)
     planned = 2 * plan.forwards_per_input + _prediction_forwards(spec)
-    games = [("clean", clean), ("perturbed", adv)]
+    games = [("clean", clean), ("adversarial", adv)]
     measured = yield from _progress(plan.estimator.measure(games, True, cancel), counted, planned)
     timings = {"total_s": time.perf_counter() - t0}
     yield _perturbation_profile(plan, spec, measured, counted.forwards, timings)
@@ -370,24 +371,24 @@ def _perturbation_profile(
     parts = estimator.decompose(measured, spec.pairs is PairSelection.ALL)
     gap = clean.value_full - perturbed.value_full
     empty = clean.value_empty - perturbed.value_empty
-    single = clean.singleton_term - perturbed.singleton_term
+    single = clean.first_order_term - perturbed.first_order_term
     residual = gap - empty - single - float(parts.terms.sum()) if parts.complete else np.nan
     return PerturbationProfile(
         clean=pc,
-        perturbed=pa,
+        adversarial=pa,
         orders=delta.orders,
         delta_mean=delta.mean,
-        delta_mean_se=delta.mean_se,
+        delta_mean_stderr=delta.mean_stderr,
         pairs=estimator.pairs,
         delta_pair_interactions=delta.pair_mean if spec.return_pairs else None,
-        delta_pair_interactions_se=delta.pair_se if spec.return_pairs else None,
-        value_gap=gap,
-        empty_term=empty,
-        singleton_term=single,
+        delta_pair_interactions_stderr=delta.pair_se if spec.return_pairs else None,
+        utility_change=gap,
+        baseline_term=empty,
+        first_order_term=single,
         decomposition_orders=parts.orders,
         order_terms=parts.terms,
-        order_terms_se=parts.terms_se,
-        decomposition_residual=float(residual),
+        order_terms_stderr=parts.terms_se,
+        residual=float(residual),
         decomposition_complete=parts.complete,
         estimator=estimator.name,
         forwards=forwards,

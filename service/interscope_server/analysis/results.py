@@ -8,19 +8,19 @@ import numpy as np
 
 
 @dataclass(frozen=True)
-class Progress:
+class ForwardProgress:
     """Forward passes done so far and planned in total for the request."""
 
     forwards_done: int
     forwards_planned: int
-    stage: str  # "clean", "perturbed", ...
+    stage: str  # "clean", "adversarial", ...
 
 
 @dataclass(frozen=True)
 class OrderEstimate:
     """A partial result: the aggregates of one order m as soon as it is known.
 
-    `input` says which game it describes: "clean", "perturbed" or "delta" (clean - perturbed).
+    `input` says which game it describes: "clean", "adversarial" or "delta" (clean - adversarial).
     Standard errors are 0 for exact results.
     """
 
@@ -30,9 +30,9 @@ class OrderEstimate:
     mean: float  # signed mean over pairs of I^(m)(i,j)
     mean_abs: float  # mean over pairs of |I^(m)(i,j)|
     disentanglement: float  # mean over pairs of |E_S dv| / E_S |dv|
-    mean_se: float
-    mean_abs_se: float
-    disentanglement_se: float
+    mean_stderr: float
+    mean_abs_stderr: float
+    disentanglement_stderr: float
     samples_per_pair: float  # contexts S averaged per pair (exact: C(n-2, m))
 
 
@@ -54,19 +54,19 @@ class InteractionProfile:
     orders: np.ndarray  # int64 (L,)
     ratios: np.ndarray  # float64 (L,)
     mean: np.ndarray
-    mean_se: np.ndarray
+    mean_stderr: np.ndarray
     mean_abs: np.ndarray
-    mean_abs_se: np.ndarray
+    mean_abs_stderr: np.ndarray
     strength: np.ndarray
-    strength_se: np.ndarray
+    strength_stderr: np.ndarray
     disentanglement: np.ndarray
-    disentanglement_se: np.ndarray
+    disentanglement_stderr: np.ndarray
     samples_per_pair: np.ndarray  # float64 (L,)
     value_full: float  # v(N)
     value_empty: float  # v(empty)
     pairs: np.ndarray  # int64 (k, 2)
     pair_interactions: np.ndarray | None = None
-    pair_interactions_se: np.ndarray | None = None
+    pair_interactions_stderr: np.ndarray | None = None
     shapley_interaction: np.ndarray | None = None
     shapley_values: np.ndarray | None = None
     efficiency_residual: float | None = None
@@ -81,9 +81,9 @@ class InteractionProfile:
 class PerturbationProfile:
     """How a perturbation x -> x_adv moved interactions, on the same players, baseline, contexts.
 
-    delta_* = clean - perturbed. The utility decomposition (PAPER.md):
-        value_gap = v(N|x) - v(N|x_adv)
-                  = empty_term + singleton_term + sum(order_terms) + decomposition_residual
+    delta_* = clean - adversarial. The utility decomposition (PAPER.md):
+        utility_change = v(N|x) - v(N|x_adv)
+                       = baseline_term + first_order_term + sum(order_terms) + residual
     with order_terms[l] = sum over ordered pairs (n-1-m)/(n(n-1)) Delta I^(m)(i,j) for m =
     decomposition_orders[l]. Exact: all orders 0..n-2, the residual is rounding only. Sampled:
     the orders sampled, scaled from the sampled pairs to all pairs; the residual is only
@@ -91,20 +91,20 @@ class PerturbationProfile:
     """
 
     clean: InteractionProfile
-    perturbed: InteractionProfile
+    adversarial: InteractionProfile
     orders: np.ndarray
     delta_mean: np.ndarray
-    delta_mean_se: np.ndarray
+    delta_mean_stderr: np.ndarray
     pairs: np.ndarray
     delta_pair_interactions: np.ndarray | None
-    delta_pair_interactions_se: np.ndarray | None
-    value_gap: float
-    empty_term: float
-    singleton_term: float
+    delta_pair_interactions_stderr: np.ndarray | None
+    utility_change: float
+    baseline_term: float
+    first_order_term: float
     decomposition_orders: np.ndarray
     order_terms: np.ndarray
-    order_terms_se: np.ndarray
-    decomposition_residual: float
+    order_terms_stderr: np.ndarray
+    residual: float
     decomposition_complete: bool
     estimator: str
     forwards: int

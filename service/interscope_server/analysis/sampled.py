@@ -114,22 +114,22 @@ def served_fraction(n: int, m: int) -> tuple[bool, float]:
 
 
 def expected_sampled_forwards(
-    n: int, orders: np.ndarray, n_pairs: int, samples_per_pair: int, independent: bool = False
+    n: int, orders: np.ndarray, n_pairs: int, contexts_per_order: int, independent: bool = False
 ) -> float:
     """The expected pair rows of a sampling plan, computed without drawing it.
 
-    Each order takes ceil(samples_per_pair / share) contexts (or every subset, when there are
+    Each order takes ceil(contexts_per_order / share) contexts (or every subset, when there are
     fewer), and a context evaluates one row per pair it serves; its own row and its singletons
     come on top, so the plan's real cost is somewhat higher. Planners use this to refuse a
     request before allocating a plan whose arrays grow with contexts x pairs.
     """
     if independent:
-        return 4.0 * len(orders) * n_pairs * samples_per_pair
+        return 4.0 * len(orders) * n_pairs * contexts_per_order
     total = 0.0
     for m in orders:
         inside, share = served_fraction(n, int(m))
         size = int(m) + 2 if inside else int(m)
-        contexts = min(math.ceil(samples_per_pair / share), math.comb(n, size))
+        contexts = min(math.ceil(contexts_per_order / share), math.comb(n, size))
         total += contexts * share * n_pairs
     return total
 
@@ -150,7 +150,7 @@ class TargetStatistic(enum.Enum):
 
 #: Above this many pairs, independent contexts reach the standard error of the given statistic
 #: with fewer forwards than shared ones (bench/bench_crossover.py: digits CNN, 8 x 8 grid,
-#: neighbour pairs, twelve orders, four images; efficiency of shared at equal standard error
+#: neighbor pairs, twelve orders, four images; efficiency of shared at equal standard error
 #: 1.06x at 32 pairs and 0.80x at 64 for the signed mean, 1.05x at 64 and 0.92x at 128 for
 #: mean |I|; the crossovers, interpolated in log pairs, near 37 and 82). Shared
 #: contexts cost fewer forwards per sample, but the pairs one context serves move together, so
@@ -213,7 +213,7 @@ def plan_order(
     n: int,
     m: int,
     pairs: np.ndarray,
-    samples_per_pair: int,
+    contexts_per_order: int,
     rng: np.random.Generator,
     independent: bool = False,
 ) -> OrderPlan:
@@ -224,12 +224,12 @@ def plan_order(
         no_contexts = np.zeros((0, n), dtype=bool)
         no_served = np.zeros((0, pairs.shape[0]), dtype=bool)
         contexts, served = _top_up(
-            no_contexts, no_served, pairs, m, False, rng, minimum=samples_per_pair
+            no_contexts, no_served, pairs, m, False, rng, minimum=contexts_per_order
         )
         return _order_rows(m, False, False, contexts, served, pairs)
     inside, frac = served_fraction(n, m)
     size = m + 2 if inside else m
-    n_ctx = math.ceil(samples_per_pair / frac)
+    n_ctx = math.ceil(contexts_per_order / frac)
     exhaustive = math.comb(n, size) <= n_ctx
     if exhaustive:
         # Fewer subsets than draws (e.g. m = 0): take each once, which is exact and cheaper.
@@ -303,7 +303,7 @@ class SamplingPlan:
     n: int
     pairs: np.ndarray
     orders: np.ndarray
-    samples_per_pair: int
+    contexts_per_order: int
     seed: int
     order_plans: tuple[OrderPlan, ...]
     independent: bool = False  # contexts drawn per pair instead of shared
@@ -320,27 +320,27 @@ class SamplingPlan:
 class SampledEstimator:
     """Plans and runs shared-context sampling of I^(m)(i,j) for the given pairs and orders.
 
-    `samples_per_pair` is the expected number of contexts S averaged per pair and order (the
+    `contexts_per_order` is the expected number of contexts S averaged per pair and order (the
     paper used 100); each pair's count is random around it. The plan depends only on n, pairs,
-    orders, samples_per_pair and seed, so the same contexts serve a clean and a perturbed input.
+    orders, contexts_per_order and seed, so the same contexts serve a clean and a perturbed input.
     """
 
     def __init__(
         self,
         pairs: np.ndarray,
         orders: np.ndarray,
-        samples_per_pair: int,
+        contexts_per_order: int,
         seed: int,
         independent: bool = False,
     ):
-        if samples_per_pair < 2:
+        if contexts_per_order < 2:
             raise InvalidArgument(
-                f"contexts per order {samples_per_pair} is not allowed: give at least 2 so a "
+                f"contexts per order {contexts_per_order} is not allowed: give at least 2 so a "
                 "standard error can be estimated"
             )
         self.pairs = np.asarray(pairs, dtype=np.int64)
         self.orders = np.asarray(orders, dtype=np.int64)
-        self.samples_per_pair = int(samples_per_pair)
+        self.contexts_per_order = int(contexts_per_order)
         self.seed = int(seed)
         self.independent = bool(independent)
 
@@ -354,14 +354,14 @@ class SampledEstimator:
                 n,
                 int(m),
                 pairs,
-                self.samples_per_pair,
+                self.contexts_per_order,
                 np.random.default_rng(children[int(m)]),
                 self.independent,
             )
             for m in orders
         )
         return SamplingPlan(
-            n, pairs, orders, self.samples_per_pair, self.seed, plans, self.independent
+            n, pairs, orders, self.contexts_per_order, self.seed, plans, self.independent
         )
 
 
@@ -389,11 +389,11 @@ class OrderStats:
     pair_mean_abs_dv: np.ndarray
     counts: np.ndarray
     mean: float
-    mean_se: float
+    mean_stderr: float
     mean_abs: float
-    mean_abs_se: float
+    mean_abs_stderr: float
     disentanglement: float
-    disentanglement_se: float
+    disentanglement_stderr: float
 
 
 def _cluster_se(influence: np.ndarray) -> float:
@@ -429,10 +429,10 @@ def order_stats(d: np.ndarray, exhaustive: bool = False) -> OrderStats:
     w = np.zeros_like(a)
     w[valid] = 1.0 / (n_valid * counts[valid])
     mean = float(a[valid].mean())
-    mean_se = _cluster_se(resid @ w)
+    mean_stderr = _cluster_se(resid @ w)
     sign = np.sign(np.where(valid, a, 0.0))
     mean_abs = float(np.abs(a[valid]).mean())
-    mean_abs_se = _cluster_se(resid @ (w * sign))
+    mean_abs_stderr = _cluster_se(resid @ (w * sign))
     dvalid = valid & (np.nan_to_num(b) > 0)
     if dvalid.any():
         nd = int(dvalid.sum())
@@ -448,9 +448,11 @@ def order_stats(d: np.ndarray, exhaustive: bool = False) -> OrderStats:
         dis, dis_se = float("nan"), float("nan")
     if exhaustive:
         pair_se = np.where(valid, 0.0, np.nan)
-        mean_se = mean_abs_se = 0.0
+        mean_stderr = mean_abs_stderr = 0.0
         dis_se = 0.0 if np.isfinite(dis) else dis
-    return OrderStats(a, pair_se, b, counts, mean, mean_se, mean_abs, mean_abs_se, dis, dis_se)
+    return OrderStats(
+        a, pair_se, b, counts, mean, mean_stderr, mean_abs, mean_abs_stderr, dis, dis_se
+    )
 
 
 def estimate(

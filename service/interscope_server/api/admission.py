@@ -71,9 +71,9 @@ def _pair_count(spec: ProfileSpec, n_players: int) -> int:
     """Upper bound of the pairs `spec` profiles over `n_players`."""
     if spec.pairs is PairSelection.ALL:
         return n_players * (n_players - 1) // 2
-    if spec.pairs is PairSelection.NEIGHBOURS:
-        # Each cell has at most (2r+1)^2 - 1 neighbours; each pair is counted once.
-        return n_players * ((2 * spec.neighbour_radius + 1) ** 2 - 1) // 2
+    if spec.pairs is PairSelection.NEIGHBORS:
+        # Each cell has at most (2r+1)^2 - 1 neighbors; each pair is counted once.
+        return n_players * ((2 * spec.neighbor_radius + 1) ** 2 - 1) // 2
     return spec.n_random_pairs
 
 

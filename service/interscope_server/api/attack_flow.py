@@ -164,7 +164,7 @@ async def attack(
         job = _check(ctx, request, call)
         deltas: list[analysis_pb2.PerturbationProfile] = []
         async for event, perturbation in ctx.events(lambda: _events(job, call), job.cost, call):
-            if isinstance(event, attacks.Progress):
+            if isinstance(event, attacks.ExampleProgress):
                 progress = convert.progress(
                     "attack", event.examples_done, event.examples_total, "examples"
                 )
@@ -176,7 +176,7 @@ async def attack(
                         convert.perturbation_to_proto(
                             perturbation,
                             event.index,
-                            (event.clean_pred, event.adv_pred),
+                            (event.clean_prediction, event.adversarial_prediction),
                             return_profiles=True,
                             return_pairs=job.profile is not None and job.profile.return_pairs,
                         )

@@ -326,7 +326,7 @@ def _audit_sample(
     message = convert.perturbation_to_proto(
         perturbation,
         0,
-        (outcome.clean_pred, outcome.adv_pred),
+        (outcome.clean_prediction, outcome.adversarial_prediction),
         return_profiles=config.return_profiles,
         return_pairs=True,
     )

@@ -26,6 +26,7 @@ from interscope_server.api.lanes import WorkerLanes
 from interscope_server.api.streaming import iterate_in_thread
 from interscope_server.cancel import CancelToken
 from interscope_server.config import Settings
+from interscope_server.evaluator import Evaluator
 from interscope_server.models.registry import LoadedModel, ModelRegistry
 
 T = TypeVar("T")
@@ -38,7 +39,7 @@ class Call:
     cancel: CancelToken
     started: float = field(default_factory=time.monotonic)
 
-    def evaluator(self, model: LoadedModel) -> Callable[[np.ndarray], np.ndarray]:
+    def evaluator(self, model: LoadedModel) -> Evaluator:
         """The model's forward pass, stopped by this call's cancel token."""
 
         def evaluate(batch: np.ndarray) -> np.ndarray:

@@ -138,9 +138,9 @@ def profile_to_proto(
         orders=[int(m) for m in profile.orders],
         ratios=_floats(profile.ratios),
         mean=_floats(profile.mean),
-        mean_stderr=_floats(profile.mean_se),
+        mean_stderr=_floats(profile.mean_stderr),
         mean_abs=_floats(profile.mean_abs),
-        mean_abs_stderr=_floats(profile.mean_abs_se),
+        mean_abs_stderr=_floats(profile.mean_abs_stderr),
         strength=_floats(profile.strength),
         disentanglement=_floats(profile.disentanglement),
         value_full=float(profile.value_full),
@@ -154,9 +154,9 @@ def profile_to_proto(
     if return_pairs and profile.pair_interactions is not None:
         message.pairs.CopyFrom(to_tensor(np.asarray(profile.pairs, dtype=np.int64)))
         message.interactions.CopyFrom(to_tensor(np.asarray(profile.pair_interactions, np.float64)))
-        if profile.pair_interactions_se is not None:
+        if profile.pair_interactions_stderr is not None:
             message.interactions_stderr.CopyFrom(
-                to_tensor(np.asarray(profile.pair_interactions_se, np.float64))
+                to_tensor(np.asarray(profile.pair_interactions_stderr, np.float64))
             )
     if profile.shapley_interaction is not None:
         message.shapley_interaction.CopyFrom(
@@ -179,12 +179,12 @@ def perturbation_to_proto(
     """How an attack moved one input's interactions."""
     message = analysis_pb2.PerturbationProfile(
         delta_mean=_floats(result.delta_mean),
-        delta_mean_stderr=_floats(result.delta_mean_se),
-        utility_change=float(result.value_gap),
-        baseline_term=float(result.empty_term),
-        first_order_term=float(result.singleton_term),
+        delta_mean_stderr=_floats(result.delta_mean_stderr),
+        utility_change=float(result.utility_change),
+        baseline_term=float(result.baseline_term),
+        first_order_term=float(result.first_order_term),
         order_terms=_floats(result.order_terms),
-        residual=float(result.decomposition_residual),
+        residual=float(result.residual),
     )
     if result.delta_pair_interactions is not None:
         message.delta_mean_abs.extend(
@@ -194,7 +194,7 @@ def perturbation_to_proto(
     # pairs and Shapley matrices only when the caller asked for full profiles.
     for target, profile, prediction in (
         (message.clean, result.clean, predictions[0]),
-        (message.adversarial, result.perturbed, predictions[1]),
+        (message.adversarial, result.adversarial, predictions[1]),
     ):
         target.CopyFrom(profile_to_proto(profile, input_index, prediction, return_pairs))
         if not return_profiles:
@@ -251,9 +251,9 @@ def order_estimate(index: int, event: OrderEstimate) -> analysis_pb2.OrderEstima
         order=event.order,
         ratio=event.ratio,
         mean=event.mean,
-        mean_stderr=event.mean_se,
+        mean_stderr=event.mean_stderr,
         mean_abs=event.mean_abs,
-        mean_abs_stderr=event.mean_abs_se,
+        mean_abs_stderr=event.mean_abs_stderr,
         disentanglement=0.0 if np.isnan(event.disentanglement) else event.disentanglement,
     )
 
@@ -295,10 +295,10 @@ def example_to_proto(
         success=event.success,
         label=event.label,
         target=-1 if event.target is None else event.target,
-        clean_prediction=event.clean_pred,
-        adversarial_prediction=event.adv_pred,
+        clean_prediction=event.clean_prediction,
+        adversarial_prediction=event.adversarial_prediction,
         clean_margin=event.clean_margin,
-        adversarial_margin=event.adv_margin,
+        adversarial_margin=event.adversarial_margin,
         linf=event.linf,
         l2=event.l2,
         steps=event.steps,
@@ -384,15 +384,15 @@ def sample_result(
     result = analysis_pb2.SampleResult(
         id=sample_id,
         label=label,
-        clean_prediction=outcome.clean_pred,
-        adversarial_prediction=outcome.adv_pred,
-        clean_correct=outcome.clean_pred == label,
-        robust=outcome.adv_pred == label,
+        clean_prediction=outcome.clean_prediction,
+        adversarial_prediction=outcome.adversarial_prediction,
+        clean_correct=outcome.clean_prediction == label,
+        robust=outcome.adversarial_prediction == label,
         attack_success=outcome.success,
         linf=outcome.linf,
         l2=outcome.l2,
         clean_margin=outcome.clean_margin,
-        adversarial_margin=outcome.adv_margin,
+        adversarial_margin=outcome.adversarial_margin,
         forwards=forwards,
         perturbation=perturbation,
         sweep_robust=sweep_robust,

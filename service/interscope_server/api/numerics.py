@@ -8,12 +8,12 @@ names the model and that input; what is not finite is never averaged into a resu
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from interscope_server import attacks, errors
+from interscope_server.evaluator import Evaluator
 
 
 class NonFiniteOutput(errors.FailedPrecondition):
@@ -28,9 +28,7 @@ def non_finite(model: str, index: int | str, where: str) -> NonFiniteOutput:
     )
 
 
-def finite_evaluator(
-    evaluate: Callable[[np.ndarray], np.ndarray], model: str, index: int | str
-) -> Callable[[np.ndarray], np.ndarray]:
+def finite_evaluator(evaluate: Evaluator, model: str, index: int | str) -> Evaluator:
     """`evaluate` for the batches of one input, raising NonFiniteOutput on NaN or Inf."""
 
     def checked(batch: np.ndarray) -> np.ndarray:
@@ -44,7 +42,7 @@ def finite_evaluator(
 
 def check_example(event: attacks.ExampleResult, model: str, index: int | str) -> None:
     """An attack's result for one input: NaN logits or gradients leave NaN margins or x_adv."""
-    numbers = (event.clean_margin, event.adv_margin, event.linf, event.l2)
+    numbers = (event.clean_margin, event.adversarial_margin, event.linf, event.l2)
     if not all(math.isfinite(v) for v in numbers) or not np.isfinite(event.x_adv).all():
         raise non_finite(model, index, "outputs or gradients during the attack")
 

@@ -114,7 +114,7 @@ async def profile(
         async for index, prediction, event in ctx.events(
             lambda: _events(job, call), job.cost, call
         ):
-            if isinstance(event, results.Progress):
+            if isinstance(event, results.ForwardProgress):
                 planned = event.forwards_planned * n
                 done = event.forwards_planned * index + event.forwards_done
                 if throttle.ready(done, planned):

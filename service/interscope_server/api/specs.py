@@ -76,7 +76,7 @@ TARGET_STATISTICS = {
 PAIR_MODES = {
     analysis_pb2.PAIR_MODE_ALL: PairSelection.ALL,
     analysis_pb2.PAIR_MODE_RANDOM: PairSelection.RANDOM,
-    analysis_pb2.PAIR_MODE_NEIGHBORS: PairSelection.NEIGHBOURS,
+    analysis_pb2.PAIR_MODE_NEIGHBORS: PairSelection.NEIGHBORS,
 }
 T = TypeVar("T")
 
@@ -229,7 +229,7 @@ def profile_spec(
     sampling = spec.sampling
     if sampling.pair_mode == analysis_pb2.PAIR_MODE_UNSPECIFIED:
         if isinstance(players, GridPlayers):
-            pairs = PairSelection.NEIGHBOURS
+            pairs = PairSelection.NEIGHBORS
         else:  # a pair count alone asks for that many random pairs
             pairs = PairSelection.RANDOM if sampling.num_pairs else PairSelection.ALL
     else:
@@ -252,8 +252,8 @@ def profile_spec(
         pairs=pairs,
         # The documented default, 200, capped by the pairs there are (n < 21 has fewer).
         n_random_pairs=int(sampling.num_pairs or min(200, n * (n - 1) // 2)),
-        neighbour_radius=int(sampling.neighbor_radius or 1),
-        n_neighbour_pairs=int(sampling.num_pairs) if pairs is PairSelection.NEIGHBOURS else 0,
+        neighbor_radius=int(sampling.neighbor_radius or 1),
+        n_neighbor_pairs=int(sampling.num_pairs) if pairs is PairSelection.NEIGHBORS else 0,
         contexts_per_order=int(sampling.contexts_per_order or 100),
         context_sharing=_enum(
             CONTEXT_SHARINGS,
@@ -302,7 +302,7 @@ def attack_spec(
         targeted=bool(spec.targeted),
         target_classes=tuple(int(t) for t in targets) if spec.targeted else (),
         margin_threshold=float(spec.margin_threshold or 8.0),
-        max_queries=int(spec.query_budget or attack_class(name).default_queries),
+        query_budget=int(spec.query_budget or attack_class(name).default_queries),
         seed=int(spec.seed),
         value_range=value_range,
         layout=model.layout,

@@ -44,12 +44,12 @@ class AutoAttack(WhiteBoxAttack):
     cross-entropy, 1 restart); APGD-T (`APGD` with the targeted DLR loss) once per target, the
     N_TARGETS = 9 most likely classes other than the label at the clean input (K - 1 when the
     model has fewer); FAB-T (`FAB` targeted) over the same targets; Square (`Square`, margin
-    loss, p_init 0.8) with max_queries queries. Targets only steer the loss: any wrong class
+    loss, p_init 0.8) with query_budget queries. Targets only steer the loss: any wrong class
     counts. An example is robust only if all of them fail; it returns the first successful
     attack's point, or APGD-CE's highest-loss point. Steps and queries are summed over the
     attacks that ran on the example.
     Norm: L-inf or L2. Defaults (AttackSpec): 100 steps per APGD and FAB run, random start for
-    APGD, max_queries from the spec (the wire's default for this kind is 5000), seed shared.
+    APGD, query_budget from the spec (the wire's default for this kind is 5000), seed shared.
     Untargeted; restarts 1; step_size and loss may not be set. Needs K >= 4 classes.
     Shapes: x (B, *input_shape) float32 in value_range; labels (B,) int64; logits (B, K).
     """
@@ -89,7 +89,7 @@ class AutoAttack(WhiteBoxAttack):
         steps = spec.resolved_steps
         # APGD-CE, then APGD-T and FAB-T once per target; FAB adds a forward per step.
         gradients = steps * (1 + 2 * N_TARGETS)
-        forwards = 1 + 2 * (1 + N_TARGETS) + N_TARGETS * (2 * steps + 1) + spec.max_queries
+        forwards = 1 + 2 * (1 + N_TARGETS) + N_TARGETS * (2 * steps + 1) + spec.query_budget
         return forwards, gradients
 
     def prepare(self, input_shape: tuple[int, ...]) -> None:
@@ -108,7 +108,7 @@ class AutoAttack(WhiteBoxAttack):
         )
 
     def _square(self) -> Square:
-        return Square(self._sub_spec("square", max_queries=self.spec.max_queries))
+        return Square(self._sub_spec("square", query_budget=self.spec.query_budget))
 
     def stages(
         self, model: torch.nn.Module, clean: Tensor, cancel: CancelToken, gen: torch.Generator

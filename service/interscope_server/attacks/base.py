@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import ClassVar, Literal, NamedTuple, TypeAlias, cast, get_args
@@ -18,10 +17,8 @@ from torch import Tensor
 from interscope._diagnostics import ExampleChecks, Flag
 from interscope_server.cancel import CancelToken
 from interscope_server.errors import InvalidArgument
+from interscope_server.evaluator import Evaluator
 from interscope_server.layout import LAYOUTS, Layout
-
-#: The registry's batched forward pass: float32 (B, *input_shape) -> float32 logits (B, K).
-Evaluator: TypeAlias = Callable[[np.ndarray], np.ndarray]
 
 Norm = Literal["linf", "l2"]
 #: The objective a gradient attack ascends: cross-entropy, or Croce and Hein's DLR (see `dlr`).
@@ -117,7 +114,7 @@ class AttackSpec:
         margin_threshold: pgd_margin stops an example once max_{c!=y} z_c - z_y >= this.
         margin_tolerance: pgd_margin rejects (and halves the step of) any step that overshoots
             the threshold by more than this, so kept examples end in [threshold, threshold+tol].
-        max_queries: square's and simba's per-example forward-pass budget, including the
+        query_budget: square's and simba's per-example forward-pass budget, including the
             first query.
         p_init: square's initial fraction of the input changed by one square.
         seed: makes every random choice reproducible.
@@ -147,7 +144,7 @@ class AttackSpec:
     target_classes: tuple[int, ...] = ()
     margin_threshold: float = 8.0
     margin_tolerance: float = 0.5
-    max_queries: int = 1000
+    query_budget: int = 1000
     p_init: float = 0.8
     seed: int = 0
     value_range: ValueRange = (0.0, 1.0)
@@ -232,11 +229,11 @@ class AttackSpec:
             raise InvalidArgument(f"restarts must be an integer, got {self.restarts!r}")
         if not 1 <= self.restarts <= MAX_RESTARTS:
             raise InvalidArgument(f"restarts must be in 1..{MAX_RESTARTS}, got {self.restarts}")
-        if not _integer(self.max_queries):
-            raise InvalidArgument(f"max_queries must be an integer, got {self.max_queries!r}")
-        if not 1 <= self.max_queries <= MAX_QUERIES:
+        if not _integer(self.query_budget):
+            raise InvalidArgument(f"query_budget must be an integer, got {self.query_budget!r}")
+        if not 1 <= self.query_budget <= MAX_QUERIES:
             raise InvalidArgument(
-                f"max_queries must be in 1..{MAX_QUERIES}, got {self.max_queries}"
+                f"query_budget must be in 1..{MAX_QUERIES}, got {self.query_budget}"
             )
         if not _finite(self.p_init) or not 0 < self.p_init <= 1:
             raise InvalidArgument(f"p_init must be in (0, 1], got {self.p_init!r}")
@@ -334,14 +331,15 @@ class ExampleResult:
 
     Conventions: margins are classification margins of the label, z_y - max_{c!=y} z_c
     (positive: classified correctly), for both clean and adversarial inputs, targeted or not.
-    Success: untargeted, adv_pred != label; targeted, adv_pred == target. Examples the attack had
-    nothing to do for (untargeted and already misclassified, or targeted and already at the
-    target) are returned unchanged with attacked=False, steps=0 (pgd_margin attacks them all).
-    Norms are of x_adv - x, computed in float64. steps: gradient steps (white-box) or iterations
-    (square); queries: model forward passes the attack spent on this example (white-box: one
-    forward-backward per step plus any final evaluation; square: every evaluator call row).
-    checks: the gradient-masking checks (white-box attacks, examples attacked and not fooled;
-    see attacks/masking.py), else None; check_queries: forward passes those checks spent.
+    Success: untargeted, adversarial_prediction != label; targeted, adversarial_prediction ==
+    target. Examples the attack had nothing to do for (untargeted and already misclassified, or
+    targeted and already at the target) are returned unchanged with attacked=False, steps=0
+    (pgd_margin attacks them all). Norms are of x_adv - x, computed in float64. steps: gradient
+    steps (white-box) or iterations (square); queries: model forward passes the attack spent on this
+    example (white-box: one forward-backward per step plus any final evaluation; square: every
+    evaluator call row). checks: the gradient-masking checks (white-box attacks, examples attacked
+    and not fooled; see attacks/masking.py), else None; check_queries: forward passes those checks
+    spent.
     """
 
     index: int
@@ -350,10 +348,10 @@ class ExampleResult:
     target: int | None
     success: bool
     attacked: bool
-    clean_pred: int
-    adv_pred: int
+    clean_prediction: int
+    adversarial_prediction: int
     clean_margin: float
-    adv_margin: float
+    adversarial_margin: float
     linf: float
     l2: float
     l0: int
@@ -364,7 +362,7 @@ class ExampleResult:
 
 
 @dataclass(frozen=True)
-class Progress:
+class ExampleProgress:
     """Emitted after each batch finishes."""
 
     examples_done: int
@@ -402,7 +400,7 @@ class AttackSummary:
     check_queries: int = 0
 
 
-AttackEvent: TypeAlias = Progress | ExampleResult | AttackSummary
+AttackEvent: TypeAlias = ExampleProgress | ExampleResult | AttackSummary
 
 
 def dlr(logits: Tensor, labels: Tensor, targets: Tensor | None = None) -> Tensor:
@@ -720,7 +718,7 @@ class Attack(ABC):
             restarts = max(1, spec.restarts)
             # A clean prediction, a check per restart and the final prediction per input.
             return restarts + 2, spec.resolved_steps * restarts
-        return spec.max_queries, 0
+        return spec.query_budget, 0
 
 
 class WhiteBoxAttack(Attack):
@@ -783,7 +781,7 @@ class BlackBoxAttack(Attack):
         if spec.restarts != 1:
             raise InvalidArgument(
                 f"{spec.name} spends its whole query budget in one run; restarts must be 1 "
-                "(raise max_queries instead)"
+                "(raise query_budget instead)"
             )
 
     @abstractmethod

@@ -135,7 +135,7 @@ def _black_box(
             step_size=None,
             random_start=None,
             restarts=1,
-            max_queries=spec.check_queries,
+            query_budget=spec.check_queries,
             loss=None,  # Square has its own margin objective
         )
     )

@@ -20,9 +20,9 @@ from interscope_server.attacks.base import (
     Ball,
     BlackBoxAttack,
     Evaluator,
+    ExampleProgress,
     ExampleResult,
     Goal,
-    Progress,
     WhiteBoxAttack,
     attack_class,
     black_box_attacks,
@@ -90,7 +90,7 @@ def attack_events(
 ) -> Iterator[AttackEvent]:
     """Attack x (B, *input_shape) with labels y (B,), batch by batch.
 
-    Yields, per batch, one ExampleResult per input (in input order) and then a Progress; the
+    Yields, per batch, one ExampleResult per input (in input order) and then a ExampleProgress; the
     AttackSummary comes last. White-box attacks use `model` (a torch module in eval mode mapping
     raw-range inputs to logits; None when the backend has no gradients); black-box attacks use
     only `evaluate`. Clean predictions come from the same model the attack uses; that clean
@@ -181,7 +181,7 @@ def attack_events(
                 )
             totals.add(result)
             yield result
-        yield Progress(hi, n, b + 1, batches)
+        yield ExampleProgress(hi, n, b + 1, batches)
     yield totals.summary()
 
 
@@ -312,10 +312,10 @@ def _results(
     unit: np.ndarray | None,
 ) -> Iterator[ExampleResult]:
     success = goal.success(adv).cpu().numpy()
-    clean_pred = clean.argmax(dim=1).cpu().numpy()
-    adv_pred = adv.argmax(dim=1).cpu().numpy()
+    clean_prediction = clean.argmax(dim=1).cpu().numpy()
+    adversarial_prediction = adv.argmax(dim=1).cpu().numpy()
     clean_margin = label_margin(clean, goal.labels).double().cpu().numpy()
-    adv_margin = label_margin(adv, goal.labels).double().cpu().numpy()
+    adversarial_margin = label_margin(adv, goal.labels).double().cpu().numpy()
     x_adv_np = x_adv.cpu().numpy()
     # float64 differences of float32 numbers are exact, so these norms are what a checker sees.
     delta = (x_adv_np.astype(np.float64) - x.cpu().numpy().astype(np.float64)).reshape(
@@ -336,10 +336,10 @@ def _results(
             target=None if targets is None else int(targets[i]),
             success=bool(success[i]),
             attacked=bool(attacked[i]),
-            clean_pred=int(clean_pred[i]),
-            adv_pred=int(adv_pred[i]),
+            clean_prediction=int(clean_prediction[i]),
+            adversarial_prediction=int(adversarial_prediction[i]),
             clean_margin=float(clean_margin[i]),
-            adv_margin=float(adv_margin[i]),
+            adversarial_margin=float(adversarial_margin[i]),
             linf=float(linf[i]),
             l2=float(l2[i]),
             l0=int(l0[i]),
@@ -362,8 +362,8 @@ class _Totals:
         self.check_queries += r.check_queries
         if r.checks is not None:
             self.checks.append(r.checks)
-        self.clean_correct += r.clean_pred == r.label
-        self.robust += r.adv_pred == r.label
+        self.clean_correct += r.clean_prediction == r.label
+        self.robust += r.adversarial_prediction == r.label
         self.steps += r.steps
         self.queries += r.queries
         if r.attacked:
@@ -408,7 +408,7 @@ def robust_at(
     spent = 0
     for i, spec in enumerate(specs):
         report = run_attack(spec, x, y, model, evaluate, cancel)
-        robust[i] = [r.adv_pred == r.label for r in report.results]
+        robust[i] = [r.adversarial_prediction == r.label for r in report.results]
         if spec.white_box:
             spent += report.summary.total_queries + report.summary.check_queries
     return robust, spent

@@ -34,7 +34,7 @@ class SimBA(BlackBoxAttack):
     (default s = eps / 2; the projection keeps the total inside the eps ball). With per-feature
     ranges s is in units of each feature's range width.
     Loss: the logit margin z_y - max_{c!=y} z_c (targeted: max_{c!=t} z_c - z_t), minimised.
-    Defaults (AttackSpec): max_queries 1000 per example including a first query at x itself,
+    Defaults (AttackSpec): query_budget 1000 per example including a first query at x itself,
     restarts 1; step_size overrides s. Shapes: inputs (B, *input_shape) float32 in value_range
     (any layout); the evaluator returns logits (B, K).
     """
@@ -65,7 +65,7 @@ class SimBA(BlackBoxAttack):
         # forever unchanged, so such an example stops.
         pass_start = best.queries.clone()
         stalled = torch.zeros(n, dtype=torch.bool)
-        budget = self.spec.max_queries
+        budget = self.spec.query_budget
         while True:
             active = (~best.done & ~stalled & (best.queries < budget)).nonzero()[:, 0]
             if active.numel() == 0:

@@ -88,7 +88,7 @@ class Square(BlackBoxAttack):
     when the model has per-feature ranges (see AttackSpec).
     Loss: the logit margin z_y - max_{c!=y} z_c (targeted: max_{c!=t} z_c - z_t), minimised;
     a candidate is kept when it lowers the loss or succeeds.
-    Defaults (AttackSpec): eps 8/255, max_queries 1000 per example (the first query, at the
+    Defaults (AttackSpec): eps 8/255, query_budget 1000 per example (the first query, at the
     initial stripes or tiles, included), p_init 0.8, restarts 1. steps and step_size do not
     apply. Every forward pass goes through the evaluator, one row per example per query, so it
     works on any backend; an example stops querying once it is fooled.
@@ -150,7 +150,7 @@ class Square(BlackBoxAttack):
             start_delta = _image_start(self.spec, ball.x.shape[0], (c, h, w), generator)
         x_start = ball.project(ball.x + from_work(start_delta))
         best = first_query(evaluate, x_start, goal, input_shape)
-        for i_iter in range(self.spec.max_queries - 1):
+        for i_iter in range(self.spec.query_budget - 1):
             active = (~best.done).nonzero()[:, 0]
             if active.numel() == 0:
                 break
@@ -165,7 +165,7 @@ class Square(BlackBoxAttack):
 
     def _p(self, i_iter: int) -> float:
         """The paper's schedule for p, with iterations rescaled to a 10,000-query budget."""
-        it = int(i_iter / self.spec.max_queries * 10_000)
+        it = int(i_iter / self.spec.query_budget * 10_000)
         for bound, divisor in (
             (10, 1), (50, 2), (200, 4), (500, 8), (1000, 16),
             (2000, 32), (4000, 64), (6000, 128), (8000, 256),

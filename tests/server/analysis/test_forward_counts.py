@@ -1,5 +1,6 @@
 """A profile's `forwards` is every row the model was asked for, the predicted-class pass
-included, and its last Progress reaches exactly that; classes are checked against the logits."""
+included, and its last ForwardProgress reaches exactly that; classes are checked against the
+logits."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ from interscope_server.analysis.profile import (
     perturbation_events,
     profile_events,
 )
-from interscope_server.analysis.results import InteractionProfile, PerturbationProfile, Progress
+from interscope_server.analysis.results import (
+    ForwardProgress,
+    InteractionProfile,
+    PerturbationProfile,
+)
 from interscope_server.analysis.values import ClassChoice
 from interscope_server.errors import InvalidArgument
 
@@ -40,7 +45,7 @@ def _spec(choice: ClassChoice, estimator: EstimatorChoice) -> ProfileSpec:
         players=GridPlayers(2, 3),
         class_choice=choice,
         estimator=estimator,
-        pairs=PairSelection.NEIGHBOURS,
+        pairs=PairSelection.NEIGHBORS,
         contexts_per_order=4,
         seed=1,
     )
@@ -60,7 +65,7 @@ def test_profile_forwards_are_the_rows_the_model_ran(
     final = events[-1]
     assert isinstance(final, InteractionProfile)
     assert final.forwards == counter.rows > 0
-    last = [e for e in events if isinstance(e, Progress)][-1]
+    last = [e for e in events if isinstance(e, ForwardProgress)][-1]
     assert last.forwards_done == last.forwards_planned == counter.rows
 
 
@@ -76,7 +81,7 @@ def test_perturbation_forwards_are_the_rows_the_model_ran(
     final = events[-1]
     assert isinstance(final, PerturbationProfile)
     assert final.forwards == counter.rows
-    last = [e for e in events if isinstance(e, Progress)][-1]
+    last = [e for e in events if isinstance(e, ForwardProgress)][-1]
     assert last.forwards_done == last.forwards_planned == counter.rows
 
 

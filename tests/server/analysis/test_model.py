@@ -20,7 +20,7 @@ from interscope_server.analysis.profile import (
     run_perturbation,
     run_profile,
 )
-from interscope_server.analysis.results import InteractionProfile, OrderEstimate, Progress
+from interscope_server.analysis.results import ForwardProgress, InteractionProfile, OrderEstimate
 from interscope_server.analysis.values import ClassChoice, ValueFunction
 from interscope_server.cancel import CancelToken
 from interscope_server.errors import Cancelled, InvalidArgument, ResourceExhausted
@@ -98,16 +98,16 @@ def test_perturbation_decomposition_closes(
     )
     result = run_perturbation(digits_evaluate, x, perturbed(x), spec, y)
     assert result.decomposition_complete
-    assert abs(result.value_gap) > 1e-3  # the perturbation does something
-    assert abs(result.decomposition_residual) < F32_TOL
-    assert result.empty_term == pytest.approx(0.0, abs=1e-12)  # shared baseline
-    total = result.empty_term + result.singleton_term + result.order_terms.sum()
-    assert total == pytest.approx(result.value_gap, abs=F32_TOL)
+    assert abs(result.utility_change) > 1e-3  # the perturbation does something
+    assert abs(result.residual) < F32_TOL
+    assert result.baseline_term == pytest.approx(0.0, abs=1e-12)  # shared baseline
+    total = result.baseline_term + result.first_order_term + result.order_terms.sum()
+    assert total == pytest.approx(result.utility_change, abs=F32_TOL)
     assert result.delta_pair_interactions is not None and result.clean.pair_interactions is not None
-    assert result.perturbed.pair_interactions is not None
+    assert result.adversarial.pair_interactions is not None
     np.testing.assert_allclose(
         result.delta_pair_interactions,
-        result.clean.pair_interactions - result.perturbed.pair_interactions,
+        result.clean.pair_interactions - result.adversarial.pair_interactions,
     )
     assert result.forwards == 2 * 2**12
 
@@ -121,12 +121,12 @@ def test_events_stream_progress_then_orders_then_result(
         class_choice=ClassChoice.PREDICTED,
         chunk_size=100,
         estimator=EstimatorChoice.SAMPLED,
-        pairs=PairSelection.NEIGHBOURS,
+        pairs=PairSelection.NEIGHBORS,
         contexts_per_order=20,
         seed=3,
     )
     events = list(profile_events(digits_evaluate, x, spec))
-    progress = [e for e in events if isinstance(e, Progress)]
+    progress = [e for e in events if isinstance(e, ForwardProgress)]
     orders = [e for e in events if isinstance(e, OrderEstimate)]
     final = events[-1]
     assert isinstance(final, InteractionProfile) and final.estimator == "sampled"
@@ -135,7 +135,7 @@ def test_events_stream_progress_then_orders_then_result(
     assert done == sorted(done)
     assert [o.order for o in orders] == final.orders.tolist()
     assert final.class_index == int(np.argmax(digits_evaluate(x[None])[0]))
-    assert len(final.pairs) == 20  # the 3x3 grid's 8-neighbour pairs
+    assert len(final.pairs) == 20  # the 3x3 grid's 8-neighbor pairs
 
 
 def test_cancel_stops_at_the_next_chunk(

@@ -1,4 +1,4 @@
-"""Players: grid numbering and boundaries, feature groups, masks, neighbours, validation."""
+"""Players: grid numbering and boundaries, feature groups, masks, neighbors, validation."""
 
 from __future__ import annotations
 
@@ -39,15 +39,15 @@ def test_grid_validation(grid: GridPlayers, shape: tuple[int, ...], needle: str)
         resolve_players(grid, shape)
 
 
-def test_neighbours_within_radius() -> None:
-    pairs = GridPlayers(3, 3).neighbour_pairs(1)
+def test_neighbors_within_radius() -> None:
+    pairs = GridPlayers(3, 3).neighbor_pairs(1)
     # A 3x3 grid has 12 edge-adjacent and 8 diagonal pairs.
     assert len(pairs) == 20
     assert np.all(pairs[:, 0] < pairs[:, 1])
     assert [0, 4] in pairs.tolist() and [0, 2] not in pairs.tolist()
-    assert len(GridPlayers(3, 3).neighbour_pairs(2)) == 36
+    assert len(GridPlayers(3, 3).neighbor_pairs(2)) == 36
     with pytest.raises(InvalidArgument, match="radius"):
-        GridPlayers(3, 3).neighbour_pairs(0)
+        GridPlayers(3, 3).neighbor_pairs(0)
 
 
 def test_feature_players() -> None:

@@ -54,7 +54,7 @@ def test_orders_from_ratios() -> None:
 
 def test_plan_contexts_are_valid_and_reproducible() -> None:
     pairs = all_pairs(N)
-    est = SampledEstimator(pairs, np.array([1, 5, 9]), samples_per_pair=6, seed=11)
+    est = SampledEstimator(pairs, np.array([1, 5, 9]), contexts_per_order=6, seed=11)
     plan, again = est.plan(N), est.plan(N)
     for op, op2 in zip(plan.order_plans, again.order_plans, strict=True):
         assert np.array_equal(op.contexts, op2.contexts)
@@ -77,7 +77,7 @@ def test_plan_contexts_are_valid_and_reproducible() -> None:
 def test_served_contexts_are_uniform_for_each_pair() -> None:
     # For a fixed pair, every other player is in S with probability m/(n-2).
     pairs = all_pairs(N)
-    est = SampledEstimator(pairs, np.array([3, 8]), samples_per_pair=400, seed=2)
+    est = SampledEstimator(pairs, np.array([3, 8]), contexts_per_order=400, seed=2)
     for op in est.plan(N).order_plans:
         rows = op.coalitions(0, op.forwards)[op.v00]
         _, ps = np.nonzero(op.served)
@@ -93,7 +93,7 @@ def test_every_pair_gets_two_contexts_even_on_a_tiny_budget(
     # Two contexts per order cannot serve one given pair by chance alone; the plan tops it up.
     game, exact = cnn_table
     pair = np.array([[2, 9]])
-    plan = SampledEstimator(pair, MID_ORDERS, samples_per_pair=2, seed=0).plan(N)
+    plan = SampledEstimator(pair, MID_ORDERS, contexts_per_order=2, seed=0).plan(N)
     for op in plan.order_plans:
         assert op.served.sum() >= MIN_SAMPLES_PER_PAIR
     # A dedicated context is a uniform S of the other players, so the estimate stays unbiased:
@@ -138,7 +138,7 @@ def test_independent_contexts_are_the_papers_per_pair_scheme(
         assert op.forwards == 4 * op.samples  # v(S), v(S+i), v(S+j), v(S+i+j) each time
     for m, s in zip(MID_ORDERS, estimate(game, plan), strict=True):
         truth = exact.interactions[m][pairs[:, 0], pairs[:, 1]].mean()
-        assert abs(s.mean - truth) < 3 * s.mean_se
+        assert abs(s.mean - truth) < 3 * s.mean_stderr
 
 
 def test_sampled_agrees_with_exact_within_three_standard_errors(
@@ -150,8 +150,8 @@ def test_sampled_agrees_with_exact_within_three_standard_errors(
     z_pairs = []
     for m, s in zip(MID_ORDERS, stats, strict=True):
         truth = exact.interactions[m][pairs[:, 0], pairs[:, 1]]
-        assert abs(s.mean - truth.mean()) < 3 * s.mean_se
-        assert s.mean_se > 0
+        assert abs(s.mean - truth.mean()) < 3 * s.mean_stderr
+        assert s.mean_stderr > 0
         err = s.pair_mean - truth
         # Cells that equal the baseline are dummies: every sample is exactly 0, and so is the SE.
         flat = s.pair_se == 0
@@ -203,11 +203,11 @@ def test_sampled_perturbation_uses_the_same_contexts(
     assert result.estimator == "sampled" and result.decomposition_complete
     assert result.delta_pair_interactions is not None
     assert result.clean.pair_interactions is not None
-    assert result.perturbed.pair_interactions is not None
+    assert result.adversarial.pair_interactions is not None
     np.testing.assert_allclose(
         result.delta_pair_interactions,
-        result.clean.pair_interactions - result.perturbed.pair_interactions,
+        result.clean.pair_interactions - result.adversarial.pair_interactions,
         atol=1e-12,
     )
-    spread = 4 * np.sqrt(np.sum(result.order_terms_se**2)) + 1e-6
-    assert abs(result.decomposition_residual) < spread
+    spread = 4 * np.sqrt(np.sum(result.order_terms_stderr**2)) + 1e-6
+    assert abs(result.residual) < spread

@@ -114,7 +114,7 @@ def test_exact_grid_profile_with_channel_means_matches_the_nchw_network(
     address: str, net: torch.nn.Module, images: np.ndarray
 ) -> None:
     x = images[:1]
-    options = {"grid": (4, 4), "baseline": "mean", "estimator": "exact", "pairwise": True}
+    options = {"grid": (4, 4), "baseline": "mean", "estimator": "exact", "return_pairs": True}
     nchw, nhwc = _profiles(address, x, **options)
     _same(nchw, nhwc)
     profile = nhwc.profiles[0]
@@ -140,9 +140,9 @@ def test_sampled_grid_profiles_match_for_other_baselines(
         "grid": (4, 4),
         "baseline": baseline,
         "estimator": "sampled",
-        "contexts": 8,
+        "contexts_per_order": 8,
         "ratios": [0.0, 0.5, 1.0],
-        "pairwise": True,
+        "return_pairs": True,
         "seed": 3,
     }
     nchw, nhwc = _profiles(address, images[:2], **options)
@@ -153,7 +153,7 @@ def test_a_two_dimensional_mask_covers_every_channel_of_a_pixel(
     address: str, images: np.ndarray
 ) -> None:
     mask = (np.arange(H)[:, None] // 4 * 2 + np.arange(W)[None, :] // 4).astype(np.int64)
-    options = {"mask": mask, "estimator": "exact", "pairwise": True, "baseline": 0.5}
+    options = {"mask": mask, "estimator": "exact", "return_pairs": True, "baseline": 0.5}
     nchw, nhwc = _profiles(address, images[:2], **options)
     assert nhwc.profiles[0].n_players == 4
     _same(nchw, nhwc)

@@ -199,10 +199,10 @@ def test_auto_context_sharing_follows_the_target_statistic_and_the_pair_count(
     assert sharing(analysis_pb2.TARGET_STATISTIC_UNSPECIFIED, 210)[0] == "shared"
 
 
-def test_num_pairs_draws_that_many_neighbour_pairs_and_is_refused_with_all(
+def test_num_pairs_draws_that_many_neighbor_pairs_and_is_refused_with_all(
     analysis, demo_test_data
 ) -> None:
-    """The paper samples 200 of a grid's neighbour pairs: num_pairs with neighbour pairs draws
+    """The paper samples 200 of a grid's neighbor pairs: num_pairs with neighbor pairs draws
     that many of them with the seed (it used to be ignored); with pair mode all it is refused."""
     x, y = demo_test_data
 
@@ -225,14 +225,14 @@ def test_num_pairs_draws_that_many_neighbour_pairs_and_is_refused_with_all(
         return {tuple(p) for p in from_tensor(profile.pairs).tolist()}
 
     every = pairs(analysis_pb2.PAIR_MODE_NEIGHBORS, 0)
-    assert len(every) == 42  # a 4x4 grid's 8-neighbour pairs
+    assert len(every) == 42  # a 4x4 grid's 8-neighbor pairs
     drawn = pairs(analysis_pb2.PAIR_MODE_NEIGHBORS, 10)
     assert len(drawn) == 10 and drawn < every
     assert pairs(analysis_pb2.PAIR_MODE_NEIGHBORS, 10) == drawn  # the seed decides
     assert pairs(analysis_pb2.PAIR_MODE_NEIGHBORS, 10, seed=1) != drawn
-    assert pairs(analysis_pb2.PAIR_MODE_UNSPECIFIED, 10) == drawn  # grids default to neighbours
+    assert pairs(analysis_pb2.PAIR_MODE_UNSPECIFIED, 10) == drawn  # grids default to neighbors
     for mode, count, phrase in (
-        (analysis_pb2.PAIR_MODE_NEIGHBORS, 43, "43 neighbour pairs is not allowed: give 1..42"),
+        (analysis_pb2.PAIR_MODE_NEIGHBORS, 43, "43 neighbor pairs is not allowed: give 1..42"),
         (analysis_pb2.PAIR_MODE_ALL, 10, "num_pairs applies to random and neighbor pairs"),
     ):
         with pytest.raises(RpcError) as error:

@@ -190,7 +190,7 @@ def test_feature_group_profile_is_exact_against_onnxruntime(
                 "baseline": "mean",
                 "baseline_reference": reference,
                 "estimator": "exact",
-                "pairwise": True,
+                "return_pairs": True,
             },
         )
     profile = result.profiles[0]

@@ -74,9 +74,9 @@ def test_the_runner_asks_for_gradients_exactly_when_the_class_is_white_box(kind:
             return np.asarray(model(torch.from_numpy(batch)).numpy())
 
     cls = attack_classes()[kind]
-    spec = AttackSpec(kind, eps=0.1, max_queries=5) if not cls.white_box else AttackSpec(kind)
+    spec = AttackSpec(kind, eps=0.1, query_budget=5) if not cls.white_box else AttackSpec(kind)
     if kind == "autoattack":  # the standard budget would take seconds here
-        spec = AttackSpec(kind, steps=2, max_queries=5)
+        spec = AttackSpec(kind, steps=2, query_budget=5)
     if cls.white_box:
         with pytest.raises(FailedPrecondition, match=", ".join(attacks.BLACK_BOX_ATTACKS)):
             attacks.run_attack(spec, x, y, None, evaluate)

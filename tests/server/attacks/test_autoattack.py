@@ -147,7 +147,7 @@ def test_autoattack_beats_apgd_ce_and_attacks_only_what_is_still_robust(
         "autoattack",
         eps=0.15,
         steps=steps,
-        max_queries=queries,
+        query_budget=queries,
         seed=4,
         check_queries=0,
         check_reruns=0,
@@ -156,7 +156,7 @@ def test_autoattack_beats_apgd_ce_and_attacks_only_what_is_still_robust(
     assert auto.summary.robust_accuracy <= apgd.summary.robust_accuracy
     assert auto.summary.robust_accuracy < auto.summary.clean_accuracy
     for a, b in zip(apgd.results, auto.results, strict=True):
-        assert b.adv_pred == b.label or b.success
+        assert b.adversarial_prediction == b.label or b.success
         if a.success:  # APGD-CE ran first with the same start: it fooled these, nothing else ran
             assert b.success and b.queries == 1 + a.queries
         elif b.attacked:  # the rest went on to APGD-T (and further, until one fooled them)
@@ -175,7 +175,7 @@ def test_autoattack_l2_keeps_to_the_ball(standard_model: torch.nn.Module, digits
     apgd = run_attack(
         AttackSpec("apgd", norm="l2", eps=1.0, steps=5, seed=1), x, y, standard_model, None
     )
-    spec = AttackSpec("autoattack", norm="l2", eps=1.0, steps=5, max_queries=30, seed=1)
+    spec = AttackSpec("autoattack", norm="l2", eps=1.0, steps=5, query_budget=30, seed=1)
     auto = run_attack(spec, x, y, standard_model, None)
     assert auto.summary.robust_accuracy <= apgd.summary.robust_accuracy
     assert max(r.l2 for r in auto.results) <= 1.0

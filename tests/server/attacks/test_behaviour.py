@@ -25,7 +25,7 @@ def test_targeted_attacks_reach_their_targets(
     targets = tuple(int(t) for t in (y + 3) % 10)
     spec = AttackSpec(name, eps=0.3, steps=40, targeted=True, target_classes=targets)
     report = run_attack(spec, x, y, standard_model, _refuse, batch_size=12)
-    reached = [r.adv_pred == r.target for r in report.results]
+    reached = [r.adversarial_prediction == r.target for r in report.results]
     assert [r.success for r in report.results] == reached
     assert np.mean(reached) >= 0.9
     assert report.summary.n_attacked == 24  # no clean input already predicts its target
@@ -50,7 +50,7 @@ def test_square_lowers_onnx_accuracy_with_forward_passes_only(
 ) -> None:
     x, y = digits[0][:32], digits[1][:32]
     budget = 200
-    spec = AttackSpec("square", norm=norm, eps=EPS if norm == "linf" else 1.5, max_queries=budget)
+    spec = AttackSpec("square", norm=norm, eps=EPS if norm == "linf" else 1.5, query_budget=budget)
     report = run_attack(spec, x, y, None, standard_onnx, batch_size=16)
     summary = report.summary
     assert summary.robust_accuracy <= summary.clean_accuracy - 0.15
@@ -76,7 +76,7 @@ def test_margin_pgd_ends_at_the_threshold(
     )
     report = run_attack(spec, x, y, standard_model, _refuse, batch_size=12)
     # The paper's margin, max_{c != y} z_c - z_y, is minus the label margin reported.
-    attack_margins = np.array([-r.adv_margin for r in report.results])
+    attack_margins = np.array([-r.adversarial_margin for r in report.results])
     started_past = np.array([-r.clean_margin >= threshold for r in report.results])
     kept = ~started_past & (attack_margins >= threshold)
     assert kept.mean() >= 0.8
@@ -103,7 +103,9 @@ def test_targeted_square_counts_only_its_targets(
 ) -> None:
     x, y = digits[0][:16], digits[1][:16]
     targets = tuple(int(t) for t in (y + 1) % 10)
-    spec = AttackSpec("square", eps=0.3, max_queries=150, targeted=True, target_classes=targets)
+    spec = AttackSpec("square", eps=0.3, query_budget=150, targeted=True, target_classes=targets)
     report = run_attack(spec, x, y, None, standard_onnx, batch_size=16)
-    assert [r.success for r in report.results] == [r.adv_pred == r.target for r in report.results]
+    assert [r.success for r in report.results] == [
+        r.adversarial_prediction == r.target for r in report.results
+    ]
     assert report.summary.success_rate >= 0.5

@@ -36,7 +36,7 @@ def _check(x: np.ndarray, x_adv: np.ndarray, spec: AttackSpec) -> None:
 
 
 def _spec(name: AttackName, norm: Norm, **extra: Any) -> AttackSpec:
-    budget: dict[str, Any] = {"max_queries": 60} if name in ("simba", "square") else {}
+    budget: dict[str, Any] = {"query_budget": 60} if name in ("simba", "square") else {}
     if name in ("pgd", "apgd", "pgd_margin"):
         budget["steps"] = 8
     return AttackSpec(name, norm=norm, eps=EPS[norm], **budget, **extra)
@@ -150,7 +150,7 @@ class _Affine(torch.nn.Module):
 
 def _budget(name: AttackName) -> dict[str, Any]:
     if name in ("simba", "square"):
-        return {"max_queries": 60}
+        return {"query_budget": 60}
     if name == "autoattack":
-        return {"steps": 4, "max_queries": 60}
+        return {"steps": 4, "query_budget": 60}
     return {"steps": 8} if name in ("pgd", "apgd", "pgd_margin", "fab") else {}

@@ -65,7 +65,9 @@ def test_checks_run_on_robust_examples_with_the_exact_gradient() -> None:
         if r.checks
     )
     # The checks leave the attack's own results untouched.
-    assert [r.adv_pred for r in off.results] == [r.adv_pred for r in report.results]
+    assert [r.adversarial_prediction for r in off.results] == [
+        r.adversarial_prediction for r in report.results
+    ]
 
 
 def test_sweep_specs_sort_and_refuse() -> None:

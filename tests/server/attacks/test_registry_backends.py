@@ -36,7 +36,7 @@ def test_pgd_and_square_run_on_registry_backends(
             spec = AttackSpec("pgd", eps=0.1, steps=10, value_range=value_range)
             report = run_attack(spec, x, y, module, backend.forward, batch_size=8)
             assert report.summary.robust_accuracy < report.summary.clean_accuracy
-        square = AttackSpec("square", eps=0.1, max_queries=50, value_range=value_range)
+        square = AttackSpec("square", eps=0.1, query_budget=50, value_range=value_range)
         report = run_attack(square, x, y, None, backend.forward, batch_size=8)
         assert report.summary.robust_accuracy < report.summary.clean_accuracy
     finally:

@@ -14,8 +14,8 @@ from interscope_server.attacks import (
     AttackSpec,
     AttackSummary,
     Evaluator,
+    ExampleProgress,
     ExampleResult,
-    Progress,
     attack_events,
     run_attack,
 )
@@ -58,9 +58,10 @@ def test_events_stream_results_then_progress_per_batch_and_summary_last(
     x, y = digits[0][:10], digits[1][:10]
     spec = AttackSpec("pgd", eps=0.1, steps=5)
     events = list(attack_events(spec, x, y, standard_model, None, batch_size=4))
-    kinds = [type(e).__name__[0] for e in events]
+    letter = {ExampleResult: "E", ExampleProgress: "P", AttackSummary: "A"}
+    kinds = [letter[type(e)] for e in events]
     assert "".join(kinds) == "EEEEP" + "EEEEP" + "EEP" + "A"
-    progress = [e for e in events if isinstance(e, Progress)]
+    progress = [e for e in events if isinstance(e, ExampleProgress)]
     assert [(p.examples_done, p.batches_done) for p in progress] == [(4, 1), (8, 2), (10, 3)]
     assert all(p.examples_total == 10 and p.batches_total == 3 for p in progress)
     results = [e for e in events if isinstance(e, ExampleResult)]
@@ -68,8 +69,8 @@ def test_events_stream_results_then_progress_per_batch_and_summary_last(
     summary = events[-1]
     assert isinstance(summary, AttackSummary)
     assert summary.n_examples == 10
-    assert summary.n_clean_correct == sum(r.clean_pred == r.label for r in results)
-    assert summary.n_robust == sum(r.adv_pred == r.label for r in results)
+    assert summary.n_clean_correct == sum(r.clean_prediction == r.label for r in results)
+    assert summary.n_robust == sum(r.adversarial_prediction == r.label for r in results)
     assert summary.robust_accuracy == summary.n_robust / 10
     assert summary.n_attacked == sum(r.attacked for r in results)
     assert summary.total_queries == sum(r.queries for r in results)
@@ -128,7 +129,7 @@ def test_target_equal_to_label_is_rejected(
     [
         AttackSpec("pgd", eps=0.1, steps=6, restarts=2),
         AttackSpec("apgd", norm="l2", eps=1.0, steps=6),
-        AttackSpec("square", eps=0.1, max_queries=40),
+        AttackSpec("square", eps=0.1, query_budget=40),
     ],
     ids=lambda s: f"{s.name}-{s.norm}",
 )
@@ -173,7 +174,7 @@ def test_square_cancellation_stops_querying(digits: tuple[np.ndarray, np.ndarray
         logits[np.arange(len(batch)), 0] = 1.0  # predicts 0: examples labelled 0 stay unfooled
         return logits
 
-    spec = AttackSpec("square", max_queries=100)
+    spec = AttackSpec("square", query_budget=100)
     with pytest.raises(Cancelled):
         run_attack(spec, x, np.zeros(len(x), dtype=np.int64), None, evaluate, cancel=token)
     assert len(calls) == 3

@@ -30,7 +30,7 @@ from interscope_server.errors import InvalidArgument
         ({"name": "pgd", "targeted": True, "target_classes": (-1,)}, "non-negative"),
         ({"name": "pgd_margin", "targeted": True, "target_classes": (1,)}, "untargeted"),
         ({"name": "pgd_margin", "margin_threshold": 0.0}, "margin_threshold"),
-        ({"name": "square", "max_queries": 0}, "max_queries must be in 1.."),
+        ({"name": "square", "query_budget": 0}, "query_budget must be in 1.."),
         ({"name": "square", "restarts": 2}, "restarts must be 1"),
         ({"name": "square", "p_init": 1.5}, "p_init must be in (0, 1]"),
         ({"name": "simba", "restarts": 2}, "simba spends its whole query budget"),

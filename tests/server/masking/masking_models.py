@@ -56,7 +56,7 @@ class Shattered(nn.Module):
 
 class Gated(nn.Module):
     """A perturbation detector that saturates: the demo digits are 2x2 blocks of one value
-    (nearest-neighbour upsampling), so a pixel far from its block's mean means an attack.
+    (nearest-neighbor upsampling), so a pixel far from its block's mean means an attack.
     Beyond THRESHOLD (normalised units; 2 * raw) the logits are scaled by up to 1e6, the
     softmax goes one-hot and the CE gradient is exactly 0; predictions never change. An
     attack at an eps below THRESHOLD / 2 sees the network itself, one above it sees nothing:

@@ -161,7 +161,7 @@ def test_export_loads_with_the_original_modules_outputs_and_gradients(
             assert np.abs(result.x_adv - x[result.index]).max() <= 0.2 + 1e-6
         # PGD follows the served gradients: the label margin must fall on average.
         clean = np.mean([r.clean_margin for r in report.results])
-        adversarial = np.mean([r.adv_margin for r in report.results])
+        adversarial = np.mean([r.adversarial_margin for r in report.results])
         assert adversarial < clean - 1e-3, (clean, adversarial)
     finally:
         backend.close()

@@ -108,7 +108,7 @@ def _check_profile(client: interscope.Client, name: str, model: ZooModel) -> Non
         value="log-prob",
         estimator="exact",
         orders=[0, 1, 2],
-        pairwise=True,
+        return_pairs=True,
         **_players(model),
     )
     v = _reference_values(model)
