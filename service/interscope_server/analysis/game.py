@@ -108,6 +108,12 @@ class ModelGame:
     Masked inputs are built chunk by chunk (at most `chunk_size` at once) into reused buffers, so
     memory stays bounded whatever the number of coalitions. `forwards` counts inputs sent to the
     model. The evaluator is called from this thread and must not keep the buffer it is given.
+
+    class_index None means the model's predicted class at x. The prediction then rides on the
+    first forward: x itself is sent as one more row of the first chunk, so finding the class
+    costs one row, not a forward pass of its own (for a small game the pass it saves is most
+    of the round trip). `predict=True` does the same with a given class, to learn the
+    prediction (`prediction`) for the caller's report.
     """
 
     def __init__(
@@ -117,10 +123,11 @@ class ModelGame:
         players: Players,
         baseline: Baseline,
         value_fn: ValueFunction,
-        class_index: int,
+        class_index: int | None,
         *,
         chunk_size: int = 1024,
         cancel: CancelToken | None = None,
+        predict: bool = False,
     ) -> None:
         x = np.asarray(x, dtype=np.float32)
         if not np.all(np.isfinite(x)):
@@ -138,6 +145,8 @@ class ModelGame:
         self._base = base.reshape(-1)
         self._value_fn = value_fn
         self._class = class_index
+        self._predict = predict or class_index is None  # x rides on the first forward
+        self._prediction: int | None = None
         self._chunk = chunk_size
         self._cancel = cancel
         self._forwards = 0
@@ -156,6 +165,18 @@ class ModelGame:
     @property
     def chunk_size(self) -> int:
         return self._chunk
+
+    @property
+    def prediction(self) -> int | None:
+        """The model's predicted class at x, once a forward has run (when it was asked for)."""
+        return self._prediction
+
+    @property
+    def class_index(self) -> int:
+        """The class v reads: the given one, or the prediction once a forward has run."""
+        if self._class is None:
+            raise RuntimeError("the predicted class is known only after the first forward")
+        return self._class
 
     def masked_inputs(self, coalitions: np.ndarray) -> np.ndarray:
         """Masked inputs (B, *input_shape) for <= chunk_size coalitions, in a reused buffer."""
@@ -180,12 +201,23 @@ class ModelGame:
             if self._cancel is not None:
                 self._cancel.check()
             part = c[start : start + self._chunk]
-            logits = np.asarray(self._evaluate(self.masked_inputs(part)))
-            if logits.ndim != 2 or logits.shape[0] != part.shape[0]:
+            inputs = self.masked_inputs(part)
+            extra = self._predict and self._prediction is None
+            if extra:
+                inputs = np.concatenate([inputs, self._x.reshape((1, *self._shape))])
+            logits = np.asarray(self._evaluate(inputs))
+            if logits.ndim != 2 or logits.shape[0] != inputs.shape[0]:
                 raise InvalidArgument(
-                    f"the model returned output of shape {logits.shape} for {part.shape[0]} "
+                    f"the model returned output of shape {logits.shape} for {inputs.shape[0]} "
                     "inputs; the engine needs logits of shape (B, K)"
                 )
-            out[start : start + part.shape[0]] = class_values(logits, self._class, self._value_fn)
-            self._forwards += part.shape[0]
+            self._forwards += inputs.shape[0]
+            if extra:
+                self._prediction = int(np.argmax(logits[-1]))
+                if self._class is None:
+                    self._class = self._prediction
+                logits = logits[:-1]
+            out[start : start + part.shape[0]] = class_values(
+                logits, self.class_index, self._value_fn
+            )
         return out

@@ -119,7 +119,7 @@ def resolve_orders(spec: ProfileSpec, n: int) -> np.ndarray:
 @dataclass(frozen=True)
 class _Plan:
     n: int
-    class_index: int
+    class_index: int | None  # None: the prediction, found by the game (defer_prediction)
     estimator: Estimator
     forwards_per_input: int
 
@@ -142,10 +142,16 @@ def _plan(
     class_index: int | None,
     n_inputs: int,
     extra_per_input: int,
+    defer_prediction: bool = False,
 ) -> _Plan:
+    """The estimator and class for x. With `defer_prediction` a predicted class is left None
+    for the game to find on its first forward (see ModelGame)."""
     _validate(spec)
     _, n = resolve_players(spec.players, np.asarray(x).shape)
-    if spec.class_choice is ClassChoice.PREDICTED:
+    cls: int | None
+    if spec.class_choice is ClassChoice.PREDICTED and defer_prediction:
+        cls = None
+    elif spec.class_choice is ClassChoice.PREDICTED:
         clean_logits = np.asarray(evaluate(np.asarray(x, dtype=np.float32)[None]))
         cls = resolve_class(spec.class_choice, class_index, clean_logits)
     elif class_index is None:
@@ -210,7 +216,12 @@ def _plan(
 
 
 def _game(
-    evaluate: Evaluator, x: np.ndarray, spec: ProfileSpec, cls: int, cancel: CancelToken | None
+    evaluate: Evaluator,
+    x: np.ndarray,
+    spec: ProfileSpec,
+    cls: int | None,
+    cancel: CancelToken | None,
+    predict: bool = False,
 ) -> ModelGame:
     return ModelGame(
         evaluate,
@@ -221,6 +232,7 @@ def _game(
         cls,
         chunk_size=spec.chunk_size,
         cancel=cancel,
+        predict=predict,
     )
 
 
@@ -239,6 +251,7 @@ def _interaction_profile(
     class_index: int,
     timings: dict[str, float],
     forwards: int,
+    prediction: int | None = None,
 ) -> InteractionProfile:
     """The InteractionProfile of one measured game (the one place it is built)."""
     table, e = measure.table, measure.exact
@@ -275,12 +288,13 @@ def _interaction_profile(
         forwards=forwards,
         seed=estimator.seed,
         timings=dict(timings),
+        prediction=prediction,
     )
 
 
-def _prediction_forwards(spec: ProfileSpec) -> int:
+def _prediction_forwards(spec: ProfileSpec, predict: bool = False) -> int:
     """Forwards spent finding the predicted class (one clean input), beyond the plan's own."""
-    return 1 if spec.class_choice is ClassChoice.PREDICTED else 0
+    return 1 if predict or spec.class_choice is ClassChoice.PREDICTED else 0
 
 
 def _progress(
@@ -302,24 +316,32 @@ def profile_events(
     spec: ProfileSpec,
     class_index: int | None = None,
     cancel: CancelToken | None = None,
+    *,
+    predict: bool = False,
 ) -> Iterator[ProfileEvent]:
     """Profile one input x (*input_shape): ForwardProgress events, an OrderEstimate per order, then
     the InteractionProfile last. Raises InvalidArgument / ResourceExhausted before any heavy
-    work."""
+    work.
+
+    The predicted class, when the spec asks for it, costs one row on the first forward (not a
+    pass of its own); `predict` spends that row with a given class too, to report the model's
+    prediction (`InteractionProfile.prediction`)."""
     t0 = time.perf_counter()
     x = np.asarray(x, dtype=np.float32)
     evaluate = counted = CountingEvaluator(evaluate)
-    plan = _plan(evaluate, x, spec, class_index, n_inputs=1, extra_per_input=0)
-    game = _game(evaluate, x, spec, plan.class_index, cancel)
-    planned = plan.forwards_per_input + _prediction_forwards(spec)
+    plan = _plan(
+        evaluate, x, spec, class_index, n_inputs=1, extra_per_input=0, defer_prediction=True
+    )
+    game = _game(evaluate, x, spec, plan.class_index, cancel, predict)
+    planned = plan.forwards_per_input + _prediction_forwards(spec, predict)
     measured = yield from _progress(
         plan.estimator.measure([("clean", game)], False, cancel), counted, planned
     )
     timings = {"total_s": time.perf_counter() - t0}
     (measure,) = measured.games
-    # The profile counts every forward it caused, the predicted-class pass included.
+    # The profile counts every forward it caused, the predicted-class row included.
     yield _interaction_profile(
-        plan.estimator, measure, spec, plan.class_index, timings, counted.forwards
+        plan.estimator, measure, spec, game.class_index, timings, counted.forwards, game.prediction
     )
 
 
@@ -363,7 +385,7 @@ def _perturbation_profile(
 ) -> PerturbationProfile:
     """How the perturbation moved the interactions, and the decomposition of its value gap."""
     estimator, (clean, perturbed), delta = plan.estimator, measured.games, measured.delta
-    assert delta is not None
+    assert delta is not None and plan.class_index is not None  # never deferred here
     pc, pa = (
         _interaction_profile(estimator, m, spec, plan.class_index, timings, m.forwards)
         for m in measured.games

@@ -75,6 +75,7 @@ class InteractionProfile:
     seed: int | None = None
     context_sharing: str = ""  # sampled: "shared" or "independent" (ContextSharing)
     timings: dict[str, float] = field(default_factory=dict)
+    prediction: int | None = None  # the model's class at x, when the profile was asked for it
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -88,18 +87,16 @@ def _check(ctx: CallContext, request: analysis_pb2.ProfileRequest) -> _ProfileJo
     return _ProfileJob(model, x, classes, spec, cost)
 
 
-def _events(job: _ProfileJob, call: Call) -> Iterator[tuple[int, int, ProfileEvent]]:
-    """(input index, its prediction, engine event) for every input in turn (a worker thread)."""
+def _events(job: _ProfileJob, call: Call) -> Iterator[tuple[int, ProfileEvent]]:
+    """(input index, engine event) for every input in turn (a worker thread). The engine finds
+    each input's prediction on its first forward (one more row, reported in the profile)."""
     evaluate = call.evaluator(job.model)
-    # The prediction pass below finds the predicted class; the engine is told it as a label
-    # rather than running the same forward again.
-    spec = dataclasses.replace(job.spec, class_choice=ClassChoice.LABEL)
     for index in range(len(job.x)):
         checked = numerics.finite_evaluator(evaluate, job.model.name, index)
-        prediction = int(np.argmax(checked(job.x[index : index + 1])[0]))
-        cls = prediction if job.classes is None else int(job.classes[index])
-        for event in profile_events(checked, job.x[index], spec, cls, call.cancel):
-            yield index, prediction, event
+        cls = None if job.classes is None else int(job.classes[index])
+        events = profile_events(checked, job.x[index], job.spec, cls, call.cancel, predict=True)
+        for event in events:
+            yield index, event
 
 
 async def profile(
@@ -111,9 +108,7 @@ async def profile(
         n = len(job.x)
         throttle = _Throttle()
         profiles: list[analysis_pb2.InteractionProfile] = []
-        async for index, prediction, event in ctx.events(
-            lambda: _events(job, call), job.cost, call
-        ):
+        async for index, event in ctx.events(lambda: _events(job, call), job.cost, call):
             if isinstance(event, results.ForwardProgress):
                 planned = event.forwards_planned * n
                 done = event.forwards_planned * index + event.forwards_done
@@ -123,10 +118,13 @@ async def profile(
             elif isinstance(event, results.OrderEstimate):
                 yield convert.profile_event(partial=convert.order_estimate(index, event))
             elif isinstance(event, results.InteractionProfile):
-                message = convert.profile_to_proto(event, index, prediction, job.spec.return_pairs)
+                assert event.prediction is not None  # predict=True
+                message = convert.profile_to_proto(
+                    event, index, event.prediction, job.spec.return_pairs
+                )
                 profiles.append(message)
                 yield convert.profile_event(profile=message)
-        # Each input's profile counts its own forwards; its prediction pass is one more.
-        forwards = sum(p.forwards for p in profiles) + n
+        # Each input's profile counts its own forwards, its prediction row included.
+        forwards = sum(p.forwards for p in profiles)
         provenance = ctx.provenance(job.model, request.spec, int(request.spec.seed), call, forwards)
         yield convert.profile_event(result=convert.profile_result(profiles, provenance))

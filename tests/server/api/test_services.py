@@ -155,8 +155,9 @@ def test_independent_contexts_cost_four_forwards_per_sample(analysis, demo_test_
     shared = list(analysis.Profile(request))[-1].result.profiles[0]
     request.spec.sampling.context_sharing = analysis_pb2.CONTEXT_SHARING_INDEPENDENT
     independent = list(analysis.Profile(request))[-1].result.profiles[0]
-    # 2 orders x 5 pairs x 6 contexts x 4 rows, plus v(N) and v(empty).
-    assert independent.forwards == 2 * 5 * 6 * 4 + 2
+    # 2 orders x 5 pairs x 6 contexts x 4 rows, plus v(N) and v(empty), plus the clean input
+    # whose prediction the profile reports (one row on the first forward).
+    assert independent.forwards == 2 * 5 * 6 * 4 + 2 + 1
     assert shared.forwards < independent.forwards
     assert np.isfinite(independent.mean).all() and len(independent.mean) == 2
     assert (shared.context_sharing, independent.context_sharing) == ("shared", "independent")
@@ -191,8 +192,8 @@ def test_auto_context_sharing_follows_the_target_statistic_and_the_pair_count(
     signed = analysis_pb2.TARGET_STATISTIC_SIGNED_MEAN
     strength = analysis_pb2.TARGET_STATISTIC_STRENGTH
     assert sharing(signed, 40)[0] == "shared"
-    # Independent: 41 pairs x 2 contexts x 4 rows, plus v(N) and v(empty).
-    assert sharing(signed, 41) == ("independent", 41 * 2 * 4 + 2)
+    # Independent: 41 pairs x 2 contexts x 4 rows, plus v(N), v(empty) and the prediction row.
+    assert sharing(signed, 41) == ("independent", 41 * 2 * 4 + 2 + 1)
     assert sharing(strength, 80)[0] == "shared"
     assert sharing(strength, 81)[0] == "independent"
     assert sharing(analysis_pb2.TARGET_STATISTIC_PAIRS, 210)[0] == "shared"
