@@ -73,6 +73,19 @@ class GridPlayers:
             cell = cell[:, :, None]  # every channel of a pixel belongs to the pixel's cell
         return np.broadcast_to(cell, input_shape).astype(np.int64)
 
+    def neighbor_pair_count(self, radius: int = 1) -> int:
+        """len(neighbor_pairs(radius)) without building them: each offset (dr, dc) with
+        Chebyshev length 1..radius fits (rows - |dr|) * (cols - |dc|) times; a pair is two
+        opposite offsets."""
+        if radius < 1:
+            raise InvalidArgument(f"neighbor radius {radius} is not allowed: it must be >= 1")
+        total = 0
+        for dr in range(-radius, radius + 1):
+            for dc in range(-radius, radius + 1):
+                if dr or dc:
+                    total += max(0, self.rows - abs(dr)) * max(0, self.cols - abs(dc))
+        return total // 2
+
     def neighbor_pairs(self, radius: int = 1) -> np.ndarray:
         """Pairs (i, j), i < j, of cells at Chebyshev distance 1..radius (1: 8 neighbors)."""
         if radius < 1:

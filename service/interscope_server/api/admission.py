@@ -8,6 +8,7 @@ holding worker threads for minutes or computing a result that cannot be sent.
 from __future__ import annotations
 
 from interscope_server import errors
+from interscope_server.analysis.players import GridPlayers
 from interscope_server.analysis.profile import (
     EstimatorChoice,
     PairSelection,
@@ -67,14 +68,19 @@ def admit_attack(spec: AttackSpec, n_inputs: int, settings: Settings) -> None:
         )
 
 
-def _pair_count(spec: ProfileSpec, n_players: int) -> int:
-    """Upper bound of the pairs `spec` profiles over `n_players`."""
+def pair_count(spec: ProfileSpec, n_players: int) -> int:
+    """The number of pairs the engine's `select_pairs` profiles (an upper bound only for a
+    request it will refuse): the cost, and whether AUTO shares contexts, follow from it."""
+    every = n_players * (n_players - 1) // 2
     if spec.pairs is PairSelection.ALL:
-        return n_players * (n_players - 1) // 2
+        return every
     if spec.pairs is PairSelection.NEIGHBORS:
-        # Each cell has at most (2r+1)^2 - 1 neighbors; each pair is counted once.
-        return n_players * ((2 * spec.neighbor_radius + 1) ** 2 - 1) // 2
-    return spec.n_random_pairs
+        if isinstance(spec.players, GridPlayers) and spec.neighbor_radius >= 1:
+            neighbors = spec.players.neighbor_pair_count(spec.neighbor_radius)
+        else:  # refused by the engine; each cell has at most (2r+1)^2 - 1 neighbors
+            neighbors = n_players * ((2 * max(spec.neighbor_radius, 1) + 1) ** 2 - 1) // 2
+        return min(neighbors, spec.n_neighbor_pairs) if spec.n_neighbor_pairs else neighbors
+    return min(every, spec.n_random_pairs)
 
 
 def profile_cost(spec: ProfileSpec, n_players: int, n_inputs: int) -> int:
@@ -88,7 +94,7 @@ def profile_cost(spec: ProfileSpec, n_players: int, n_inputs: int) -> int:
         per_input = exact
     else:
         orders = resolve_orders(spec, n_players)
-        pairs = _pair_count(spec, n_players)
+        pairs = pair_count(spec, n_players)
         sampled = expected_sampled_forwards(
             n_players,
             orders,
@@ -108,7 +114,7 @@ def profile_message_bytes(spec: ProfileSpec, n_players: int) -> int:
     orders = len(resolve_orders(spec, n_players))
     size = _MESSAGE_OVERHEAD + 8 * orders * _F64  # the per-order arrays
     if spec.return_pairs:
-        pairs = _pair_count(spec, n_players)
+        pairs = pair_count(spec, n_players)
         # (k, 2) int64 pairs, (orders, k) interactions and their standard errors.
         size += pairs * 2 * 8 + 2 * orders * pairs * _F64
         if n_players <= spec.max_exact_players:  # exact may run: it adds the Shapley tables

@@ -50,6 +50,13 @@ def test_neighbors_within_radius() -> None:
         GridPlayers(3, 3).neighbor_pairs(0)
 
 
+@pytest.mark.parametrize("rows, cols", [(1, 1), (1, 5), (3, 3), (4, 7), (16, 16)])
+@pytest.mark.parametrize("radius", [1, 2, 5])
+def test_neighbor_pair_count_is_the_number_of_neighbor_pairs(rows, cols, radius) -> None:
+    grid = GridPlayers(rows, cols)
+    assert grid.neighbor_pair_count(radius) == len(grid.neighbor_pairs(radius))
+
+
 def test_feature_players() -> None:
     assert FeaturePlayers().player_map((4,)).tolist() == [0, 1, 2, 3]
     pmap = FeaturePlayers.from_groups([[0, 2], [3]]).player_map((5,))
