@@ -557,7 +557,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from interscope_server.config import Settings
     from interscope_server.errors import StartupError
-    from interscope_server.server import serve
 
     flags = {field: flag for flag, field, _ in _serve_flags()}
     given = {field: getattr(args, field) for field in flags if field in args}
@@ -571,6 +570,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         where = f"{flags[field]} / INTERSCOPE_{field.upper()}" if field in flags else "settings"
         value = f", got {first['input']!r}" if field in flags else ""
         raise CliError(f"{where}: {first['msg']}{value}", "see interscope serve --help") from None
+    if not settings.runtime_spinning:
+        # Read by torch's OpenMP when torch loads, which the server's import below does: the
+        # same policy as the model hosts get (interscope_server.models.backend).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from interscope_server.server import serve
+
     try:
         serve(settings)
     except StartupError as error:

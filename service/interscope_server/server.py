@@ -111,6 +111,7 @@ class InterscopeServer:
                 device=settings.device,
                 half_precision=settings.half_precision,
                 intra_op_threads=settings.intra_op_threads,
+                spinning=settings.runtime_spinning,
             ),
             batcher_options=BatcherOptions(
                 max_delay_s=settings.max_batch_delay_ms / 1000.0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,8 +47,19 @@ class BackendOptions:
     intra_op_threads: int = 0
     #: Threads across independent graph branches (onnxruntime inter-op); 0 is the default.
     inter_op_threads: int = 0
+    #: Whether idle runtime threads spin-wait (onnxruntime's allow_spinning; torch's OpenMP
+    #: OMP_WAIT_POLICY, which only a fresh process can set: model hosts get it at spawn).
+    spinning: bool = False
     #: Use TensorRT ahead of CUDA where onnxruntime offers it.
     tensorrt: bool = True
+
+
+def runtime_environment(options: BackendOptions) -> dict[str, str]:
+    """Environment a model host process starts with, for what only process start can set:
+    torch's OpenMP reads OMP_WAIT_POLICY when it loads. A value the operator exported wins."""
+    if options.spinning or "OMP_WAIT_POLICY" in os.environ:
+        return {}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def file_sha256(path: Path) -> str:

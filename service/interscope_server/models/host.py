@@ -53,7 +53,12 @@ import torch
 
 from interscope_server import errors
 from interscope_server.cancel import CancelToken
-from interscope_server.models.backend import Backend, BackendOptions, value_bounds
+from interscope_server.models.backend import (
+    Backend,
+    BackendOptions,
+    runtime_environment,
+    value_bounds,
+)
 from interscope_server.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -425,6 +430,7 @@ class ModelHost:
         # imports only the backend it runs. The parent's sys.path finds the same packages.
         ours, theirs = socket.socketpair()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        env.update(runtime_environment(self._backend_options))
         popen = subprocess.Popen(
             [
                 sys.executable,
