@@ -701,6 +701,9 @@ def _cmd_attack(args: argparse.Namespace) -> int:
             if isinstance(event, ExampleResult):
                 done += 1
                 bar.update(done, len(x))
+            elif isinstance(event, Progress) and event.unit == "stages":
+                # A staged attack's batch runs long: say which stage it is in.
+                bar.update(done, len(x), event.stage.removeprefix("attack: "))
             elif isinstance(event, AttackResult):
                 result = event
     if result is None:

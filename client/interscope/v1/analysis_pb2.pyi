@@ -795,9 +795,13 @@ class Progress(_message.Message):
     INPUT_INDEX_FIELD_NUMBER: _builtins.int
     SAMPLE_ID_FIELD_NUMBER: _builtins.int
     stage: _builtins.str
-    """What is being done: "profile", "attack", "perturbation-profile"."""
+    """What is being done: "profile", "attack", "perturbation-profile"; for an attack of stages
+    (AUTOATTACK), "attack: <stage> (<n> examples left)" as each stage starts on a batch.
+    """
     done: _builtins.int
-    """Units done and planned; `unit` names them ("forwards" or "examples")."""
+    """Units done and planned; `unit` names them ("forwards", "examples", or "stages": stages run
+    on the batch whose first input is input_index).
+    """
     total: _builtins.int
     unit: _builtins.str
     input_index: _builtins.int

@@ -169,6 +169,15 @@ async def attack(
                     "attack", event.examples_done, event.examples_total, "examples"
                 )
                 yield convert.attack_event(progress=progress)
+            elif isinstance(event, attacks.StageProgress):
+                progress = convert.progress(
+                    f"attack: {event.stage} ({event.examples_left} examples left)",
+                    event.stages_done,
+                    event.stages_total,
+                    "stages",
+                    event.first_example,
+                )
+                yield convert.attack_event(progress=progress)
             elif isinstance(event, attacks.ExampleResult):
                 message = convert.example_to_proto(event, not request.omit_adversarial)
                 if perturbation is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from interscope_server.attacks.base import (
     Ball,
     BatchOutcome,
     Goal,
+    Stage,
     WhiteBoxAttack,
     forward,
 )
@@ -154,6 +155,22 @@ class AutoAttack(WhiteBoxAttack):
         cancel: CancelToken,
         generator: torch.Generator,
     ) -> BatchOutcome:
+        stages = self.perturb_in_stages(model, ball, goal, cancel, generator)
+        while True:
+            try:
+                next(stages)
+            except StopIteration as done:
+                return done.value
+
+    def perturb_in_stages(
+        self,
+        model: torch.nn.Module,
+        ball: Ball,
+        goal: Goal,
+        cancel: CancelToken,
+        generator: torch.Generator,
+    ) -> Generator[Stage, None, BatchOutcome]:
+        """The ensemble on one batch (restarts are 1), yielding each stage as it starts."""
         cancel.check()
         clean = forward(model, ball.x)
         n = ball.x.shape[0]
@@ -166,10 +183,12 @@ class AutoAttack(WhiteBoxAttack):
             done=goal.success(clean),
             score=torch.full((n,), float("-inf"), device=device),
         )
-        for i, (_, run) in enumerate(self.stages(model, clean, cancel, generator)):
+        total = 2 + 2 * min(N_TARGETS, clean.shape[1] - 1)  # APGD-CE, the targeted, Square
+        for i, (name, run) in enumerate(self.stages(model, clean, cancel, generator)):
             todo = (~state.done).nonzero()[:, 0]
             if todo.numel() == 0:
                 break
+            yield name, i, total, int(todo.numel())
             out = run(ball.subset(todo), goal.subset(todo), todo)
             state.steps[todo] += out.steps
             state.queries[todo] += out.queries

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from abc import ABC, abstractmethod
+from collections.abc import Generator
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import ClassVar, Literal, NamedTuple, TypeAlias, cast, get_args
@@ -372,6 +373,22 @@ class ExampleProgress:
 
 
 @dataclass(frozen=True)
+class StageProgress:
+    """Emitted by an attack made of stages (AUTOATTACK) as each stage starts on a batch: a
+    batch of such an attack can run for minutes, longer than a progress bar may sit still."""
+
+    stage: str  # e.g. "apgd-t target 3"
+    stages_done: int  # stages already run on this batch
+    stages_total: int  # stages this batch may run (it stops early once every example falls)
+    first_example: int  # the batch's first input index
+    examples_left: int  # the batch's examples every earlier stage failed on
+
+
+#: What a staged attack yields while it runs: (stage, stages done, stages total, examples left).
+Stage: TypeAlias = tuple[str, int, int, int]
+
+
+@dataclass(frozen=True)
 class AttackSummary:
     """Aggregates over all examples, emitted last.
 
@@ -400,7 +417,7 @@ class AttackSummary:
     check_queries: int = 0
 
 
-AttackEvent: TypeAlias = ExampleProgress | ExampleResult | AttackSummary
+AttackEvent: TypeAlias = ExampleProgress | StageProgress | ExampleResult | AttackSummary
 
 
 def dlr(logits: Tensor, labels: Tensor, targets: Tensor | None = None) -> Tensor:
@@ -766,6 +783,18 @@ class WhiteBoxAttack(Attack):
             queries[todo] += run.queries
             best = BatchOutcome(x_adv, logits, steps, queries, done, score)
         return best
+
+    def perturb_in_stages(
+        self,
+        model: torch.nn.Module,
+        ball: Ball,
+        goal: Goal,
+        cancel: CancelToken,
+        generator: torch.Generator,
+    ) -> Generator[Stage, None, BatchOutcome]:
+        """`perturb`, yielding each stage as it starts; an attack of one stage yields none."""
+        return self.perturb(model, ball, goal, cancel, generator)
+        yield  # makes this a generator; an attack of one stage has nothing to yield
 
 
 class BlackBoxAttack(Attack):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -18,11 +18,14 @@ from interscope_server.attacks.base import (
     AttackSpec,
     AttackSummary,
     Ball,
+    BatchOutcome,
     BlackBoxAttack,
     Evaluator,
     ExampleProgress,
     ExampleResult,
     Goal,
+    Stage,
+    StageProgress,
     WhiteBoxAttack,
     attack_class,
     black_box_attacks,
@@ -90,7 +93,8 @@ def attack_events(
 ) -> Iterator[AttackEvent]:
     """Attack x (B, *input_shape) with labels y (B,), batch by batch.
 
-    Yields, per batch, one ExampleResult per input (in input order) and then a ExampleProgress; the
+    Yields, per batch, a StageProgress as each stage of a staged attack (AUTOATTACK) starts, one
+    ExampleResult per input (in input order) and then an ExampleProgress; the
     AttackSummary comes last. White-box attacks use `model` (a torch module in eval mode mapping
     raw-range inputs to logits; None when the backend has no gradients); black-box attacks use
     only `evaluate`. Clean predictions come from the same model the attack uses; that clean
@@ -144,7 +148,8 @@ def attack_events(
             generator = torch.Generator().manual_seed(_batch_seed(spec.seed, b))
             if isinstance(attack, WhiteBoxAttack):
                 assert model is not None
-                out = attack.perturb(model, ball, goal.subset(todo), token, generator)
+                stages = attack.perturb_in_stages(model, ball, goal.subset(todo), token, generator)
+                out = yield from _stage_progress(stages, lo)
             else:
                 assert isinstance(attack, BlackBoxAttack) and evaluate is not None
                 out = attack.perturb(evaluate, ball, goal.subset(todo), token, generator)
@@ -183,6 +188,18 @@ def attack_events(
             yield result
         yield ExampleProgress(hi, n, b + 1, batches)
     yield totals.summary()
+
+
+def _stage_progress(
+    stages: Generator[Stage, None, BatchOutcome], first_example: int
+) -> Generator[StageProgress, None, BatchOutcome]:
+    """A staged attack's stages as StageProgress events; returns what the attack returned."""
+    while True:
+        try:
+            name, done, total, left = next(stages)
+        except StopIteration as finished:
+            return finished.value
+        yield StageProgress(name, done, total, first_example, left)
 
 
 def on_integer_grid(x: Tensor, x_adv: Tensor, spec: AttackSpec) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from grpc import StatusCode
 
@@ -31,6 +33,25 @@ def test_autoattack_runs_through_the_server(analysis, demo_test_data) -> None:
     assert len(examples) == 4 and summary.n == 4
     assert summary.robust_accuracy <= summary.clean_accuracy
     assert all(e.linf <= 0.2 for e in examples)
+    # Each stage reports as it starts, in AutoAttack's order, with fewer examples left as the
+    # earlier stages fool them; the stream never reports a stage on a batch with none left.
+    stages = [
+        e.progress
+        for e in events
+        if e.WhichOneof("event") == "progress" and e.progress.unit == "stages"
+    ]
+    assert stages and stages[0].stage.startswith("attack: apgd-ce (")
+    assert [p.done for p in stages] == list(range(len(stages)))
+    assert all(p.total == 2 + 2 * 9 and p.input_index == 0 for p in stages)  # 10 classes
+    left = [int(p.stage.rsplit("(", 1)[1].split()[0]) for p in stages]
+    assert left[0] == sum(e.clean_prediction == e.label for e in examples)
+    assert all(0 < b <= a for a, b in itertools.pairwise(left))
+    names = [p.stage.split(": ", 1)[1].split(" (")[0] for p in stages]
+    order = ["apgd-ce"] + [f"apgd-t target {i}" for i in range(1, 10)]
+    order += [f"fab-t target {i}" for i in range(1, 10)] + ["square"]
+    assert names == order[: len(names)]
+    robust = sum(e.clean_prediction == e.label and not e.success for e in examples)
+    assert robust == 0 or names[-1] == "square"  # a robust example saw every stage
 
 
 @pytest.mark.parametrize(
