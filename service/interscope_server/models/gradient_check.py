@@ -6,13 +6,21 @@ a few input coordinates. A model whose graph has an op without a derivative (a t
 `aten::_native_multi_head_attention`), a converter bug, or a backward that silently returns
 wrong numbers then loads without gradients, with the reason, instead of failing white-box
 attacks later or, worse, feeding them wrong directions.
+
+Every evaluation runs with the random number generator seeded the same (inside
+`torch.random.fork_rng`, so the caller's RNG state is untouched): a randomised model (noise
+added to its input, say) then draws the same noise in the backward pass and in every finite
+difference, and its backward is checked for that one fixed draw, the function it computes
+once the noise is fixed. A deterministic model computes exactly what it did unseeded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -37,20 +45,36 @@ _RTOL = {torch.float64: 1e-3, torch.float32: 3e-2}
 _ATOL = {torch.float64: 1e-4, torch.float32: 1e-2}
 
 
+#: The seed every evaluation of the check starts from (see the module doc).
+NOISE_SEED = 0
+
+
+@contextlib.contextmanager
+def fixed_noise(device: torch.device, seed: int = NOISE_SEED) -> Iterator[None]:
+    """Run the block with the RNGs `device` draws from seeded to `seed`; restore them after."""
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _precise_copy(
-    module: torch.nn.Module, x32: torch.Tensor, out32: torch.Tensor
+    module: torch.nn.Module, x32: torch.Tensor, out32: torch.Tensor, device: torch.device
 ) -> torch.nn.Module | None:
     """A float64 copy of `module` that reproduces its float32 outputs, or None."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecations inside torch's own deepcopy support
             double = copy.deepcopy(module).double()
-        with torch.no_grad():
+        with torch.no_grad(), fixed_noise(device):
             out64 = double(x32.double())
     except Exception as exc:  # hard-coded float32 ops in a traced graph, say: check in float32
         logger.debug("float64 copy unusable (%s); checking gradients in float32", exc)
@@ -87,20 +111,22 @@ def check_gradients(
     x_np = rng.uniform(low + 0.1 * span, high - 0.1 * span, size=(1, *input_shape))
     x32 = torch.from_numpy(x_np.astype(np.float32)).to(device)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), fixed_noise(device):
             out32 = module(x32)
     except Exception as exc:
         return f"the differentiable module fails a forward pass ({_first_line(exc)})"
     if out32.dim() != 2 or out32.shape[0] != 1 or out32.shape[1] == 0:
         return f"the differentiable module returns shape {list(out32.shape)}, not (1, classes)"
-    checked = _precise_copy(module, x32, out32)
+    checked = _precise_copy(module, x32, out32, device)
     dtype = torch.float64 if checked is not None else torch.float32
     checked = checked if checked is not None else module
     weights = torch.from_numpy(rng.standard_normal(out32.shape[1])).to(device, dtype)
 
     def value(x: torch.Tensor) -> torch.Tensor:
-        # A random mix of all logits, so every output's derivative is in the check.
-        return (checked(x).to(dtype) * weights).sum()
+        # A random mix of all logits, so every output's derivative is in the check; the same
+        # noise draw in every evaluation (see the module doc).
+        with fixed_noise(device):
+            return (checked(x).to(dtype) * weights).sum()
 
     x = x32.to(dtype).requires_grad_(True)
     try:

@@ -63,6 +63,30 @@ def test_a_wrong_backward_is_caught() -> None:
         assert "disagrees with finite differences" in note, factor
 
 
+class _Noisy(nn.Module):
+    """_Net on its input plus fresh Gaussian noise each forward: a randomised model."""
+
+    def __init__(self, factor: float = 1.0) -> None:
+        super().__init__()
+        self.net = _Net(factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x + 0.3 * torch.randn_like(x))
+
+
+def test_a_stochastic_module_is_checked_for_one_noise_draw() -> None:
+    noisy = _Noisy().eval()
+    x = torch.rand(1, *SHAPE)
+    assert not torch.equal(noisy(x), noisy(x))  # random indeed
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    assert check_gradients(noisy, SHAPE, (0.0, 1.0), torch.device("cpu")) == ""
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left as it was
+    for factor in (0.5, 0.0):  # a wrong backward is still caught, noise or not
+        note = check_gradients(_Noisy(factor).eval(), SHAPE, (0.0, 1.0), torch.device("cpu"))
+        assert "disagrees with finite differences" in note, factor
+
+
 def test_a_float32_only_module_is_checked_in_float32() -> None:
     class Float32Only(nn.Module):
         def __init__(self) -> None:
