@@ -116,6 +116,9 @@ class ModelInfo(_DictMixin):
     value_ranges: list[tuple[float, float]] = field(default_factory=list)
     #: Feature names from the model's config; empty when it gives none.
     feature_names: list[str] = field(default_factory=list)
+    #: Whether the model's outputs are random (two forwards of one input differed at load):
+    #: attacks run on it, interaction profiles are refused (FAILED_PRECONDITION).
+    stochastic: bool = False
 
     @classmethod
     def from_proto(cls, m: models_pb2.ModelInfo) -> ModelInfo:
@@ -143,6 +146,7 @@ class ModelInfo(_DictMixin):
             output_kind=m.output_kind,
             value_ranges=[(float(r.low), float(r.high)) for r in m.value_ranges],
             feature_names=list(m.feature_names),
+            stochastic=m.stochastic,
         )
 
 

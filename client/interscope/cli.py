@@ -615,7 +615,7 @@ def _model_line(m: ModelInfo) -> str:
     shape = "x".join(str(d) for d in m.input.shape)
     return (
         f"{m.name:<20} {m.format:<11} {m.state:<8} input {shape:<10} "
-        f"{len(m.classes)} classes, {grads}"
+        f"{len(m.classes)} classes, {grads}{', stochastic' if m.stochastic else ''}"
     )
 
 

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ainterscope/v1/models.proto\x12\rinterscope.v1\"K\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06layout\x18\x04 \x01(\t\"\'\n\nValueRange\x12\x0b\n\x03low\x18\x01 \x01(\x02\x12\x0c\n\x04high\x18\x02 \x01(\x02\"*\n\rNormalization\x12\x0c\n\x04mean\x18\x01 \x03(\x02\x12\x0b\n\x03std\x18\x02 \x03(\x02\"\xe6\x02\n\x0bModelConfig\x12*\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1a.interscope.v1.ModelFormat\x12(\n\x05input\x18\x02 \x01(\x0b\x32\x19.interscope.v1.TensorInfo\x12\x13\n\x0boutput_name\x18\x03 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x04 \x03(\t\x12\x17\n\x0fvalue_range_low\x18\x05 \x01(\x02\x12\x18\n\x10value_range_high\x18\x06 \x01(\x02\x12\x33\n\rnormalization\x18\x07 \x01(\x0b\x32\x1c.interscope.v1.Normalization\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12/\n\x0cvalue_ranges\x18\n \x03(\x0b\x32\x19.interscope.v1.ValueRange\x12\x15\n\rfeature_names\x18\x0b \x03(\t\"\xbc\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1a.interscope.v1.ModelFormat\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.interscope.v1.ModelState\x12\x15\n\rstate_message\x18\x04 \x01(\t\x12(\n\x05input\x18\x05 \x01(\x0b\x32\x19.interscope.v1.TensorInfo\x12)\n\x06output\x18\x06 \x01(\x0b\x32\x19.interscope.v1.TensorInfo\x12\x0f\n\x07\x63lasses\x18\x07 \x03(\t\x12\x17\n\x0fvalue_range_low\x18\x08 \x01(\x02\x12\x18\n\x10value_range_high\x18\t \x01(\x02\x12\x33\n\rnormalization\x18\n \x01(\x0b\x32\x1c.interscope.v1.Normalization\x12\x14\n\x0c\x63ontent_hash\x18\x0b \x01(\t\x12\x1b\n\x13gradients_available\x18\x0c \x01(\x08\x12\x19\n\x11gradients_message\x18\r \x01(\t\x12\x16\n\x0emax_batch_size\x18\x0e \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x0f \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x10 \x01(\t\x12\x13\n\x0boutput_kind\x18\x11 \x01(\t\x12/\n\x0cvalue_ranges\x18\x12 \x03(\x0b\x32\x19.interscope.v1.ValueRange\x12\x15\n\rfeature_names\x18\x13 \x03(\t\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.interscope.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x12\n\x10RepositorySource\"^\n\x0cUploadSource\x12\r\n\x05model\x18\x01 \x01(\x0c\x12*\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1a.interscope.v1.ModelConfig\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\"\xa1\x01\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x35\n\nrepository\x18\x02 \x01(\x0b\x32\x1f.interscope.v1.RepositorySourceH\x00\x12-\n\x06upload\x18\x03 \x01(\x0b\x32\x1b.interscope.v1.UploadSourceH\x00\x12\x0f\n\x07replace\x18\x04 \x01(\x08\x42\x08\n\x06source\"<\n\x11LoadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.interscope.v1.ModelInfo\"2\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65lete\x18\x02 \x01(\x08\"\x15\n\x13UnloadModelResponse*\x95\x01\n\x0bModelFormat\x12\x1c\n\x18MODEL_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_FORMAT_ONNX\x10\x01\x12\x1c\n\x18MODEL_FORMAT_TORCHSCRIPT\x10\x02\x12\x14\n\x10MODEL_FORMAT_OIP\x10\x03\x12\x1d\n\x19MODEL_FORMAT_TORCH_EXPORT\x10\x04*\x8b\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x04\x32\xcd\x02\n\x0cModelService\x12Q\n\nListModels\x12 .interscope.v1.ListModelsRequest\x1a!.interscope.v1.ListModelsResponse\x12\x44\n\x08GetModel\x12\x1e.interscope.v1.GetModelRequest\x1a\x18.interscope.v1.ModelInfo\x12N\n\tLoadModel\x12\x1f.interscope.v1.LoadModelRequest\x1a .interscope.v1.LoadModelResponse\x12T\n\x0bUnloadModel\x12!.interscope.v1.UnloadModelRequest\x1a\".interscope.v1.UnloadModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ainterscope/v1/models.proto\x12\rinterscope.v1\"K\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06layout\x18\x04 \x01(\t\"\'\n\nValueRange\x12\x0b\n\x03low\x18\x01 \x01(\x02\x12\x0c\n\x04high\x18\x02 \x01(\x02\"*\n\rNormalization\x12\x0c\n\x04mean\x18\x01 \x03(\x02\x12\x0b\n\x03std\x18\x02 \x03(\x02\"\xe6\x02\n\x0bModelConfig\x12*\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1a.interscope.v1.ModelFormat\x12(\n\x05input\x18\x02 \x01(\x0b\x32\x19.interscope.v1.TensorInfo\x12\x13\n\x0boutput_name\x18\x03 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x04 \x03(\t\x12\x17\n\x0fvalue_range_low\x18\x05 \x01(\x02\x12\x18\n\x10value_range_high\x18\x06 \x01(\x02\x12\x33\n\rnormalization\x18\x07 \x01(\x0b\x32\x1c.interscope.v1.Normalization\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12/\n\x0cvalue_ranges\x18\n \x03(\x0b\x32\x19.interscope.v1.ValueRange\x12\x15\n\rfeature_names\x18\x0b \x03(\t\"\xd0\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1a.interscope.v1.ModelFormat\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.interscope.v1.ModelState\x12\x15\n\rstate_message\x18\x04 \x01(\t\x12(\n\x05input\x18\x05 \x01(\x0b\x32\x19.interscope.v1.TensorInfo\x12)\n\x06output\x18\x06 \x01(\x0b\x32\x19.interscope.v1.TensorInfo\x12\x0f\n\x07\x63lasses\x18\x07 \x03(\t\x12\x17\n\x0fvalue_range_low\x18\x08 \x01(\x02\x12\x18\n\x10value_range_high\x18\t \x01(\x02\x12\x33\n\rnormalization\x18\n \x01(\x0b\x32\x1c.interscope.v1.Normalization\x12\x14\n\x0c\x63ontent_hash\x18\x0b \x01(\t\x12\x1b\n\x13gradients_available\x18\x0c \x01(\x08\x12\x19\n\x11gradients_message\x18\r \x01(\t\x12\x16\n\x0emax_batch_size\x18\x0e \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x0f \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x10 \x01(\t\x12\x13\n\x0boutput_kind\x18\x11 \x01(\t\x12/\n\x0cvalue_ranges\x18\x12 \x03(\x0b\x32\x19.interscope.v1.ValueRange\x12\x15\n\rfeature_names\x18\x13 \x03(\t\x12\x12\n\nstochastic\x18\x14 \x01(\x08\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.interscope.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x12\n\x10RepositorySource\"^\n\x0cUploadSource\x12\r\n\x05model\x18\x01 \x01(\x0c\x12*\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1a.interscope.v1.ModelConfig\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\"\xa1\x01\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x35\n\nrepository\x18\x02 \x01(\x0b\x32\x1f.interscope.v1.RepositorySourceH\x00\x12-\n\x06upload\x18\x03 \x01(\x0b\x32\x1b.interscope.v1.UploadSourceH\x00\x12\x0f\n\x07replace\x18\x04 \x01(\x08\x42\x08\n\x06source\"<\n\x11LoadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.interscope.v1.ModelInfo\"2\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65lete\x18\x02 \x01(\x08\"\x15\n\x13UnloadModelResponse*\x95\x01\n\x0bModelFormat\x12\x1c\n\x18MODEL_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_FORMAT_ONNX\x10\x01\x12\x1c\n\x18MODEL_FORMAT_TORCHSCRIPT\x10\x02\x12\x14\n\x10MODEL_FORMAT_OIP\x10\x03\x12\x1d\n\x19MODEL_FORMAT_TORCH_EXPORT\x10\x04*\x8b\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x04\x32\xcd\x02\n\x0cModelService\x12Q\n\nListModels\x12 .interscope.v1.ListModelsRequest\x1a!.interscope.v1.ListModelsResponse\x12\x44\n\x08GetModel\x12\x1e.interscope.v1.GetModelRequest\x1a\x18.interscope.v1.ModelInfo\x12N\n\tLoadModel\x12\x1f.interscope.v1.LoadModelRequest\x1a .interscope.v1.LoadModelResponse\x12T\n\x0bUnloadModel\x12!.interscope.v1.UnloadModelRequest\x1a\".interscope.v1.UnloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'interscope.v1.models_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELFORMAT']._serialized_start=1679
-  _globals['_MODELFORMAT']._serialized_end=1828
-  _globals['_MODELSTATE']._serialized_start=1831
-  _globals['_MODELSTATE']._serialized_end=1970
+  _globals['_MODELFORMAT']._serialized_start=1699
+  _globals['_MODELFORMAT']._serialized_end=1848
+  _globals['_MODELSTATE']._serialized_start=1851
+  _globals['_MODELSTATE']._serialized_end=1990
   _globals['_TENSORINFO']._serialized_start=45
   _globals['_TENSORINFO']._serialized_end=120
   _globals['_VALUERANGE']._serialized_start=122
@@ -44,25 +44,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELCONFIG']._serialized_start=208
   _globals['_MODELCONFIG']._serialized_end=566
   _globals['_MODELINFO']._serialized_start=569
-  _globals['_MODELINFO']._serialized_end=1141
-  _globals['_LISTMODELSREQUEST']._serialized_start=1143
-  _globals['_LISTMODELSREQUEST']._serialized_end=1162
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1164
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1226
-  _globals['_GETMODELREQUEST']._serialized_start=1228
-  _globals['_GETMODELREQUEST']._serialized_end=1259
-  _globals['_REPOSITORYSOURCE']._serialized_start=1261
-  _globals['_REPOSITORYSOURCE']._serialized_end=1279
-  _globals['_UPLOADSOURCE']._serialized_start=1281
-  _globals['_UPLOADSOURCE']._serialized_end=1375
-  _globals['_LOADMODELREQUEST']._serialized_start=1378
-  _globals['_LOADMODELREQUEST']._serialized_end=1539
-  _globals['_LOADMODELRESPONSE']._serialized_start=1541
-  _globals['_LOADMODELRESPONSE']._serialized_end=1601
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1603
-  _globals['_UNLOADMODELREQUEST']._serialized_end=1653
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=1655
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=1676
-  _globals['_MODELSERVICE']._serialized_start=1973
-  _globals['_MODELSERVICE']._serialized_end=2306
+  _globals['_MODELINFO']._serialized_end=1161
+  _globals['_LISTMODELSREQUEST']._serialized_start=1163
+  _globals['_LISTMODELSREQUEST']._serialized_end=1182
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1184
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1246
+  _globals['_GETMODELREQUEST']._serialized_start=1248
+  _globals['_GETMODELREQUEST']._serialized_end=1279
+  _globals['_REPOSITORYSOURCE']._serialized_start=1281
+  _globals['_REPOSITORYSOURCE']._serialized_end=1299
+  _globals['_UPLOADSOURCE']._serialized_start=1301
+  _globals['_UPLOADSOURCE']._serialized_end=1395
+  _globals['_LOADMODELREQUEST']._serialized_start=1398
+  _globals['_LOADMODELREQUEST']._serialized_end=1559
+  _globals['_LOADMODELRESPONSE']._serialized_start=1561
+  _globals['_LOADMODELRESPONSE']._serialized_end=1621
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1623
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1673
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1675
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1696
+  _globals['_MODELSERVICE']._serialized_start=1993
+  _globals['_MODELSERVICE']._serialized_end=2326
 # @@protoc_insertion_point(module_scope)

@@ -288,6 +288,7 @@ class ModelInfo(_message.Message):
     OUTPUT_KIND_FIELD_NUMBER: _builtins.int
     VALUE_RANGES_FIELD_NUMBER: _builtins.int
     FEATURE_NAMES_FIELD_NUMBER: _builtins.int
+    STOCHASTIC_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name on this replica: [A-Za-z0-9][A-Za-z0-9_.-]{0,127}."""
     format: Global___ModelFormat.ValueType
@@ -313,6 +314,12 @@ class ModelInfo(_message.Message):
     """What `output` holds: "logits", "probabilities" or "log_probabilities" (declared in
     config.json or read from the model file). Every value function is defined for each kind
     except VALUE_FUNCTION_LOGIT, which only a "logits" model has.
+    """
+    stochastic: _builtins.bool
+    """Whether the model's outputs are random: two forward passes of the same input differed at
+    load (noise inside, a randomised defence). Attacks run on it; interaction profiles
+    (Profile, an Audit's profile, an Attack's perturbation_profile) are refused with
+    FAILED_PRECONDITION, since v(S) would be a random number rather than a defined one.
     """
     @_builtins.property
     def input(self) -> Global___TensorInfo: ...
@@ -358,10 +365,11 @@ class ModelInfo(_message.Message):
         output_kind: _builtins.str = ...,
         value_ranges: _abc.Iterable[Global___ValueRange] | None = ...,
         feature_names: _abc.Iterable[_builtins.str] | None = ...,
+        stochastic: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "normalization", b"normalization", "output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "content_hash", b"content_hash", "description", b"description", "device", b"device", "feature_names", b"feature_names", "format", b"format", "gradients_available", b"gradients_available", "gradients_message", b"gradients_message", "input", b"input", "max_batch_size", b"max_batch_size", "name", b"name", "normalization", b"normalization", "output", b"output", "output_kind", b"output_kind", "state", b"state", "state_message", b"state_message", "value_range_high", b"value_range_high", "value_range_low", b"value_range_low", "value_ranges", b"value_ranges"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "content_hash", b"content_hash", "description", b"description", "device", b"device", "feature_names", b"feature_names", "format", b"format", "gradients_available", b"gradients_available", "gradients_message", b"gradients_message", "input", b"input", "max_batch_size", b"max_batch_size", "name", b"name", "normalization", b"normalization", "output", b"output", "output_kind", b"output_kind", "state", b"state", "state_message", b"state_message", "stochastic", b"stochastic", "value_range_high", b"value_range_high", "value_range_low", b"value_range_low", "value_ranges", b"value_ranges"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

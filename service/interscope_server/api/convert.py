@@ -496,6 +496,7 @@ def model_info(
         info.content_hash = f"sha256:{backend.content_hash}"
         info.gradients_available = backend.gradients_available
         info.gradients_message = backend.gradient_note
+        info.stochastic = backend.stochastic
         info.device = backend.device
     return info
 

@@ -388,11 +388,31 @@ def cast_input(x: np.ndarray, datatype: str) -> np.ndarray:
     return np.ascontiguousarray(x.astype(INPUT_DTYPES[datatype], copy=False))
 
 
+def outputs_are_random(backend: Backend) -> bool:
+    """Whether two forward passes of one probe input differ beyond float round-off.
+
+    A model with noise inside (a randomised defence: noise added to its input, dropout left
+    on) answers the same input differently each time; a deterministic one repeats itself to
+    the last bit, or nearly (a GPU kernel may sum in another order). The tolerance sits far
+    above that and far below what any noise worth the name moves the scores by. Through
+    `forward`, so every format is asked the same way (an ONNX graph's RandomNormalLike too).
+    """
+    x = probe_inputs(backend.config, rows=2)[1:]  # one row: a batch any model takes
+    first, second = backend.forward(x), backend.forward(x)
+    scale = 1.0 + float(np.abs(first).max(initial=0.0))
+    return not np.allclose(first, second, rtol=1e-4, atol=1e-4 * scale, equal_nan=True)
+
+
 class Backend(ABC):
     """One loaded model file: forward passes on raw inputs, optionally a differentiable module.
 
     `forward` is thread-safe: the batcher's worker calls it, and so may tests and benchmarks.
     """
+
+    #: Whether the model's outputs are random (`outputs_are_random`): the registry finds out
+    #: at load. Attacks run on such a model; interaction profiles, which would be random
+    #: numbers, are refused.
+    stochastic: bool = False
 
     def __init__(self, config: ModelConfig, path: Path, *, content_hash: str | None = None) -> None:
         self.config = config

@@ -20,7 +20,13 @@ from interscope_server.errors import (
     NotFound,
     Unavailable,
 )
-from interscope_server.models.backend import Backend, BackendOptions, check_batch, value_bounds
+from interscope_server.models.backend import (
+    Backend,
+    BackendOptions,
+    check_batch,
+    outputs_are_random,
+    value_bounds,
+)
 from interscope_server.models.batcher import BatcherOptions, DynamicBatcher, ModelObserver
 from interscope_server.models.config import ModelConfig
 from interscope_server.models.host import HostedBackend, HostOptions
@@ -222,11 +228,12 @@ class ModelRegistry:
             )
         self._observer.on_load(name, "success")
         logger.info(
-            "model %s ready: %s on %s, gradients %s, sha256 %s",
+            "model %s ready: %s on %s, gradients %s,%s sha256 %s",
             name,
             backend.format,
             backend.device,
             "yes" if backend.gradients_available else f"no ({backend.gradient_note})",
+            " stochastic (outputs are random: no profiles)," if backend.stochastic else "",
             backend.content_hash[:12],
         )
         return model
@@ -264,9 +271,12 @@ class ModelRegistry:
 
     @staticmethod
     def _probe(backend: Backend) -> None:
-        """One forward on a blank input, so a model that cannot run fails at load, not later."""
+        """One forward on a blank input, so a model that cannot run fails at load, not later;
+        then two of one probe input, recorded once here for every format: whether the
+        model's outputs are random."""
         low, _ = value_bounds(backend.config)
         backend.forward(low[None].astype(np.float32))
+        backend.stochastic = outputs_are_random(backend)
 
     def upload(
         self, name: str, model_bytes: bytes, config: ModelConfig, *, replace: bool = False

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
 
 from interscope_server.errors import (
     AlreadyExists,
@@ -29,6 +34,7 @@ from interscope_server.models import (
     ModelStatus,
 )
 from interscope_server.models.config import CONFIG_FILE
+from tests.server.models.torch_exports import trace
 
 
 class _Recorder(ModelObserver):
@@ -230,5 +236,67 @@ def test_concurrent_loads_of_one_model_do_not_both_run(repository: ModelReposito
         # Whichever lost the race was told to retry; the model ends up READY either way.
         assert all("already loading" in str(e) for e in errors)
         assert registry.status("digits-cnn-ts").state is ModelState.READY
+    finally:
+        registry.close()
+
+
+class _Noisy(nn.Module):
+    """A network fed its input plus fresh Gaussian noise: a randomised defence."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x + 0.5 * torch.randn_like(x))
+
+
+def _noisy_onnx(path: Path) -> None:
+    """A linear digits model behind RandomNormalLike: random ops in an ONNX graph."""
+    weights = np.random.default_rng(0).standard_normal((256, 10)).astype(np.float32)
+    nodes = [
+        helper.make_node("RandomNormalLike", ["input"], ["noise"], scale=0.5),
+        helper.make_node("Add", ["input", "noise"], ["noisy"]),
+        helper.make_node("Flatten", ["noisy"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "noisy",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        initializer=[numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_random_outputs_are_found_at_load_for_every_format(
+    repo_root: Path, repository: ModelRepository, demo_repository: Path
+) -> None:
+    for name in ("digits-cnn-adv", "digits-cnn-adv-ts"):
+        shutil.copytree(demo_repository / name, repo_root / name)
+    noisy_ts = _add_model(repo_root, "noisy-ts", "digits-cnn-ts")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the served format is TorchScript
+        net = torch.jit.load(str(noisy_ts / "model.pt")).eval()
+    trace(_Noisy(net).eval(), (1, 16, 16), noisy_ts / "model.pt")
+    _noisy_onnx(_add_model(repo_root, "noisy-onnx", "digits-cnn") / "model.onnx")
+    registry, _ = _registry(repository)
+    try:
+        statuses = {s.name: s.state for s in registry.load_all()}
+        assert set(statuses.values()) == {ModelState.READY}, statuses
+        stochastic = {name: registry.get(name).backend.stochastic for name in statuses}
+        assert stochastic == {
+            "digits-cnn": False,
+            "digits-cnn-ts": False,
+            "digits-cnn-adv": False,
+            "digits-cnn-adv-ts": False,
+            "noisy-ts": True,
+            "noisy-onnx": True,
+        }
+        # The seeded gradient check lets the randomised TorchScript model keep its gradients.
+        assert registry.get("noisy-ts").backend.gradients_available
     finally:
         registry.close()
