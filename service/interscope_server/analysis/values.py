@@ -46,6 +46,24 @@ def check_defined(value: ValueFunction, output_kind: str, model: str) -> None:
         )
 
 
+def check_deterministic(stochastic: bool, model: str, what: str) -> None:
+    """Refuse an interaction profile (`what`) of a model whose outputs are random.
+
+    v(S) is the model's score with the players outside S masked; when two forwards of one
+    input differ (noise inside the model, found at load), v(S) is a random number and every
+    interaction, a difference of such numbers, mostly measures the noise. Averaging draws
+    would estimate a different quantity (the smoothed model's), so nothing is computed.
+    """
+    if stochastic:
+        raise FailedPrecondition(
+            f"{what} needs a deterministic model; model {model!r} is stochastic (two forward "
+            "passes of the same input gave different outputs at load, e.g. noise added to its "
+            "input), so v(S) and every interaction would be random numbers: load a "
+            "deterministic version of the model (noise off, eval mode, dropout off); attacks "
+            "still run on this one"
+        )
+
+
 class ClassChoice(enum.Enum):
     """Which class the value function reads: a given label, a given target, or the prediction."""
 

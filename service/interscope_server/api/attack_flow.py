@@ -14,7 +14,7 @@ from interscope.v1 import analysis_pb2
 from interscope_server import attacks, errors
 from interscope_server.analysis.profile import ProfileSpec, run_perturbation
 from interscope_server.analysis.results import PerturbationProfile
-from interscope_server.analysis.values import ClassChoice, check_defined
+from interscope_server.analysis.values import ClassChoice, check_defined, check_deterministic
 from interscope_server.api import admission, convert, numerics, specs
 from interscope_server.api.call import Call, CallContext
 from interscope_server.attacks.base import AttackSpec
@@ -99,6 +99,7 @@ def _perturbation_profile(
     request: analysis_pb2.AttackRequest, model: LoadedModel, x: np.ndarray, settings: Settings
 ) -> tuple[ProfileSpec, int]:
     """The requested perturbation profile's spec and its forwards for every input."""
+    check_deterministic(model.backend.stochastic, model.name, "a perturbation_profile")
     profile, n_players = specs.profile_spec(
         request.perturbation_profile,
         ClassChoice.LABEL,

@@ -14,7 +14,7 @@ import torch
 from interscope.v1 import analysis_pb2
 from interscope_server import attacks, errors
 from interscope_server.analysis.profile import ProfileSpec, run_perturbation
-from interscope_server.analysis.values import ClassChoice, check_defined
+from interscope_server.analysis.values import ClassChoice, check_defined, check_deterministic
 from interscope_server.api import admission, convert, numerics, specs
 from interscope_server.api.attack_flow import attack_setup
 from interscope_server.api.call import Call, CallContext
@@ -54,6 +54,7 @@ def _check(ctx: CallContext, config: analysis_pb2.AuditConfig, call: Call) -> _A
         raise errors.InvalidArgument("config.attack is required: give at least attack.kind")
     if not config.HasField("profile"):
         raise errors.InvalidArgument("config.profile is required: give at least its players")
+    check_deterministic(model.backend.stochastic, model.name, "an Audit (its profiles)")
     attack, torch_model = attack_setup(
         model, config.attack, [0] if config.attack.targeted else [], call.cancel
     )

@@ -13,7 +13,7 @@ from interscope.v1 import analysis_pb2
 from interscope_server import errors
 from interscope_server.analysis import results
 from interscope_server.analysis.profile import ProfileEvent, ProfileSpec, profile_events
-from interscope_server.analysis.values import ClassChoice, check_defined
+from interscope_server.analysis.values import ClassChoice, check_defined, check_deterministic
 from interscope_server.api import admission, convert, numerics, specs
 from interscope_server.api.call import Call, CallContext
 from interscope_server.models.registry import LoadedModel
@@ -69,6 +69,7 @@ def _check(ctx: CallContext, request: analysis_pb2.ProfileRequest) -> _ProfileJo
     """Everything about the request that can be refused, refused before any forward."""
     settings = ctx.settings
     model = ctx.model(request.model)
+    check_deterministic(model.backend.stochastic, model.name, "a Profile")
     x = ctx.inputs(model, request.inputs, "inputs")
     choice = specs.class_choice(request.class_choice)
     classes = _classes(request.labels, choice, len(x), model)
