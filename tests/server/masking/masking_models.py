@@ -74,11 +74,29 @@ class Gated(nn.Module):
         return self.net(z) * (1 + 1e6 * torch.relu(deviation - self.THRESHOLD))
 
 
+class Randomised(nn.Module):
+    """Adds fresh Gaussian noise (SIGMA, normalised units) to the input on every forward: a
+    randomised defence. Each gradient is of one noise draw, so an attack follows a noisy
+    direction and a longer run (more draws, more tries) fools examples a shorter one left
+    robust: robust accuracy falls with more steps (Athalye et al. 2018, stochastic gradients).
+    Its backward is right for each fixed draw, so it loads with gradients."""
+
+    SIGMA = 0.6
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z + self.SIGMA * torch.randn_like(z))
+
+
 WRAPPERS = {
     "digits-quantised": Quantised,
     "digits-saturated": Saturated,
     "digits-shattered": Shattered,
     "digits-gated": Gated,
+    "digits-randomised": Randomised,
 }
 
 

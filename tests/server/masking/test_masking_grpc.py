@@ -18,7 +18,7 @@ from interscope._models import SampleResult
 from interscope._summary import summarize
 from interscope.cli import main
 from interscope.codec import to_tensor
-from interscope.v1 import analysis_pb2, analysis_pb2_grpc
+from interscope.v1 import analysis_pb2, analysis_pb2_grpc, models_pb2, models_pb2_grpc
 from interscope_server.server import BackgroundServer
 from tests.server.api.conftest import grid, server_settings
 from tests.server.masking.masking_models import build_masking_repository
@@ -41,13 +41,13 @@ def stub(address: str) -> Iterator[analysis_pb2_grpc.AnalysisServiceStub]:
         yield analysis_pb2_grpc.AnalysisServiceStub(channel)
 
 
-def _attack(stub, model: str, data, **fields) -> analysis_pb2.AttackSummary:
+def _attack(stub, model: str, data, n: int = N, **fields) -> analysis_pb2.AttackSummary:
     x, y = data
     spec = analysis_pb2.AttackSpec(kind=analysis_pb2.ATTACK_KIND_PGD, eps=0.1, **fields)
     request = analysis_pb2.AttackRequest(
         model=model,
-        inputs=to_tensor(x[:N]),
-        labels=[int(v) for v in y[:N]],
+        inputs=to_tensor(x[:n]),
+        labels=[int(v) for v in y[:n]],
         attack=spec,
         omit_adversarial=True,
     )
@@ -97,6 +97,71 @@ def test_an_attack_that_has_not_converged_is_flagged(stub, demo_test_data) -> No
     # Two steps of 0.02 reach at most 0.04 + the random start inside eps 0.1: more steps win.
     summary, _ = _attack(stub, "digits-cnn-ts", demo_test_data, steps=2, step_size=0.02)
     assert "MORE_STEPS_WIN" in _codes(summary)
+
+
+def test_a_randomised_defence_falls_with_more_steps(stub, demo_test_data) -> None:
+    # Noise on the input: each step follows one draw's gradient, and a longer run fools
+    # examples the attack left robust (about 40% of them, measured). Every robust example of
+    # 96 is re-run (about 35), so the flag's threshold (10%, 2 examples) is far below.
+    summary, examples = _attack(stub, "digits-randomised", demo_test_data, n=96, check_reruns=64)
+    assert "MORE_STEPS_WIN" in _codes(summary)
+    (flag,) = [f for f in summary.masking_flags if f.code == "MORE_STEPS_WIN"]
+    reruns = [
+        e.checks.more_steps_fooled
+        for e in examples
+        if e.HasField("checks") and e.checks.HasField("more_steps_fooled")
+    ]
+    assert flag.numbers["n_rerun"] == len(reruns) >= diagnostics.MIN_CHECKED
+    assert flag.numbers["n_fooled"] == sum(reruns) >= diagnostics.MIN_WINS
+    assert flag.numbers["share"] == pytest.approx(sum(reruns) / len(reruns))
+    assert flag.numbers["share"] >= diagnostics.WIN_SHARE
+    assert flag.meaning and flag.advice
+
+
+def test_the_randomised_model_is_listed_stochastic_with_gradients(
+    address: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with grpc.insecure_channel(address) as channel:
+        service = models_pb2_grpc.ModelServiceStub(channel)
+        models = service.ListModels(models_pb2.ListModelsRequest()).models
+    assert {m.name: m.stochastic for m in models} == {
+        m.name: m.name == "digits-randomised" for m in models
+    }
+    assert all(m.gradients_available for m in models if m.name == "digits-randomised")
+    assert main(["models", "list", "--address", address]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert lines["digits-randomised"].endswith("gradients, stochastic")
+    assert not lines["digits-cnn-ts"].endswith("stochastic")
+
+
+def test_profiles_of_a_randomised_model_are_refused(stub, demo_test_data) -> None:
+    x, y = demo_test_data
+    name = "digits-randomised"
+    summary, _ = _attack(stub, name, demo_test_data, n=2)  # an attack alone runs
+    assert summary.n == 2
+    with_profile = analysis_pb2.AttackRequest(
+        model=name,
+        inputs=to_tensor(x[:2]),
+        labels=[int(v) for v in y[:2]],
+        attack=analysis_pb2.AttackSpec(kind=analysis_pb2.ATTACK_KIND_PGD, eps=0.1),
+        perturbation_profile=grid(2, 2),
+    )
+    calls = {
+        "a Profile": lambda: list(
+            stub.Profile(
+                analysis_pb2.ProfileRequest(model=name, inputs=to_tensor(x[:2]), spec=grid(2, 2))
+            )
+        ),
+        "an Audit": lambda: _audit(stub, name, demo_test_data, [], n=1),
+        "a perturbation_profile": lambda: list(stub.Attack(with_profile)),
+    }
+    for what, call in calls.items():
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, what
+        details = info.value.details()
+        assert details.startswith(what) and f"model {name!r} is stochastic" in details
+        assert "load a deterministic version" in details
 
 
 def _audit(stub, model: str, data, sweep, n: int = N):
