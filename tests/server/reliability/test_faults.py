@@ -296,7 +296,8 @@ class ServerProcess:
 
 @pytest.mark.parametrize(
     ("grace", "rows", "expected"),
-    [(30.0, (3, 5), {C.OK}), (0.5, (4, 5), {C.UNAVAILABLE, C.CANCELLED})],
+    # Long enough (2^18 forwards, seconds) that progress (after 0.2 s) comes before the profile.
+    [(30.0, (3, 6), {C.OK}), (0.5, (4, 5), {C.UNAVAILABLE, C.CANCELLED})],
     ids=["stream-finishes-within-grace", "grace-runs-out"],
 )
 def test_sigterm_drains_in_flight_streams_and_exits_zero(
