@@ -607,11 +607,14 @@ class Client(BaseClient):
         return_pairs: bool | None = None,
     ) -> ProfileResult:
         """Like `profile_stream` (the same parameters), returning only the final ProfileResult."""
-        arguments = _arguments(locals())
+        spec = _given(ProfileOptions, locals())
+        x = self._batched(model, x)
+        request = self._profile_request(model, x, label, class_choice, options, spec)
+        request.omit_input_profiles = True  # the result carries them; one message fewer each
         result = None
-        for event in self.profile_stream(**arguments):
-            if isinstance(event, ProfileResult):
-                result = event
+        for event in self._stream(self._analysis.Profile, request, timeout):
+            if event.WhichOneof("event") == "result":
+                result = ProfileResult.from_proto(event.result)
         if result is None:
             raise InternalError("the Profile stream ended without a result")
         return result
@@ -897,11 +900,14 @@ class AsyncClient(BaseClient):
         return_pairs: bool | None = None,
     ) -> ProfileResult:
         """Like `profile_stream` (the same parameters), returning only the final ProfileResult."""
-        arguments = _arguments(locals())
+        spec = _given(ProfileOptions, locals())
+        x = await self._batched(model, x)
+        request = self._profile_request(model, x, label, class_choice, options, spec)
+        request.omit_input_profiles = True  # the result carries them; one message fewer each
         result = None
-        async for event in self.profile_stream(**arguments):
-            if isinstance(event, ProfileResult):
-                result = event
+        async for event in self._stream(self._analysis.Profile, request, timeout):
+            if event.WhichOneof("event") == "result":
+                result = ProfileResult.from_proto(event.result)
         if result is None:
             raise InternalError("the Profile stream ended without a result")
         return result

@@ -37,16 +37,16 @@ def attack_cost(spec: AttackSpec, n_inputs: int) -> tuple[int, int]:
 #: count as long although they are only 200,000 rows.
 _GRADIENT_WEIGHT = 3
 _STEP_ROWS = 64
-#: Inputs the attack runner works on at once (attacks.runner's default batch).
-_ATTACK_BATCH = 64
 
 
 def attack_schedule_cost(spec: AttackSpec, n_inputs: int) -> int:
     """An attack's cost in forward-equivalents, for scheduling (WorkerLanes), not admission."""
     forwards, gradients = attack_cost(spec, n_inputs)
     # Passes per input run one after another, as the batch's sequential steps.
-    per_batch = sum(attack_class(spec.name).passes_per_input(spec))
-    steps = per_batch * -(-n_inputs // _ATTACK_BATCH)
+    kind = attack_class(spec.name)
+    per_batch = sum(kind.passes_per_input(spec))
+    # The runner attacks `kind.batch_size` inputs at once (64 white-box, 256 black-box).
+    steps = per_batch * -(-n_inputs // kind.batch_size)
     return forwards + _GRADIENT_WEIGHT * gradients + _STEP_ROWS * steps
 
 

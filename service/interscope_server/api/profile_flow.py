@@ -124,7 +124,8 @@ async def profile(
                     event, index, event.prediction, job.spec.return_pairs
                 )
                 profiles.append(message)
-                yield convert.profile_event(profile=message)
+                if not request.omit_input_profiles:
+                    yield convert.profile_event(profile=message)
         # Each input's profile counts its own forwards, its prediction row included.
         forwards = sum(p.forwards for p in profiles)
         provenance = ctx.provenance(job.model, request.spec, int(request.spec.seed), call, forwards)

@@ -68,7 +68,7 @@ def run_attack(
     model: torch.nn.Module | None,
     evaluate: Evaluator | None,
     cancel: CancelToken | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
 ) -> AttackReport:
     """One-shot form of `attack_events`: run to the end and collect the results."""
     results: list[ExampleResult] = []
@@ -89,7 +89,7 @@ def attack_events(
     model: torch.nn.Module | None,
     evaluate: Evaluator | None,
     cancel: CancelToken | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
 ) -> Iterator[AttackEvent]:
     """Attack x (B, *input_shape) with labels y (B,), batch by batch.
 
@@ -100,9 +100,12 @@ def attack_events(
     only `evaluate`. Clean predictions come from the same model the attack uses; that clean
     pass is not counted in `queries`. Meant to run on a worker thread: it blocks on the model,
     and `cancel.check()` runs before every forward pass, so a cancelled request stops at the
-    next step. Deterministic given spec.seed and batch_size.
+    next step. Deterministic given spec.seed and batch_size (None: the attack's own,
+    `Attack.batch_size`: 64 white-box, 256 black-box).
     """
     token = cancel if cancel is not None else CancelToken()
+    if batch_size is None:
+        batch_size = attack_class(spec.name).batch_size
     x32, labels, targets = _validate(spec, x, y, batch_size)
     attack = build_attack(spec)
     if isinstance(attack, WhiteBoxAttack) and model is None:

@@ -45,3 +45,30 @@ def test_provenance_forwards_equal_the_models_count(
     result = list(analysis.Profile(request))[-1].result
     assert result.provenance.forwards > 0
     assert result.provenance.forwards == _forwards(server) - before
+
+
+def test_omit_input_profiles_sends_the_same_result_without_the_per_input_events(
+    analysis: analysis_pb2_grpc.AnalysisServiceStub,
+    demo_test_data: tuple[np.ndarray, np.ndarray],
+) -> None:
+    x, y = demo_test_data
+
+    def events(omit: bool) -> list[analysis_pb2.ProfileEvent]:
+        request = analysis_pb2.ProfileRequest(
+            model="digits-cnn",
+            inputs=to_tensor(x[:3]),
+            labels=[int(v) for v in y[:3]],
+            class_choice=analysis_pb2.CLASS_CHOICE_LABEL,
+            spec=grid(2, 2, estimator=analysis_pb2.ESTIMATOR_KIND_EXACT),
+            omit_input_profiles=omit,
+        )
+        return list(analysis.Profile(request))
+
+    full, omitted = events(False), events(True)
+    assert [e.WhichOneof("event") for e in full] == ["profile"] * 3 + ["result"]
+    assert [e.WhichOneof("event") for e in omitted] == ["result"]
+    streamed = [e.profile for e in full[:3]]
+    for result in (full[-1].result, omitted[0].result):
+        assert [p.input_index for p in result.profiles] == [0, 1, 2]
+        assert list(result.profiles) == streamed  # every input's profile, identical values
+    assert omitted[0].result.provenance.forwards == full[-1].result.provenance.forwards

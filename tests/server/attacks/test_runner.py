@@ -189,3 +189,30 @@ def test_past_deadline_stops_before_any_forward_pass(
     with pytest.raises(DeadlineExceeded):
         run_attack(AttackSpec("pgd"), x, y, model, None, cancel=token)
     assert model.calls == 0
+
+
+@pytest.mark.parametrize(("name", "batch"), [("pgd", 64), ("fgsm", 64), ("square", 256)])
+def test_the_default_batch_is_the_attacks_own(
+    standard_model: torch.nn.Module, digits: tuple[np.ndarray, np.ndarray], name: str, batch: int
+) -> None:
+    """White-box attacks work on 64 inputs at once; black-box ones on 256, since each of their
+    queries is one forward of the batch through the model's batcher and host (a fixed cost per
+    query that more inputs share). Counted here as the forwards the evaluator is called with."""
+    n = 300
+    x = np.concatenate([digits[0]] * (n // len(digits[0]) + 1))[:n]
+    y = np.concatenate([digits[1]] * (n // len(digits[1]) + 1))[:n]
+    extra = {"query_budget": 2} if name == "square" else {"steps": 1}
+    spec = AttackSpec(name, eps=0.05, **extra)  # type: ignore[arg-type]
+    calls: list[int] = []
+    evaluate = _evaluator(standard_model)
+
+    def counting(rows: np.ndarray) -> np.ndarray:
+        calls.append(len(rows))
+        return evaluate(rows)
+
+    events = list(attack_events(spec, x, y, standard_model, counting))
+    progress = [e for e in events if isinstance(e, ExampleProgress)]
+    bounds = [*range(batch, n, batch), n]
+    assert [p.examples_done for p in progress] == bounds
+    if name == "square":  # the first forward of each batch is its clean pass, of all its inputs
+        assert calls[0] == batch
