@@ -100,14 +100,20 @@ _SPEC_JSON_CACHE_BYTES = 4096
 def spec_json(message: Message) -> str:
     """Canonical JSON of a spec message (defaults included) for provenance."""
     wire = message.SerializeToString(deterministic=True)
-    if len(wire) <= _SPEC_JSON_CACHE_BYTES:
-        return _spec_json_cached(type(message), wire)
-    return _spec_json(message)
+    if len(wire) > _SPEC_JSON_CACHE_BYTES:
+        return _spec_json(message)
+    key = (message.DESCRIPTOR.full_name, wire)
+    text = _SPEC_JSON_CACHE.get(key)
+    if text is None:
+        text = _spec_json(message)
+        if len(_SPEC_JSON_CACHE) >= _SPEC_JSON_CACHE_ENTRIES:
+            _SPEC_JSON_CACHE.clear()  # callers repeat a handful of specs; no LRU needed
+        _SPEC_JSON_CACHE[key] = text
+    return text
 
 
-@functools.lru_cache(maxsize=256)
-def _spec_json_cached(kind: type[Message], wire: bytes) -> str:
-    return _spec_json(kind.FromString(wire))
+_SPEC_JSON_CACHE_ENTRIES = 256
+_SPEC_JSON_CACHE: dict[tuple[str, bytes], str] = {}
 
 
 def _spec_json(message: Message) -> str:
