@@ -6,7 +6,10 @@ All figures come from one run on one machine, side by side, on the demo ONNX mod
   A. `streams` threads, each sending `calls` calls of `rows-per-call` rows through the batcher;
   B. one thread sending the same rows in calls of max_batch_size rows straight to the backend
      (the best a single well-batched client can do); target: A >= 0.8 x B in rows/s;
-  C. per-call latency of small calls from a single caller, through the batcher vs direct.
+  C. per-call latency of small calls from a single caller, through the batcher vs direct;
+  D. the same lone caller on a model host process (the server's default), with the caller
+     running its own rows (the batcher's `direct` path) vs handing them to the batcher's worker
+     thread and waiting for it (the path every forward took before), alternating rounds.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from interscope_server.cancel import CancelToken
 from interscope_server.demo import build_demo_repository
 from interscope_server.models import (
     BackendOptions,
@@ -30,6 +34,7 @@ from interscope_server.models import (
     ModelRepository,
     OnnxBackend,
 )
+from interscope_server.models.host import HostedBackend, HostOptions
 
 
 def _throughput(run: Callable[[], None], rows: int, repeats: int) -> float:
@@ -153,6 +158,46 @@ def main() -> None:
             f"{f'{rows} row(s) per call':42s} {direct:9.0f} {batched:9.0f} {batched - direct:7.0f}"
         )
     print("(median microseconds; with a max delay d > 0 a lone caller also waits up to d)")
+    _host_hop(repository, data, args.threads)
+
+
+def _host_hop(repository: ModelRepository, data: np.ndarray, threads: int) -> None:
+    """D: a lone caller's small calls on a model host, own thread vs the batcher's worker."""
+    config = repository.read_config("digits-cnn")
+    hosted = HostedBackend(
+        config,
+        repository.model_file(config),
+        BackendOptions(device="cpu", intra_op_threads=threads),
+        HostOptions(),
+    )
+    batchers = {
+        label: DynamicBatcher(
+            "digits-cnn",
+            hosted.forward_checked,
+            num_outputs=hosted.num_classes,
+            max_batch_size=config.max_batch_size,
+            direct=direct,
+        )
+        for label, direct in (("own thread", hosted.forward_until), ("worker", None))
+    }
+    print(
+        f"\n{'lone caller, model host process':42s} {'own thr.':>9s} {'worker':>9s} {'saved':>7s}"
+    )
+    try:
+        for rows in (1, 16, 64):
+            x = data[:rows]
+            rounds: dict[str, list[float]] = {label: [] for label in batchers}
+            for _ in range(20):
+                for label, b in batchers.items():
+                    token = CancelToken()
+                    rounds[label].append(_latency_us(partial(b.submit, x, token), 100))
+            own, hop = (statistics.median(rounds[label]) for label in batchers)
+            print(f"{f'{rows} row(s) per call':42s} {own:9.0f} {hop:9.0f} {hop - own:7.0f}")
+    finally:
+        for b in batchers.values():
+            b.close()
+        hosted.close()
+    print("(median over 20 alternating rounds of each round's median of 100 calls, microseconds)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
+from interscope_server.cancel import CancelToken
 from interscope_server.errors import InvalidArgument
 from interscope_server.layout import channel_axis
 from interscope_server.models.config import InputDatatype, ModelConfig, OutputKind
@@ -413,6 +414,11 @@ class Backend(ABC):
     #: at load. Attacks run on such a model; interaction profiles, which would be random
     #: numbers, are refused.
     stochastic: bool = False
+    #: Whether `forward_until` honours its CancelToken by itself: a model host kills a forward
+    #: that runs `grace` past its caller's deadline or cancel. The batcher lets a lone caller
+    #: run such a forward on its own thread; any other forward runs on the batcher's thread,
+    #: which a cancelled caller can walk away from.
+    stops_on_cancel: bool = False
 
     def __init__(self, config: ModelConfig, path: Path, *, content_hash: str | None = None) -> None:
         self.config = config
@@ -484,6 +490,11 @@ class Backend(ABC):
                 f"config promises (batch, {self.num_classes}) for {self.num_classes} classes"
             )
         return out
+
+    def forward_until(self, x: np.ndarray, cancel: CancelToken | None) -> np.ndarray:
+        """`forward_checked` that gives up when `cancel` fires, where `stops_on_cancel`; the
+        base class cannot stop a forward and ignores the token."""
+        return self.forward_checked(x)
 
     def abandon_forward(self) -> None:  # noqa: B027 - optional hook; most cannot stop one
         """Every caller of the forward pass now running has left (deadline, cancel).

@@ -12,6 +12,12 @@ going to send would put `max_delay_s` on every forward of a lone caller (a 4-pla
 makes two, so the delay was most of its round trip). A submit that finds another thread's rows
 queued or running marks the model shared for `_SHARED_WINDOW_S`; outside that window a batch
 runs as soon as it has rows.
+
+A lone caller goes further when the model's forward can stop itself (`direct`, a model host's
+forward, which kills a request that outlives its caller's deadline or cancel by the grace): if
+nothing is queued or running and the model is not shared, the caller runs its own rows on its
+own thread, without the two thread hops to the batcher's worker and back. Rows that arrive
+meanwhile queue as usual and make the model shared, so concurrent callers still merge.
 """
 
 from __future__ import annotations
@@ -106,9 +112,14 @@ class DynamicBatcher:
         options: BatcherOptions | None = None,
         observer: ModelObserver | None = None,
         on_abandoned: Callable[[], None] | None = None,
+        direct: Callable[[np.ndarray, CancelToken | None], np.ndarray] | None = None,
     ) -> None:
         """`on_abandoned` is called when every caller of the forward pass now running has left
-        (from the last caller's thread): a model host uses it to stop a forward that hangs."""
+        (from the last caller's thread): a model host uses it to stop a forward that hangs.
+
+        `direct(x, cancel)` is `forward` for a batch that one caller runs on its own thread; it
+        must give up by itself when `cancel` fires (see the module docstring). None: every
+        forward runs on the batcher's worker."""
         options = options or BatcherOptions()
         self.name = name
         self._forward = forward
@@ -119,9 +130,12 @@ class DynamicBatcher:
         self._chunk = options.chunk_rows or max(1, max_batch_size // 4)
         self._observer = observer or ModelObserver()
         self._on_abandoned = on_abandoned
+        self._direct = direct
         self._running: list[_Call] = []  # the calls with rows in the forward pass now running
+        self._direct_running: list[_Call] = []  # calls running their own rows (`direct`)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        self._direct_idle = threading.Condition(self._lock)  # notified as direct calls end
         self._calls: collections.deque[_Call] = collections.deque()  # calls with unsent rows
         self._queued_rows = 0
         self._oldest: float | None = None  # when the oldest unsent row arrived
@@ -160,30 +174,63 @@ class DynamicBatcher:
                     + (" or send fewer rows per call" if rows > self._max_queue_rows else "")
                 )
             now = time.monotonic()
-            if any(c.thread != call.thread for c in itertools.chain(self._calls, self._running)):
+            others = itertools.chain(self._calls, self._running, self._direct_running)
+            if any(c.thread != call.thread for c in others):
                 self._shared_until = now + _SHARED_WINDOW_S
-            self._calls.append(call)
-            self._queued_rows += rows
-            if self._oldest is None:
-                self._oldest = now
-            depth = self._queued_rows
-            # Wake the worker only when it has something to act on: the first rows (it may be
-            # idle) or a full batch; otherwise its max-delay timeout wakes it. Waking it on every
-            # submit costs a context switch per caller on a busy CPU.
-            if depth == rows or depth >= self.max_batch_size:
-                self._wake.notify()
+            direct = (
+                self._direct is not None
+                and rows <= self.max_batch_size
+                and not (self._calls or self._running or self._direct_running)
+                and now >= self._shared_until
+            )
+            if direct:
+                self._direct_running.append(call)
+            else:
+                self._calls.append(call)
+                self._queued_rows += rows
+                if self._oldest is None:
+                    self._oldest = now
+                depth = self._queued_rows
+                # Wake the worker only when it has something to act on: the first rows (it may
+                # be idle) or a full batch; otherwise its max-delay timeout wakes it. Waking it
+                # on every submit costs a context switch per caller on a busy CPU.
+                if depth == rows or depth >= self.max_batch_size:
+                    self._wake.notify()
+        if direct:
+            self._run_direct(call, cancel)
+            return call.out
         self._observer.on_queue_depth(self.name, depth)
         self._wait(call, cancel)
         if call.error is not None:
-            if isinstance(call.error, InterscopeError):
-                raise type(call.error)(str(call.error))
-            reason = f"{type(call.error).__name__}: {call.error}".rstrip(": ")
-            raise BackendFailed(
-                f"model {self.name!r} failed while computing this request ({reason}); the "
-                "request was stopped and the model keeps serving; retry, and if it fails again "
-                "the model cannot run these inputs"
-            ) from call.error
+            self._raise(call.error)
         return call.out
+
+    def _run_direct(self, call: _Call, cancel: CancelToken | None) -> None:
+        """Run a lone caller's rows on its own thread (see the module docstring)."""
+        assert self._direct is not None
+        started = time.perf_counter()
+        try:
+            call.out[:] = self._direct(call.x, cancel)
+        except BaseException as exc:
+            self._raise(exc)
+        finally:
+            with self._lock:
+                self._direct_running.remove(call)
+                if not self._direct_running:
+                    self._direct_idle.notify_all()
+        self._observer.on_batch(self.name, call.x.shape[0], time.perf_counter() - started)
+
+    def _raise(self, error: BaseException) -> None:
+        """Raise a forward's failure in the caller's thread: our own errors as they are (a new
+        instance: the same one may reach several callers), anything else as BackendFailed."""
+        if isinstance(error, InterscopeError):
+            raise type(error)(str(error))
+        reason = f"{type(error).__name__}: {error}".rstrip(": ")
+        raise BackendFailed(
+            f"model {self.name!r} failed while computing this request ({reason}); the "
+            "request was stopped and the model keeps serving; retry, and if it fails again "
+            "the model cannot run these inputs"
+        ) from error
 
     def _wait(self, call: _Call, cancel: CancelToken | None) -> None:
         if cancel is None:
@@ -223,16 +270,22 @@ class DynamicBatcher:
     def close(self, *, drain: bool = False, timeout: float | None = None) -> bool:
         """Stop the worker. Waiting calls get Unavailable, or are served first with `drain`.
 
-        Returns whether the worker stopped within `timeout` (None: wait however long it takes);
-        False leaves a forward pass running, which the caller stops by closing the backend.
+        Returns whether the worker and every caller running its own rows stopped within
+        `timeout` (None: wait however long it takes); False leaves a forward pass running, which
+        the caller stops by closing the backend.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._closed = True
             self._drain = drain
             self._wake.notify_all()
         if threading.current_thread() is not self._worker:
             self._worker.join(timeout)
-        return not self._worker.is_alive() or threading.current_thread() is self._worker
+        with self._lock:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            direct_done = self._direct_idle.wait_for(lambda: not self._direct_running, left)
+        worker_done = not self._worker.is_alive() or threading.current_thread() is self._worker
+        return worker_done and direct_done
 
     def _take_batch(self) -> list[tuple[_Call, int, int]] | None:
         """Under the lock: wait for work, then take up to max_batch_size rows round-robin."""

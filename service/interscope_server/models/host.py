@@ -866,6 +866,11 @@ class HostedBackend(Backend):
         return self._forward(x)
 
     forward_checked = forward  # the host checks the output as well
+    stops_on_cancel = True  # the host kills a forward that outlives its caller by the grace
+
+    def forward_until(self, x: np.ndarray, cancel: CancelToken | None) -> np.ndarray:
+        (out,) = self.host.call("forward", [x], cancel=cancel)
+        return out
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         (out,) = self.host.call("forward", [x])

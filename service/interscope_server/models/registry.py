@@ -211,6 +211,7 @@ class ModelRegistry:
             options=self._batcher_options,
             observer=self._observer,
             on_abandoned=backend.abandon_forward,
+            direct=backend.forward_until if backend.stops_on_cancel else None,
         )
         model = LoadedModel(backend, batcher, self._host_options.grace_s)
         with self._lock:

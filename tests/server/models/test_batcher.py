@@ -268,3 +268,93 @@ def test_a_lone_caller_pays_no_fill_delay_but_concurrent_callers_still_merge() -
         assert [len(b) for b in gate.batches] == [4, 4, 4, 2, 3]
     finally:
         batcher.close()
+
+
+class _Direct:
+    """A `direct` forward that records each call's thread and token, blocking while gated."""
+
+    def __init__(self) -> None:
+        self.gate = _Gate()
+        self.gate.release.set()
+        self.threads: list[int] = []
+        self.tokens: list[CancelToken | None] = []
+
+    def __call__(self, x: np.ndarray, cancel: CancelToken | None) -> np.ndarray:
+        self.threads.append(threading.get_ident())
+        self.tokens.append(cancel)
+        return self.gate(x)
+
+
+def test_a_lone_caller_runs_its_own_rows_and_others_still_merge_behind_it() -> None:
+    """With `direct`, a lone caller's rows never visit the worker: they run on the caller's
+    thread with its token. Rows that arrive meanwhile go through the worker and merge."""
+    worker = _Gate()
+    worker.release.set()
+    direct = _Direct()
+    watch = _DepthWatch(target=3)
+    batcher = DynamicBatcher(
+        "m",
+        worker,
+        num_outputs=2,
+        max_batch_size=64,
+        options=BatcherOptions(max_delay_s=3600.0),
+        observer=watch,
+        direct=direct,
+    )
+    try:
+        token = CancelToken()
+        for caller in range(3):
+            np.testing.assert_array_equal(batcher.submit(_rows(caller, 4), token), _rows(caller, 4))
+        assert direct.threads == [threading.get_ident()] * 3
+        assert direct.tokens == [token] * 3
+        assert worker.batches == [] and watch.batch_sizes == [4, 4, 4]
+        # Over the max batch size, a call goes through the worker in batches of 64.
+        np.testing.assert_array_equal(batcher.submit(_rows(9, 100)), _rows(9, 100))
+        assert [len(b) for b in worker.batches] == [64, 36]
+        # A lone caller holds a direct forward; two more threads' rows queue behind it (the
+        # model is now shared) and wait for each other: the hour-long delay ends only at close.
+        direct.gate.release.clear()
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(batcher.submit, _rows(1, 2))
+            assert direct.gate.entered.wait(10)
+            second = pool.submit(batcher.submit, _rows(2, 1))
+            third = pool.submit(batcher.submit, _rows(3, 2))
+            assert watch.reached.wait(10)
+            direct.gate.release.set()
+            np.testing.assert_array_equal(first.result(10), _rows(1, 2))
+            assert batcher.close(drain=True, timeout=10)
+            np.testing.assert_array_equal(second.result(10), _rows(2, 1))
+            np.testing.assert_array_equal(third.result(10), _rows(3, 2))
+        assert [len(b) for b in worker.batches] == [64, 36, 3]
+        assert len(direct.threads) == 4
+    finally:
+        batcher.close()
+
+
+def test_a_direct_forward_fails_like_a_batched_one_and_close_waits_for_it() -> None:
+    def failing(x: np.ndarray, cancel: CancelToken | None) -> np.ndarray:
+        if x[0, 0] == 0:
+            raise ValueError("boom")
+        raise Cancelled("the caller left")
+
+    batcher = DynamicBatcher("m", _identity_logits, num_outputs=2, max_batch_size=8, direct=failing)
+    with pytest.raises(BackendFailed, match="ValueError: boom"):
+        batcher.submit(_rows(0, 2))
+    with pytest.raises(Cancelled, match="the caller left"):
+        batcher.submit(_rows(1, 2))
+    batcher.close()
+
+    direct = _Direct()
+    direct.gate.release.clear()
+    batcher = DynamicBatcher("m", _identity_logits, num_outputs=2, max_batch_size=8, direct=direct)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(batcher.submit, _rows(5, 3))
+        assert direct.gate.entered.wait(10)
+        # close() reports the forward still running on the caller's thread past its timeout...
+        assert not batcher.close(drain=True, timeout=0.05)
+        with pytest.raises(Unavailable):
+            batcher.submit(_rows(6, 1))
+        direct.gate.release.set()
+        # ...and the call it let start finishes with its own rows.
+        np.testing.assert_array_equal(running.result(10), _rows(5, 3))
+    assert batcher.close(timeout=10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,10 @@ def test_a_config_over_a_cost_limit_is_not_retried_but_a_busy_server_is_marked_r
             ),
         )
         hints = []
-        for _ in range(100):  # until the held stream has taken the slot (observable state)
+        # Until the held stream has taken the slot (observable state). Bounded by time, not by
+        # a count of calls: a fast Profile could otherwise run out the count first.
+        give_up = time.monotonic() + 60
+        while not hints and time.monotonic() < give_up:
             try:
                 list(stub.Profile(request, timeout=10))
             except grpc.RpcError as error:
