@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -86,6 +87,34 @@ class ExactInteractions:
         return self.value_full - self.value_empty - float(self.singletons.sum()) - pair_term
 
 
+_OrderSums = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _order_sums(n: int) -> _OrderSums:
+    """What exact_interactions needs to sum by |S| for n players, the same for every game:
+    the (2^(n-2), n-1) one-hot of |S| over the subsets of the other n-2 players, |S| over
+    those of n-1, and the number of subsets of each size (read-only). Kept for small games,
+    where building them is a large part of the work (the one-hot of 20 players is 40 MB)."""
+    return _small_order_sums(n) if n <= 12 else _build_order_sums(n)
+
+
+def _build_order_sums(n: int) -> _OrderSums:
+    onehot_pairs = np.zeros((2 ** (n - 2), n - 1))
+    onehot_pairs[np.arange(2 ** (n - 2)), popcounts(n - 2)] = 1.0
+    arrays = (
+        onehot_pairs,
+        popcounts(n - 1),
+        comb(n - 2, np.arange(n - 1)),
+        comb(n - 1, np.arange(n)),
+    )
+    for a in arrays:
+        a.setflags(write=False)
+    return arrays
+
+
+_small_order_sums = functools.lru_cache(maxsize=None)(_build_order_sums)
+
+
 def exact_interactions(values: np.ndarray, n: int) -> ExactInteractions:
     """All I^(m)(i,j), mean |Delta v| and phi^(m)(i) from the 2^n values (player k = bit k).
 
@@ -99,11 +128,7 @@ def exact_interactions(values: np.ndarray, n: int) -> ExactInteractions:
     if n < 2:
         raise InvalidArgument(f"pair interactions need n >= 2 players; got {n}")
     table = v.reshape((2,) * n)  # C order: player k is axis n-1-k
-    onehot_pairs = np.zeros((2 ** (n - 2), n - 1))
-    onehot_pairs[np.arange(2 ** (n - 2)), popcounts(n - 2)] = 1.0
-    pc_single = popcounts(n - 1)
-    counts_pairs = comb(n - 2, np.arange(n - 1))
-    counts_single = comb(n - 1, np.arange(n))
+    onehot_pairs, pc_single, counts_pairs, counts_single = _order_sums(n)
 
     interactions = np.zeros((n - 1, n, n))
     mean_abs = np.zeros((n - 1, n, n))
@@ -133,5 +158,15 @@ def exact_interactions(values: np.ndarray, n: int) -> ExactInteractions:
 
 
 def all_pairs(n: int) -> np.ndarray:
+    """Every pair (i, j), i < j, sorted: (n(n-1)/2, 2) int64, read-only (kept for small n)."""
+    return _small_all_pairs(n) if n <= 64 else _build_all_pairs(n)
+
+
+def _build_all_pairs(n: int) -> np.ndarray:
     i, j = np.triu_indices(n, k=1)
-    return np.stack([i, j], axis=1).astype(np.int64)
+    pairs = np.stack([i, j], axis=1).astype(np.int64)
+    pairs.setflags(write=False)
+    return pairs
+
+
+_small_all_pairs = functools.lru_cache(maxsize=None)(_build_all_pairs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,9 +175,26 @@ Players = GridPlayers | FeaturePlayers | MaskPlayers
 
 
 def resolve_players(players: Players, input_shape: tuple[int, ...]) -> tuple[PlayerMap, int]:
-    """The per-element player-id map for this input shape and the number of players n."""
-    pmap = players.player_map(input_shape)
+    """The per-element player-id map for this input shape (read-only) and the number of players n.
+
+    A call resolves its players several times (checking the request, planning, building the
+    game), so grid and feature players, which are values, are resolved once per (players,
+    shape); a mask is an array that could change under its wrapper and is resolved each time.
+    """
+    shape = tuple(int(d) for d in input_shape)
+    if isinstance(players, MaskPlayers):
+        return _resolve(players, shape)
+    return _resolve_value(players, shape)
+
+
+def _resolve(players: Players, shape: tuple[int, ...]) -> tuple[PlayerMap, int]:
+    pmap = players.player_map(shape)
     n = int(pmap.max()) + 1 if pmap.size else 0
     if n < 2:
         raise InvalidArgument(f"the game needs at least 2 players for pair interactions; got {n}")
+    pmap.setflags(write=False)  # shared between calls: nobody may change it in place
     return pmap, n
+
+
+#: A few entries: a player map holds one int64 per input element (1.2 MB for 3x224x224).
+_resolve_value = functools.lru_cache(maxsize=16)(_resolve)

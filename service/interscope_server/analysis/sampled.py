@@ -12,6 +12,7 @@ Contexts that serve no selected pair are dropped before any forward pass.
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import math
 from collections.abc import Iterator
@@ -27,12 +28,19 @@ DEFAULT_RATIOS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.8
 
 
 def orders_from_ratios(ratios: tuple[float, ...] | list[float], n: int) -> np.ndarray:
-    """m = int(r * (n - 2)) for each ratio, deduplicated and sorted."""
+    """m = int(r * (n - 2)) for each ratio, deduplicated and sorted (read-only)."""
+    return _orders_from_ratios(tuple(float(r) for r in ratios), n)
+
+
+@functools.lru_cache(maxsize=64)  # every small call asks again for the same few
+def _orders_from_ratios(ratios: tuple[float, ...], n: int) -> np.ndarray:
     r = np.asarray(ratios, dtype=np.float64)
     if r.size == 0 or np.any(~np.isfinite(r)) or np.any(r < 0) or np.any(r > 1):
         raise InvalidArgument(f"order ratios {list(ratios)} are not allowed: give ratios in [0, 1]")
     # The small epsilon keeps e.g. 0.3 * 10 = 2.9999999999999996 from flooring to 2.
-    return np.unique(np.floor(r * (n - 2) + 1e-9).astype(np.int64))
+    orders = np.unique(np.floor(r * (n - 2) + 1e-9).astype(np.int64))
+    orders.setflags(write=False)
+    return orders
 
 
 def check_orders(orders: tuple[int, ...] | list[int] | np.ndarray, n: int) -> np.ndarray:

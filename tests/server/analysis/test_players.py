@@ -25,6 +25,25 @@ def test_grid_is_row_major_with_floor_boundaries() -> None:
     assert resolve_players(GridPlayers(3, 2), (7, 5))[1] == 6
 
 
+def test_resolved_maps_are_shared_read_only_and_a_changed_mask_is_seen() -> None:
+    # Grid and feature players are resolved once per (players, shape) and shared between calls:
+    # nobody may write into the shared map.
+    first, n = resolve_players(GridPlayers(2, 2), [1, 8, 8])  # any sequence of ints
+    again, _ = resolve_players(GridPlayers(2, 2), (1, 8, 8))
+    assert n == 4 and again is first
+    with pytest.raises(ValueError, match="read-only"):
+        first[0, 0, 0] = 3
+    features, _ = resolve_players(FeaturePlayers(), (6,))
+    assert not features.flags.writeable
+    # A mask wraps an array its owner may change: it is resolved again on every call.
+    mask = np.array([0, 0, 1, 1, -1, -1])
+    players = MaskPlayers(mask)
+    assert resolve_players(players, (6,))[1] == 2
+    mask[4:] = 2
+    pmap, n = resolve_players(players, (6,))
+    assert n == 3 and pmap.tolist() == [0, 0, 1, 1, 2, 2]
+
+
 @pytest.mark.parametrize(
     ("grid", "shape", "needle"),
     [
