@@ -14,6 +14,7 @@ LEAVES = {
     "interscope_server.errors",
     "interscope_server.layout",
     "interscope_server.evaluator",
+    "interscope_server.openmp",
 }
 
 

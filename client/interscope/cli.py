@@ -570,10 +570,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         where = f"{flags[field]} / INTERSCOPE_{field.upper()}" if field in flags else "settings"
         value = f", got {first['input']!r}" if field in flags else ""
         raise CliError(f"{where}: {first['msg']}{value}", "see interscope serve --help") from None
-    if not settings.runtime_spinning:
-        # Read by torch's OpenMP when torch loads, which the server's import below does: the
-        # same policy as the model hosts get (interscope_server.models.backend).
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Read by torch's OpenMP when torch loads, which the server's import below does: the same
+    # wait as the model hosts get (see interscope_server.openmp, which imports no torch).
+    from interscope_server import openmp
+
+    os.environ.update(openmp.environment(settings.runtime_spinning))
     from interscope_server.server import serve
 
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
+from interscope_server import openmp
 from interscope_server.cancel import CancelToken
 from interscope_server.errors import InvalidArgument
 from interscope_server.layout import channel_axis
@@ -49,7 +49,7 @@ class BackendOptions:
     #: Threads across independent graph branches (onnxruntime inter-op); 0 is the default.
     inter_op_threads: int = 0
     #: Whether idle runtime threads spin-wait (onnxruntime's allow_spinning; torch's OpenMP
-    #: OMP_WAIT_POLICY, which only a fresh process can set: model hosts get it at spawn).
+    #: wait policy, which only a fresh process can set: model hosts get it at spawn).
     spinning: bool = False
     #: Use TensorRT ahead of CUDA where onnxruntime offers it.
     tensorrt: bool = True
@@ -57,10 +57,8 @@ class BackendOptions:
 
 def runtime_environment(options: BackendOptions) -> dict[str, str]:
     """Environment a model host process starts with, for what only process start can set:
-    torch's OpenMP reads OMP_WAIT_POLICY when it loads. A value the operator exported wins."""
-    if options.spinning or "OMP_WAIT_POLICY" in os.environ:
-        return {}
-    return {"OMP_WAIT_POLICY": "PASSIVE"}
+    torch's OpenMP wait (interscope_server.openmp). What the operator exported wins."""
+    return openmp.environment(options.spinning)
 
 
 def file_sha256(path: Path) -> str:

@@ -24,6 +24,7 @@ from interscope.errors import (
     UnavailableError,
 )
 from interscope.v1 import models_pb2
+from interscope_server import openmp
 from interscope_server.config import Settings
 from interscope_server.models.host import HostedBackend
 from interscope_server.server import BackgroundServer
@@ -196,11 +197,22 @@ def test_models_run_in_their_own_processes(server: BackgroundServer) -> None:
 def test_hosts_start_with_sleeping_openmp_threads(server: BackgroundServer) -> None:
     # Spinning OpenMP threads made a digits forward 10x slower on a busy 2-core machine; the
     # policy can only be set before torch loads, so the host must be spawned with it.
-    expected = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    # An operator's own policy or spin count wins (interscope_server.openmp).
+    expected = {**os.environ, **openmp.environment(spinning=False)}
     pid = _host(server, "linear").host.pid
     with open(f"/proc/{pid}/environ", "rb") as handle:
         env = dict(item.split(b"=", 1) for item in handle.read().split(b"\0") if b"=" in item)
-    assert env[b"OMP_WAIT_POLICY"].decode() == expected
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        value = env.get(name.encode())
+        assert (None if value is None else value.decode()) == expected.get(name), name
+    assert "OMP_WAIT_POLICY" in expected or "GOMP_SPINCOUNT" in expected
+
+
+def test_openmp_waits_passively_unless_the_operator_chose() -> None:
+    assert openmp.environment(False, {}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert openmp.environment(False, {"GOMP_SPINCOUNT": "10000"}) == {}
+    assert openmp.environment(False, {"OMP_WAIT_POLICY": "ACTIVE"}) == {}
+    assert openmp.environment(True, {}) == {}  # runtime_spinning: libgomp's own default
 
 
 def test_values_and_gradients_through_a_host_match_the_model(
@@ -369,6 +381,7 @@ def test_an_uploaded_model_that_hangs_leaves_the_server_healthy_after_restart(
 SERVE_SCRIPT = """
 import sys
 from interscope.v1 import models_pb2
+from interscope_server import openmp
 from interscope_server.config import Settings
 from interscope_server.server import serve
 serve(Settings(host="127.0.0.1", port=0, metrics_port=None, model_repository=sys.argv[1],
