@@ -12,7 +12,8 @@ in this one run.
   health checks from the same 8 processes;
 - (c) Square L-inf on 100 digits with 1000 queries each, through the server (the CLI's path)
   against torchattacks.Square in this process on the same TorchScript model: time and robust
-  accuracy (`pip install --no-deps torchattacks`).
+  accuracy (`pip install --no-deps torchattacks`); through a server with the defaults and
+  through a second one started with GOMP_SPINCOUNT=10000 (see interscope_server.openmp).
 """
 
 from __future__ import annotations
@@ -40,12 +41,15 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = 8
 
 
-def start_server(repository: Path, hosts: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    repository: Path, hosts: str, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {
         **os.environ,
+        **(extra_env or {}),
         "INTERSCOPE_HOST": "127.0.0.1",
         "INTERSCOPE_PORT": str(port),
         "INTERSCOPE_METRICS_PORT": "0",
@@ -89,7 +93,8 @@ def tiny_profile(client: interscope.Client, x: np.ndarray, y: np.ndarray) -> obj
 
 
 def load_client(address: str, kind: str, seconds: float, start: Any, queue: Any) -> None:
-    """One client process: as many calls of `kind` as it can make in `seconds`."""
+    """One client process: as many calls of `kind` as it can make in `seconds`, begun when
+    every client has imported and made its first call (`start`, a barrier)."""
     repository = build_demo_repository(ROOT / ".cache" / "demo-repository")
     with np.load(repository / TEST_DATA_FILE) as data:
         x, y = data["x"][:1], data["y"][:1]
@@ -98,7 +103,7 @@ def load_client(address: str, kind: str, seconds: float, start: Any, queue: Any)
             client.health if kind == "health" else (lambda: tiny_profile(client, x, y))
         )
         call()
-        start.wait()
+        start.wait()  # no client is still importing (CPU the others would lose) when timing
         done, began = 0, time.perf_counter()
         while time.perf_counter() - began < seconds:
             call()
@@ -108,22 +113,26 @@ def load_client(address: str, kind: str, seconds: float, start: Any, queue: Any)
 
 def concurrent_rate(address: str, kind: str, seconds: float) -> float:
     context = multiprocessing.get_context("spawn")
-    start, queue = context.Event(), context.Queue()
+    start, queue = context.Barrier(CLIENTS), context.Queue()
     procs = [
         context.Process(target=load_client, args=(address, kind, seconds, start, queue))
         for _ in range(CLIENTS)
     ]
     for p in procs:
         p.start()
-    time.sleep(1.0)  # not synchronisation: lets the spawned interpreters finish importing
-    start.set()
     rates = [queue.get() for _ in procs]
     for p in procs:
         p.join()
     return sum(rates)
 
 
-def square(address: str, repository: Path, queries: int, eps: float) -> None:
+#: The short OpenMP spin an operator may export on a dedicated machine (interscope_server.openmp).
+SPIN_ENV = {"GOMP_SPINCOUNT": "10000"}
+
+
+def square(addresses: dict[str, str], repository: Path, queries: int, eps: float) -> None:
+    """Square through each server in `addresses` (label -> address) and torchattacks' Square
+    in this process, in rounds that rotate which goes first; each ratio is per round."""
     import torchattacks  # bench-only comparison
 
     with np.load(repository / TEST_DATA_FILE) as data:
@@ -137,8 +146,9 @@ def square(address: str, repository: Path, queries: int, eps: float) -> None:
         with torch.no_grad():
             return float((model(adv).argmax(dim=1) == y_t).float().mean())
 
-    with interscope.Client(address) as client:
+    clients = {label: interscope.Client(address) for label, address in addresses.items()}
 
+    def through(client: interscope.Client) -> Callable[[], float]:
         def ours() -> float:
             result = client.attack(
                 model="digits-cnn-ts",
@@ -151,24 +161,33 @@ def square(address: str, repository: Path, queries: int, eps: float) -> None:
             )
             return result.robust_accuracy
 
-        ours(), theirs()  # warm-up
-        rounds = []
-        for i in range(3):
-            order = (ours, theirs) if i % 2 == 0 else (theirs, ours)
-            timed = {}
-            for run in order:
-                began = time.perf_counter()
-                accuracy = run()
-                timed[run] = (time.perf_counter() - began, accuracy)
-            rounds.append((timed[ours], timed[theirs]))
-    t_ours = statistics.median(o[0] for o, _ in rounds)
-    t_theirs = statistics.median(t[0] for _, t in rounds)
+        return ours
+
+    runs = {**{label: through(c) for label, c in clients.items()}, "torchattacks": theirs}
+    for run in runs.values():
+        run()  # warm-up
+    labels = list(runs)
+    timed: dict[str, list[tuple[float, float]]] = {label: [] for label in labels}
+    for i in range(3):
+        for label in labels[i % len(labels) :] + labels[: i % len(labels)]:
+            began = time.perf_counter()
+            accuracy = runs[label]()
+            timed[label].append((time.perf_counter() - began, accuracy))
+    for client in clients.values():
+        client.close()
+    base = [t for t, _ in timed["torchattacks"]]
     print(
-        f"(c) Square L-inf eps {eps}, {queries} queries, 100 digits, digits-cnn-ts: through the "
-        f"server {t_ours:.2f} s (robust accuracy {rounds[-1][0][1]:.2f}), torchattacks "
-        f"in-process {t_theirs:.2f} s ({rounds[-1][1][1]:.2f}): "
-        f"{statistics.median(o[0] / t[0] for o, t in rounds):.2f}x (median of 3 rounds)"
+        f"(c) Square L-inf eps {eps}, {queries} queries, 100 digits, digits-cnn-ts; "
+        f"torchattacks in-process {statistics.median(base):.2f} s "
+        f"(robust accuracy {timed['torchattacks'][-1][1]:.2f}); through the server:"
     )
+    for label in addresses:
+        times = [t for t, _ in timed[label]]
+        ratio = statistics.median(t / b for t, b in zip(times, base, strict=True))
+        print(
+            f"    {label}: {statistics.median(times):.2f} s (robust accuracy "
+            f"{timed[label][-1][1]:.2f}) = {ratio:.2f}x (median of 3 rounds)"
+        )
 
 
 def main() -> None:
@@ -199,7 +218,13 @@ def main() -> None:
             f"{health_rate:,.0f} health checks/s = {profile_rate / health_rate:.2f}x"
         )
         if not args.skip_square:
-            square(address, repository, queries=1000, eps=0.1)
+            spinning, spin_address = start_server(repository, args.hosts, SPIN_ENV)
+            try:
+                addresses = {"defaults": address, "GOMP_SPINCOUNT=10000": spin_address}
+                square(addresses, repository, queries=1000, eps=0.1)
+            finally:
+                spinning.terminate()
+                spinning.wait(30)
     finally:
         server.terminate()
         server.wait(30)
