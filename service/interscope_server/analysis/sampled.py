@@ -44,12 +44,27 @@ def _orders_from_ratios(ratios: tuple[float, ...], n: int) -> np.ndarray:
 
 
 def check_orders(orders: tuple[int, ...] | list[int] | np.ndarray, n: int) -> np.ndarray:
+    """The distinct orders, sorted, each in 0..n-2 (read-only when given as a tuple: a spec's
+    orders, checked again by every step of a call, are checked once)."""
+    if isinstance(orders, tuple):
+        return _check_order_tuple(orders, n)
+    return _check_orders(orders, n)
+
+
+def _check_orders(orders: tuple[int, ...] | list[int] | np.ndarray, n: int) -> np.ndarray:
     m = np.unique(np.asarray(orders, dtype=np.int64))
     if m.size == 0 or m.min() < 0 or m.max() > n - 2:
         raise InvalidArgument(
             f"orders {list(np.asarray(orders).tolist())} are not allowed for {n} players: "
             f"give orders in 0..{n - 2}"
         )
+    return m
+
+
+@functools.lru_cache(maxsize=64)
+def _check_order_tuple(orders: tuple[int, ...], n: int) -> np.ndarray:
+    m = _check_orders(orders, n)
+    m.setflags(write=False)
     return m
 
 
