@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from interscope_server import openmp
 from interscope_server.cancel import CancelToken
 from interscope_server.errors import InvalidArgument
 from interscope_server.layout import channel_axis
@@ -53,12 +52,6 @@ class BackendOptions:
     spinning: bool = False
     #: Use TensorRT ahead of CUDA where onnxruntime offers it.
     tensorrt: bool = True
-
-
-def runtime_environment(options: BackendOptions) -> dict[str, str]:
-    """Environment a model host process starts with, for what only process start can set:
-    torch's OpenMP wait (interscope_server.openmp). What the operator exported wins."""
-    return openmp.environment(options.spinning)
 
 
 def file_sha256(path: Path) -> str:

@@ -51,12 +51,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from interscope_server import errors
+from interscope_server import errors, openmp
 from interscope_server.cancel import CancelToken
 from interscope_server.models.backend import (
     Backend,
     BackendOptions,
-    runtime_environment,
     value_bounds,
 )
 from interscope_server.models.config import ModelConfig
@@ -430,7 +429,8 @@ class ModelHost:
         # imports only the backend it runs. The parent's sys.path finds the same packages.
         ours, theirs = socket.socketpair()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        env.update(runtime_environment(self._backend_options))
+        # torch's OpenMP wait, which only a fresh process can set (interscope_server.openmp).
+        env.update(openmp.environment(self._backend_options.spinning))
         popen = subprocess.Popen(
             [
                 sys.executable,
