@@ -187,13 +187,15 @@ class ExactEstimator(Estimator):
         inter = interactions[self.orders][:, i, j]
         dis = np.full(len(self.orders), np.nan)
         if mean_abs_dv is not None:
+            # Per order, the mean of |I| / mean|Delta v| over the pairs whose Delta v is not
+            # all zero (NaN when there are none).
             absdv = mean_abs_dv[self.orders][:, i, j]
-            for row in range(len(self.orders)):
-                ok = absdv[row] > 0
-                if ok.any():
-                    dis[row] = float((np.abs(inter[row, ok]) / absdv[row, ok]).mean())
+            ok = absdv > 0
+            kept = ok.sum(axis=1)
+            ratio = np.divide(np.abs(inter), absdv, out=np.zeros_like(inter), where=ok)
+            np.divide(ratio.sum(axis=1), kept, out=dis, where=kept > 0)
         zeros = np.zeros(len(self.orders))
-        counts = [float(np.round(math.comb(self.n - 2, int(m)))) for m in self.orders]
+        counts = [float(math.comb(self.n - 2, int(m))) for m in self.orders]
         mean_abs = np.abs(inter).mean(axis=1)
         if mean_abs_dv is None:  # a difference: row by row, as its partials always summed
             mean_abs = np.array([np.abs(row).mean() for row in inter])

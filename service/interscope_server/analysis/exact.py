@@ -118,15 +118,29 @@ _small_order_sums = functools.lru_cache(maxsize=None)(_build_order_sums)
 def exact_interactions(values: np.ndarray, n: int) -> ExactInteractions:
     """All I^(m)(i,j), mean |Delta v| and phi^(m)(i) from the 2^n values (player k = bit k).
 
-    Works on v as a (2,)*n array: a player's difference is a difference along its axis, and the
-    flat index of what is left encodes S, so |S| is a popcount shared by every pair. Pairs are
-    processed one row i at a time (memory O(n 2^n)), the sums by |S| as one matrix product.
+    Small games (n <= 12) gather every pair's Delta v at once through index tables kept per n
+    (a 4-player Profile spent most of its engine time in the row loop's small numpy calls);
+    larger ones go one row of pairs at a time, in O(n 2^n) memory. Both take the same
+    differences over the same contexts and sum them by |S|; the sums may differ in the last bits.
     """
     v = np.asarray(values, dtype=np.float64)
     if v.shape != (2**n,):
         raise InvalidArgument(f"exact interactions need 2^{n} values; got {v.shape}")
     if n < 2:
         raise InvalidArgument(f"pair interactions need n >= 2 players; got {n}")
+    if n <= _GATHER_MAX_PLAYERS:
+        return _by_gather(v, n)
+    return _by_rows(v, n)
+
+
+#: Largest game whose index tables are kept: at 12 players they take under 3 MB.
+_GATHER_MAX_PLAYERS = 12
+
+
+def _by_rows(v: np.ndarray, n: int) -> ExactInteractions:
+    """exact_interactions on v as a (2,)*n array: a player's difference is a difference along
+    its axis, and the flat index of what is left encodes S, so |S| is a popcount shared by every
+    pair. Pairs are processed one row i at a time."""
     table = v.reshape((2,) * n)  # C order: player k is axis n-1-k
     onehot_pairs, pc_single, counts_pairs, counts_single = _order_sums(n)
 
@@ -155,6 +169,58 @@ def exact_interactions(values: np.ndarray, n: int) -> ExactInteractions:
         mean_abs[:, i, js] = abs_sums.T
         mean_abs[:, js, i] = abs_sums.T
     return ExactInteractions(n, v, interactions, mean_abs, order_shapley)
+
+
+def _by_gather(v: np.ndarray, n: int) -> ExactInteractions:
+    """exact_interactions through _gathers(n): the differences _by_rows takes, all at once."""
+    onehot_pairs, _, counts_pairs, counts_single = _order_sums(n)
+    with_ij, with_j, with_i, alone, single_with, single_without, onehot_single = _gathers(n)
+    i, j = all_pairs(n).T
+    # (v(S+i+j) - v(S+j)) - (v(S+i) - v(S)): the row loop's subtractions, in its order.
+    block = (v[with_ij] - v[with_j]) - (v[with_i] - v[alone])  # (pairs, 2^(n-2))
+    sums = ((block @ onehot_pairs) / counts_pairs).T  # (n-1, pairs)
+    abs_sums = ((np.abs(block) @ onehot_pairs) / counts_pairs).T
+    interactions = np.zeros((n - 1, n, n))
+    mean_abs = np.zeros((n - 1, n, n))
+    interactions[:, i, j] = interactions[:, j, i] = sums
+    mean_abs[:, i, j] = mean_abs[:, j, i] = abs_sums
+    di = v[single_with] - v[single_without]  # (n, 2^(n-1)): player i's marginals
+    order_shapley = np.ascontiguousarray(((di @ onehot_single) / counts_single).T)
+    return ExactInteractions(n, v, interactions, mean_abs, order_shapley)
+
+
+_Gathers = tuple[np.ndarray, ...]
+
+
+@functools.cache
+def _gathers(n: int) -> _Gathers:
+    """Flat indices into the 2^n values (read-only), for n <= _GATHER_MAX_PLAYERS: per pair
+    i < j (all_pairs' order) and per context S of the other n-2 players, the masks S+i+j, S+j,
+    S+i and S; per player i and context S of the other n-1, S+i and S; and the one-hot of |S|
+    over the contexts of n-1 players. S runs over its players' bits in ascending order, as the
+    row loop's flattened axes do."""
+    players = np.arange(n)
+
+    def contexts(others: np.ndarray) -> np.ndarray:
+        """Every subset of `others` as a bitmask, the k-th of them as bit k of its index."""
+        index = np.arange(2**others.size, dtype=np.int64)
+        bits = (index[:, None] >> np.arange(others.size)) & 1
+        return (bits << others).sum(axis=1)
+
+    pair_rows = []
+    for i, j in all_pairs(n):
+        s = contexts(players[(players != i) & (players != j)])
+        pair_rows.append((s | (1 << i) | (1 << j), s | (1 << j), s | (1 << i), s))
+    with_ij, with_j, with_i, alone = (np.stack(t) for t in zip(*pair_rows, strict=True))
+    single = [contexts(players[players != i]) for i in range(n)]
+    single_without = np.stack(single)
+    single_with = single_without | (1 << players)[:, None]
+    onehot_single = np.zeros((2 ** (n - 1), n))
+    onehot_single[np.arange(2 ** (n - 1)), popcounts(n - 1)] = 1.0
+    arrays = (with_ij, with_j, with_i, alone, single_with, single_without, onehot_single)
+    for a in arrays:
+        a.setflags(write=False)
+    return arrays
 
 
 def all_pairs(n: int) -> np.ndarray:

@@ -256,6 +256,7 @@ def _interaction_profile(
 ) -> InteractionProfile:
     """The InteractionProfile of one measured game (the one place it is built)."""
     table, e = measure.table, measure.exact
+    shapley_values = None if e is None else e.shapley_values
     strength, strength_stderr = _strength(table.mean_abs, table.mean_abs_stderr)
     pairs = spec.return_pairs
     return InteractionProfile(
@@ -281,11 +282,11 @@ def _interaction_profile(
         pair_interactions=table.pair_mean if pairs else None,
         pair_interactions_stderr=table.pair_se if pairs else None,
         shapley_interaction=None if e is None else e.shapley_interaction,
-        shapley_values=None if e is None else e.shapley_values,
+        shapley_values=shapley_values,
         efficiency_residual=None if e is None else e.efficiency_residual(),
         shapley_efficiency_residual=None
-        if e is None
-        else e.value_full - e.value_empty - float(e.shapley_values.sum()),
+        if e is None or shapley_values is None
+        else e.value_full - e.value_empty - float(shapley_values.sum()),
         forwards=forwards,
         seed=estimator.seed,
         timings=dict(timings),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from engine_identities import check_identities
 
+from interscope_server.analysis import exact
 from interscope_server.analysis.exact import exact_interactions
 from interscope_server.analysis.game import TabularGame, coalitions_from_bitmasks
 
@@ -18,21 +19,28 @@ def random_values(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=2**n)
 
 
-def brute_force_interactions(v: np.ndarray, n: int) -> np.ndarray:
-    """I^(m)(i,j) by looping over every context S (the definition, no vectorisation)."""
+def pair_deltas(v: np.ndarray, n: int) -> dict[tuple[int, int, int], list[float]]:
+    """Delta v(i,j,S) for every ordered pair and every context S, keyed by (m = |S|, i, j)."""
 
     def val(s: tuple[int, ...] | set[int]) -> float:
         return float(v[sum(1 << k for k in s)])
 
-    out = np.zeros((n - 1, n, n))
+    deltas = {}
     for i, j in itertools.permutations(range(n), 2):
         others = [k for k in range(n) if k not in (i, j)]
         for m in range(n - 1):
-            deltas = [
+            deltas[m, i, j] = [
                 val({*s, i, j}) - val({*s, i}) - val({*s, j}) + val(s)
                 for s in itertools.combinations(others, m)
             ]
-            out[m, i, j] = np.mean(deltas)
+    return deltas
+
+
+def brute_force_interactions(v: np.ndarray, n: int) -> np.ndarray:
+    """I^(m)(i,j) by looping over every context S (the definition, no vectorisation)."""
+    out = np.zeros((n - 1, n, n))
+    for key, deltas in pair_deltas(v, n).items():
+        out[key] = np.mean(deltas)
     return out
 
 
@@ -52,6 +60,46 @@ def test_efficiency_and_recurrence_at_ten_players() -> None:
     step = e.order_shapley[1:] - e.order_shapley[:-1]
     np.testing.assert_allclose(step, e.interactions.sum(axis=2) / (n - 1), atol=TOL)
     assert e.shapley_values.sum() == pytest.approx(v[-1] - v[0], abs=TOL)
+
+
+def brute_force_mean_abs_and_order_shapley(v: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
+    """mean over |S| = m of |Delta v(i,j,S)|, and phi^(m)(i), by looping over every S."""
+    mean_abs = np.zeros((n - 1, n, n))
+    for key, deltas in pair_deltas(v, n).items():
+        mean_abs[key] = np.mean(np.abs(deltas))
+    order_shapley = np.zeros((n, n))
+    for i in range(n):
+        others = [k for k in range(n) if k != i]
+        for m in range(n):
+            contexts = [sum(1 << k for k in s) for s in itertools.combinations(others, m)]
+            order_shapley[m, i] = np.mean([v[s | 1 << i] - v[s] for s in contexts])
+    return mean_abs, order_shapley
+
+
+@pytest.mark.parametrize(("n", "seed"), [(2, 11), (4, 12), (7, 13)])
+def test_gathered_and_row_by_row_paths_give_the_definitions_numbers(n: int, seed: int) -> None:
+    # Games of up to 12 players take every pair's differences at once, larger ones one row of
+    # pairs at a time: both must agree with the definitions, whichever a game size picks.
+    v = random_values(n, seed)
+    mean_abs, order_shapley = brute_force_mean_abs_and_order_shapley(v, n)
+    interactions = brute_force_interactions(v, n)
+    for path in (exact._by_gather, exact._by_rows):
+        e = path(v, n)
+        np.testing.assert_allclose(e.interactions, interactions, atol=TOL)
+        np.testing.assert_allclose(e.mean_abs_dv, mean_abs, atol=TOL)
+        np.testing.assert_allclose(e.order_shapley, order_shapley, atol=TOL)
+
+
+def test_thirteen_players_go_row_by_row_and_keep_the_identities() -> None:
+    n = exact._GATHER_MAX_PLAYERS + 1
+    v = random_values(n, 14)
+    e = exact_interactions(v, n)
+    np.testing.assert_allclose(e.interactions, exact._by_rows(v, n).interactions, atol=0)
+    small = exact_interactions(v[: 2 ** (n - 1)], n - 1)  # the largest gathered game
+    np.testing.assert_allclose(
+        small.interactions, exact._by_rows(v[: 2 ** (n - 1)], n - 1).interactions, atol=TOL
+    )
+    check_identities(e, TOL)
 
 
 def test_linearity() -> None:
