@@ -90,13 +90,26 @@ def _check(ctx: CallContext, request: analysis_pb2.ProfileRequest) -> _ProfileJo
 
 def _events(job: _ProfileJob, call: Call) -> Iterator[tuple[int, ProfileEvent]]:
     """(input index, engine event) for every input in turn (a worker thread). The engine finds
-    each input's prediction on its first forward (one more row, reported in the profile)."""
+    each input's prediction on its first forward (one more row, reported in the profile).
+
+    Progress is counted over the whole call and thinned here, before it crosses to the event
+    loop: each event handed over may wake the loop, which then contends for the GIL with this
+    thread while the engine is still working (a tiny profile's one progress event cost that
+    wake-up, and was then dropped)."""
     evaluate = call.evaluator(job.model)
-    for index in range(len(job.x)):
+    throttle = _Throttle()
+    n = len(job.x)
+    for index in range(n):
         checked = numerics.finite_evaluator(evaluate, job.model.name, index)
         cls = None if job.classes is None else int(job.classes[index])
         events = profile_events(checked, job.x[index], job.spec, cls, call.cancel, predict=True)
         for event in events:
+            if isinstance(event, results.ForwardProgress):
+                planned = event.forwards_planned * n
+                done = event.forwards_planned * index + event.forwards_done
+                if not throttle.ready(done, planned):
+                    continue
+                event = results.ForwardProgress(done, planned, event.stage)
             yield index, event
 
 
@@ -106,16 +119,12 @@ async def profile(
     """Serve one Profile call: progress, per-order partials, each input's profile, the result."""
     async with ctx.admit(context) as call:
         job = _check(ctx, request)
-        n = len(job.x)
-        throttle = _Throttle()
         profiles: list[analysis_pb2.InteractionProfile] = []
         async for index, event in ctx.events(lambda: _events(job, call), job.cost, call):
-            if isinstance(event, results.ForwardProgress):
-                planned = event.forwards_planned * n
-                done = event.forwards_planned * index + event.forwards_done
-                if throttle.ready(done, planned):
-                    progress = convert.progress("profile", done, planned, "forwards", index)
-                    yield convert.profile_event(progress=progress)
+            if isinstance(event, results.ForwardProgress):  # the whole call's, thinned
+                done, planned = event.forwards_done, event.forwards_planned
+                progress = convert.progress("profile", done, planned, "forwards", index)
+                yield convert.profile_event(progress=progress)
             elif isinstance(event, results.OrderEstimate):
                 yield convert.profile_event(partial=convert.order_estimate(index, event))
             elif isinstance(event, results.InteractionProfile):

@@ -25,6 +25,8 @@ from interscope.v1 import (
 )
 from interscope_server.analysis.players import GridPlayers
 from interscope_server.analysis.profile import EstimatorChoice, ProfileSpec, run_profile
+from interscope_server.analysis.results import ForwardProgress
+from interscope_server.api import profile_flow
 from interscope_server.demo import DEMO_MODEL_NAMES
 from interscope_server.server import BackgroundServer
 from tests.server.api.conftest import grid, server_settings, sine_onnx_model
@@ -96,6 +98,41 @@ def test_sampled_profile_streams_one_partial_per_order_before_its_profile(
     profile = events[3].profile
     assert [e.partial.order for e in events[:3]] == list(profile.orders) == [1, 5, 9]
     np.testing.assert_allclose([e.partial.mean_abs for e in events[:3]], profile.mean_abs)
+
+
+def test_profile_progress_counts_the_whole_call_and_is_thinned_before_the_event_loop(
+    analysis, demo_test_data, monkeypatch
+) -> None:
+    x, y = demo_test_data
+    request = analysis_pb2.ProfileRequest(
+        model="digits-cnn",
+        inputs=to_tensor(x[:3]),
+        labels=y[:3].tolist(),
+        spec=grid(2, 3, estimator=analysis_pb2.ESTIMATOR_KIND_EXACT),
+    )
+    per_input = 2**6 + 1  # every coalition of 6 players, and the prediction's row
+    # Every progress event let through: the counts run over the whole call, input by input.
+    monkeypatch.setattr(profile_flow, "PROGRESS_INTERVAL_S", 0.0)
+    progress = [
+        e.progress for e in analysis.Profile(request) if e.WhichOneof("event") == "progress"
+    ]
+    assert [(p.input_index, p.done, p.total) for p in progress] == [
+        (i, (i + 1) * per_input, 3 * per_input) for i in range(3)
+    ]
+    # None let through: the worker thread keeps them, so none wakes the event loop.
+    monkeypatch.setattr(profile_flow, "PROGRESS_INTERVAL_S", 1e9)
+    handed_over: list[object] = []
+    events_of = profile_flow._events
+
+    def watched(job, call):  # type: ignore[no-untyped-def]
+        for item in events_of(job, call):
+            handed_over.append(item[1])
+            yield item
+
+    monkeypatch.setattr(profile_flow, "_events", watched)
+    kinds = [e.WhichOneof("event") for e in analysis.Profile(request)]
+    assert kinds == ["profile"] * 3 + ["result"]
+    assert handed_over and not any(isinstance(e, ForwardProgress) for e in handed_over)
 
 
 def test_exact_profile_streams_each_profile_then_matches_the_in_process_engine(
