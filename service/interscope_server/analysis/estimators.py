@@ -196,9 +196,10 @@ class ExactEstimator(Estimator):
             np.divide(ratio.sum(axis=1), kept, out=dis, where=kept > 0)
         zeros = np.zeros(len(self.orders))
         counts = [float(math.comb(self.n - 2, int(m))) for m in self.orders]
-        mean_abs = np.abs(inter).mean(axis=1)
         if mean_abs_dv is None:  # a difference: row by row, as its partials always summed
             mean_abs = np.array([np.abs(row).mean() for row in inter])
+        else:
+            mean_abs = np.abs(inter).mean(axis=1)
         return OrderTable(
             self.n,
             self.orders,

@@ -89,13 +89,17 @@ class ExactInteractions:
 
 _OrderSums = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
+#: Largest game whose sums by |S| and index tables are kept (under 3 MB at 12 players) and whose
+#: pairs are gathered at once; larger games build their sums afresh and go row by row.
+_GATHER_MAX_PLAYERS = 12
+
 
 def _order_sums(n: int) -> _OrderSums:
     """What exact_interactions needs to sum by |S| for n players, the same for every game:
     the (2^(n-2), n-1) one-hot of |S| over the subsets of the other n-2 players, |S| over
     those of n-1, and the number of subsets of each size (read-only). Kept for small games,
     where building them is a large part of the work (the one-hot of 20 players is 40 MB)."""
-    return _small_order_sums(n) if n <= 12 else _build_order_sums(n)
+    return _small_order_sums(n) if n <= _GATHER_MAX_PLAYERS else _build_order_sums(n)
 
 
 def _build_order_sums(n: int) -> _OrderSums:
@@ -118,10 +122,11 @@ _small_order_sums = functools.lru_cache(maxsize=None)(_build_order_sums)
 def exact_interactions(values: np.ndarray, n: int) -> ExactInteractions:
     """All I^(m)(i,j), mean |Delta v| and phi^(m)(i) from the 2^n values (player k = bit k).
 
-    Small games (n <= 12) gather every pair's Delta v at once through index tables kept per n
-    (a 4-player Profile spent most of its engine time in the row loop's small numpy calls);
-    larger ones go one row of pairs at a time, in O(n 2^n) memory. Both take the same
-    differences over the same contexts and sum them by |S|; the sums may differ in the last bits.
+    Small games (n <= _GATHER_MAX_PLAYERS) gather every pair's Delta v at once through index
+    tables kept per n (a 4-player Profile spent most of its engine time in the row loop's small
+    numpy calls); larger ones go one row of pairs at a time, in O(n 2^n) memory. Both take the
+    same differences over the same contexts and sum them by |S|; the sums may differ in the last
+    bits.
     """
     v = np.asarray(values, dtype=np.float64)
     if v.shape != (2**n,):
@@ -131,10 +136,6 @@ def exact_interactions(values: np.ndarray, n: int) -> ExactInteractions:
     if n <= _GATHER_MAX_PLAYERS:
         return _by_gather(v, n)
     return _by_rows(v, n)
-
-
-#: Largest game whose index tables are kept: at 12 players they take under 3 MB.
-_GATHER_MAX_PLAYERS = 12
 
 
 def _by_rows(v: np.ndarray, n: int) -> ExactInteractions:

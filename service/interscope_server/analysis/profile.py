@@ -256,7 +256,11 @@ def _interaction_profile(
 ) -> InteractionProfile:
     """The InteractionProfile of one measured game (the one place it is built)."""
     table, e = measure.table, measure.exact
-    shapley_values = None if e is None else e.shapley_values
+    shapley_values: np.ndarray | None = None
+    shapley_residual: float | None = None
+    if e is not None:
+        shapley_values = e.shapley_values
+        shapley_residual = e.value_full - e.value_empty - float(shapley_values.sum())
     strength, strength_stderr = _strength(table.mean_abs, table.mean_abs_stderr)
     pairs = spec.return_pairs
     return InteractionProfile(
@@ -284,9 +288,7 @@ def _interaction_profile(
         shapley_interaction=None if e is None else e.shapley_interaction,
         shapley_values=shapley_values,
         efficiency_residual=None if e is None else e.efficiency_residual(),
-        shapley_efficiency_residual=None
-        if e is None or shapley_values is None
-        else e.value_full - e.value_empty - float(shapley_values.sum()),
+        shapley_efficiency_residual=shapley_residual,
         forwards=forwards,
         seed=estimator.seed,
         timings=dict(timings),

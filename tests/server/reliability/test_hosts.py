@@ -381,7 +381,6 @@ def test_an_uploaded_model_that_hangs_leaves_the_server_healthy_after_restart(
 SERVE_SCRIPT = """
 import sys
 from interscope.v1 import models_pb2
-from interscope_server import openmp
 from interscope_server.config import Settings
 from interscope_server.server import serve
 serve(Settings(host="127.0.0.1", port=0, metrics_port=None, model_repository=sys.argv[1],
