@@ -13,7 +13,8 @@ in this one run.
 - (c) Square L-inf on 100 digits with 1000 queries each, through the server (the CLI's path)
   against torchattacks.Square in this process on the same TorchScript model: time and robust
   accuracy (`pip install --no-deps torchattacks`); through a server with the defaults and
-  through a second one started with GOMP_SPINCOUNT=10000 (see interscope_server.openmp).
+  through a second one started with INTERSCOPE_RUNTIME_SPINNING=true (the hosts' thread pools
+  spin between forwards; see interscope_server.openmp for what that costs on a shared machine).
 """
 
 from __future__ import annotations
@@ -127,8 +128,8 @@ def concurrent_rate(address: str, kind: str, seconds: float) -> float:
     return sum(rates)
 
 
-#: The short OpenMP spin an operator may export on a dedicated machine (interscope_server.openmp).
-SPIN_ENV = {"GOMP_SPINCOUNT": "10000"}
+#: What an operator may set on a machine whose cores are theirs (interscope_server.openmp).
+SPIN_ENV = {"INTERSCOPE_RUNTIME_SPINNING": "true"}
 
 
 def square(addresses: dict[str, str], repository: Path, queries: int, eps: float) -> None:
@@ -232,7 +233,7 @@ def main() -> None:
         if not args.skip_square:
             spinning, spin_address = start_server(repository, args.hosts, SPIN_ENV)
             try:
-                addresses = {"defaults": address, "GOMP_SPINCOUNT=10000": spin_address}
+                addresses = {"defaults": address, "runtime_spinning": spin_address}
                 square(addresses, repository, queries=1000, eps=0.1)
             finally:
                 spinning.terminate()

@@ -5,13 +5,24 @@ process before that process imports torch: the CLI's `serve` for the server proc
 spawn environment for each model host (models.host).
 
 The default is OMP_WAIT_POLICY=PASSIVE: an idle thread sleeps at once. libgomp's own default
-busy-waits 300,000 iterations first, and on a busy 2-core machine those spinning threads took
-the cores the work needed (digits forwards ran 10x slower). An operator who exports
-OMP_WAIT_POLICY or GOMP_SPINCOUNT gets exactly that instead. On a dedicated machine a short
-spin pays: GOMP_SPINCOUNT=10000 bridges the microsecond gaps between the parallel regions of
-one forward and still sleeps between forwards; Square through the server took 1.65x
-torchattacks' time against 2.57x under PASSIVE, but 2.5x longer than PASSIVE with one core
-taken by another process (bench/bench_floor.py (c); figures in the README).
+(what `runtime_spinning` and an unset policy give) busy-waits 300,000 iterations first. Measured
+through the server with Square on the demo TorchScript model (bench/bench_floor.py (c), figures
+in the README), spinning is a bet on having the cores to oneself:
+- one model busy on an idle 2-core machine: spinning hosts 1.4-1.6x torchattacks' time in
+  process, PASSIVE 2.1-2.5x (a sleeping thread is woken for every parallel region of a forward);
+- one core taken by another process: spinning 1.4x slower than PASSIVE (4.58 s vs 3.21 s);
+- two models attacked at once (two hosts, each pool spinning on the same 2 cores): 5x slower
+  (27.0 s vs 5.3 s); this is the "10x slower forwards" that made PASSIVE the default.
+A short explicit spin (GOMP_SPINCOUNT=10000) did worse than either on a quiet machine (1.9x)
+and, with one core taken, 3x slower than PASSIVE (9.8 s): the sleeping threads' wake-ups wait
+for the other process's time slice. An operator's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+
+When the models run in host processes, the server process itself keeps one intra-op thread
+(`server_threads`): its own torch work is the attacks' elementwise steps between forwards,
+which a second thread does not speed up, while that thread's pool woke (or, spinning, took a
+core) against the host's forward. Square through the server took 2.14x torchattacks' time
+against 2.64x with the pool under PASSIVE, and with spinning 1.64x against 3.63x (each pair
+side by side in one run).
 """
 
 from __future__ import annotations
@@ -26,3 +37,10 @@ def environment(spinning: bool, environ: Mapping[str, str] = os.environ) -> dict
     if spinning or "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return {}
     return {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def server_threads(model_hosts: str) -> int | None:
+    """torch's intra-op threads for the server process: 1 when every model runs in a host
+    process (the hosts' forwards have the cores), None (torch's default) when models run
+    inline in the server."""
+    return 1 if model_hosts == "process" else None

@@ -14,10 +14,12 @@ from pathlib import Path
 from types import TracebackType
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from interscope.v1 import analysis_pb2, analysis_pb2_grpc, models_pb2, models_pb2_grpc
+from interscope_server import openmp
 from interscope_server.api.analysis_servicer import AnalysisServicer
 from interscope_server.api.interceptors import (
     AuthInterceptor,
@@ -284,6 +286,9 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    threads = openmp.server_threads(settings.model_hosts)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     async def main() -> None:
         server = InterscopeServer(settings)

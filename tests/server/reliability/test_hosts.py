@@ -386,6 +386,8 @@ from interscope_server.server import serve
 serve(Settings(host="127.0.0.1", port=0, metrics_port=None, model_repository=sys.argv[1],
                load_models=["loop"], grace_seconds=1.0, model_hosts="process",
                model_host_grace_seconds=1.0, worker_threads=4))
+import torch
+print("server torch threads", torch.get_num_threads(), flush=True)
 """
 
 
@@ -430,6 +432,9 @@ def test_sigterm_stops_a_server_whose_model_hangs(repository: Path) -> None:
         assert took < 1.0 + 2 * 1.0 + 5.0, took
         assert len(outcome) == 1 and isinstance(outcome[0], UnavailableError)
         assert all(_gone(pid) for pid in hosts)
+        # The forwards ran in the host; the server's own torch kept one thread
+        # (interscope_server.openmp.server_threads).
+        assert process.stdout.read().split()[-4:] == ["server", "torch", "threads", "1"]
     finally:
         if process.poll() is None:
             process.kill()
