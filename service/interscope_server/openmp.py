@@ -8,14 +8,17 @@ The default is OMP_WAIT_POLICY=PASSIVE: an idle thread sleeps at once. libgomp's
 (what `runtime_spinning` and an unset policy give) busy-waits 300,000 iterations first. Measured
 through the server with Square on the demo TorchScript model (bench/bench_floor.py (c), figures
 in the README), spinning is a bet on having the cores to oneself:
-- one model busy on an idle 2-core machine: spinning hosts 1.4-1.6x torchattacks' time in
-  process, PASSIVE 2.1-2.5x (a sleeping thread is woken for every parallel region of a forward);
+- one model busy on an idle 2-core machine: spinning hosts 1.4-1.6x the time of torchattacks
+  in-process, PASSIVE 2.1-2.5x (a sleeping thread is woken for every parallel region of a
+  forward);
 - one core taken by another process: spinning 1.4x slower than PASSIVE (4.58 s vs 3.21 s);
 - two models attacked at once (two hosts, each pool spinning on the same 2 cores): 5x slower
-  (27.0 s vs 5.3 s); this is the "10x slower forwards" that made PASSIVE the default.
-A short explicit spin (GOMP_SPINCOUNT=10000) did worse than either on a quiet machine (1.9x)
-and, with one core taken, 3x slower than PASSIVE (9.8 s): the sleeping threads' wake-ups wait
-for the other process's time slice. An operator's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+  (27.0 s vs 5.3 s), the kind of slowdown (digits forwards 10x slower on a busy machine) that
+  made PASSIVE the default.
+A short explicit spin (GOMP_SPINCOUNT=10000) was slower than full spinning on a quiet machine
+(1.89x against 1.64x; PASSIVE 2.50x) and, with one core taken, 3x slower than PASSIVE (9.8 s):
+the sleeping threads' wake-ups seem to wait for the other process's time slice. An operator's
+own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 
 When the models run in host processes, the server process itself keeps one intra-op thread
 (`server_threads`): its own torch work is the attacks' elementwise steps between forwards,
