@@ -8,6 +8,8 @@ in this one run.
 
 - (a) one client, sequential calls: the median round trip of a 4-player exact Profile (17
   forwards of the demo CNN), of ListModels and of a health check, in 10 rounds of each in turn;
+  in the same rounds, the Profile and health check on a second server whose small calls run on
+  worker threads (INTERSCOPE_LOOP_CALL_FORWARDS=0) rather than on the event loop;
 - (b) 8 client processes for a fixed time each: calls/s of tiny Profiles against calls/s of
   health checks from the same 8 processes;
 - (c) Square L-inf on 100 digits with 1000 queries each, through the server (the CLI's path)
@@ -128,6 +130,8 @@ def concurrent_rate(address: str, kind: str, seconds: float) -> float:
     return sum(rates)
 
 
+#: Small calls on worker threads, as before the loop lane (interscope_server.api.call).
+LOOP_OFF_ENV = {"INTERSCOPE_LOOP_CALL_FORWARDS": "0"}
 #: What an operator may set on a machine whose cores are theirs (interscope_server.openmp).
 SPIN_ENV = {"INTERSCOPE_RUNTIME_SPINNING": "true"}
 
@@ -205,24 +209,37 @@ def main() -> None:
     server, address = start_server(repository, args.hosts)
     try:
         print(f"server: interscope serve, models in {args.hosts} hosts; SDK over loopback")
-        with interscope.Client(address) as client:
-            # Rounds of each call in turn, so a change in the machine's speed (its neighbours)
-            # moves both sides of a round's ratio alike.
-            per_round = max(args.calls // ROUNDS, 10)
-            rounds = [
-                (
-                    median_ms(client.health, per_round),
-                    median_ms(client.list_models, per_round),
-                    median_ms(lambda: tiny_profile(client, x, y), per_round),
-                )
-                for _ in range(ROUNDS)
-            ]
-        health, listing, profile = (statistics.median(r[k] for r in rounds) for k in range(3))
-        ratio = statistics.median(p / h for h, _, p in rounds)
+        # A second server with small calls on worker threads (INTERSCOPE_LOOP_CALL_FORWARDS=0,
+        # the previous behaviour), measured in the same rounds: what the loop lane gives.
+        off, off_address = start_server(repository, args.hosts, LOOP_OFF_ENV)
+        try:
+            with interscope.Client(address) as client, interscope.Client(off_address) as other:
+                # Rounds of each call in turn, so a change in the machine's speed (its
+                # neighbours) moves both sides of a round's ratio alike.
+                per_round = max(args.calls // ROUNDS, 10)
+                rounds = [
+                    (
+                        median_ms(client.health, per_round),
+                        median_ms(client.list_models, per_round),
+                        median_ms(lambda: tiny_profile(client, x, y), per_round),
+                        median_ms(other.health, per_round),
+                        median_ms(lambda: tiny_profile(other, x, y), per_round),
+                    )
+                    for _ in range(ROUNDS)
+                ]
+        finally:
+            off.terminate()
+            off.wait(30)
+        health, listing, profile, _, off_profile = (
+            statistics.median(r[k] for r in rounds) for k in range(5)
+        )
+        ratio = statistics.median(r[2] / r[0] for r in rounds)
+        off_ratio = statistics.median(r[4] / r[3] for r in rounds)
         print(
             f"(a) median round trip: health {health:.2f} ms, ListModels {listing:.2f} ms, "
             f"4-player exact Profile {profile:.2f} ms = {ratio:.1f}x health (median of "
-            f"{ROUNDS} rounds' ratios)"
+            f"{ROUNDS} rounds' ratios); with small calls on worker threads instead of the "
+            f"event loop {off_profile:.2f} ms = {off_ratio:.1f}x its server's health check"
         )
         health_rate = concurrent_rate(address, "health", args.seconds)
         profile_rate = concurrent_rate(address, "profile", args.seconds)

@@ -15,6 +15,7 @@ LEAVES = {
     "interscope_server.layout",
     "interscope_server.evaluator",
     "interscope_server.openmp",
+    "interscope_server.blocking",
 }
 
 

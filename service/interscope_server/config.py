@@ -151,6 +151,15 @@ class Settings(BaseSettings):
             "(capped at half of worker_threads)."
         ),
     )
+    loop_call_forwards: int = Field(
+        default=128,
+        ge=0,
+        description=(
+            "A Profile planning at most this many forward passes, on a model in a host "
+            "process, is computed on the event loop instead of a worker thread (no thread "
+            "hops); a wait on its model longer than 10 ms sends it back to a worker. 0: off."
+        ),
+    )
     long_call_forwards: int = Field(
         default=100_000,
         ge=0,

@@ -120,7 +120,8 @@ async def profile(
     async with ctx.admit(context) as call:
         job = _check(ctx, request)
         profiles: list[analysis_pb2.InteractionProfile] = []
-        async for index, event in ctx.events(lambda: _events(job, call), job.cost, call):
+        events = ctx.events(lambda: _events(job, call), job.cost, call, job.model)
+        async for index, event in events:
             if isinstance(event, results.ForwardProgress):  # the whole call's, thinned
                 done, planned = event.forwards_done, event.forwards_planned
                 progress = convert.progress("profile", done, planned, "forwards", index)

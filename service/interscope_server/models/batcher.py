@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from interscope_server import blocking
 from interscope_server.cancel import CancelToken
 from interscope_server.errors import (
     BackendFailed,
@@ -185,6 +186,10 @@ class DynamicBatcher:
             )
             if direct:
                 self._direct_running.append(call)
+            elif blocking.wait_bound() is not None:
+                # The event loop's thread (blocking.py) does not wait in the queue: its call
+                # runs again on a worker thread. Nothing was queued yet.
+                raise blocking.WouldStall(f"model {self.name!r} has rows queued or running")
             else:
                 self._calls.append(call)
                 self._queued_rows += rows
@@ -223,6 +228,8 @@ class DynamicBatcher:
     def _raise(self, error: BaseException) -> None:
         """Raise a forward's failure in the caller's thread: our own errors as they are (a new
         instance: the same one may reach several callers), anything else as BackendFailed."""
+        if isinstance(error, blocking.WouldStall):
+            raise error  # not a failure: the call runs again where it may wait
         if isinstance(error, InterscopeError):
             raise type(error)(str(error))
         reason = f"{type(error).__name__}: {error}".rstrip(": ")

@@ -51,7 +51,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from interscope_server import errors, openmp
+from interscope_server import blocking, errors, openmp
 from interscope_server.cancel import CancelToken
 from interscope_server.models.backend import (
     Backend,
@@ -448,6 +448,7 @@ class ModelHost:
         try:
             proc.conn.send((self._config_json, str(self._path), self._backend_options))
             reply = self._await(proc, 0, None, self.options.start_timeout_s, "start")
+            assert reply is not None  # no bound: a reply or an error
             if reply[1] == "error":
                 error = _error(reply[2], reply[3])
                 if isinstance(error, errors.InterscopeError):
@@ -486,10 +487,65 @@ class ModelHost:
         Raises Unavailable (host died, was killed, the model is FAILED or unloading),
         DeadlineExceeded / Cancelled from `cancel`, or the host's own error for the request.
         """
+        bound = blocking.wait_bound()
+        if bound is not None:
+            return self._call_bounded(op, arrays, key, cancel, bound)
         proc = self._acquire(cancel)
         try:
             return self._exchange(proc, op, arrays, key, cancel)
         finally:
+            self._lock.release()
+
+    def _call_bounded(
+        self,
+        op: str,
+        arrays: Sequence[np.ndarray],
+        key: int,
+        cancel: CancelToken | None,
+        bound: float,
+    ) -> list[np.ndarray]:
+        """`call` for the event loop's thread (blocking.py): waits at most `bound` seconds for
+        the exchange lock and again for the reply, else raises WouldStall. A request already
+        sent is finished by a thread of its own, under the call's cancel token as any request
+        is (its deadline plus the grace kills a host that hangs), before the lock is released:
+        the pipe and segments stay in step for the next request."""
+        if not self._lock.acquire(timeout=bound):
+            raise blocking.WouldStall(f"model {self.name!r}'s host is busy with a request")
+        handed_over = False
+        try:
+            with self._state:
+                proc, failed, closed = self._proc, self._failed, self._closed
+            if closed or failed is not None or not proc.alive:
+                raise blocking.WouldStall(f"model {self.name!r}'s host is not serving")
+            seq = self._send(proc, op, arrays, key)
+            started = time.monotonic()
+            timeout = self.options.call_timeout_s
+            reply = self._await(proc, seq, cancel, timeout, "request", bound=bound)
+            if reply is None:
+                handed_over = True
+                threading.Thread(
+                    target=self._finish,
+                    args=(proc, seq, cancel, started + timeout - time.monotonic()),
+                    name=f"host-finish-{self.name}",
+                    daemon=True,
+                ).start()
+                raise blocking.WouldStall(
+                    f"model {self.name!r} took longer than {bound * 1e3:g} ms over one request"
+                )
+            return self._received(reply)
+        finally:
+            if not handed_over:
+                self._lock.release()
+
+    def _finish(self, proc: _Process, seq: int, cancel: CancelToken | None, timeout: float) -> None:
+        """Wait out a request the event loop stopped waiting for, then free the lock."""
+        try:
+            self._await(proc, seq, cancel, max(timeout, 0.0), "request")
+        except BaseException as exc:  # its caller runs again elsewhere; the reply is not needed
+            logger.debug("model %s: a request the event loop handed over ended: %s", self.name, exc)
+        finally:
+            with self._state:
+                self._inflight_seq = -1
             self._lock.release()
 
     def abandon(self) -> None:
@@ -552,6 +608,14 @@ class ModelHost:
         probing: bool = False,
     ) -> list[np.ndarray]:
         """Send one request to `proc` (exchange lock held, or a host not yet published)."""
+        seq = self._send(proc, op, arrays, key)
+        timeout = self.options.probe_timeout_s if probing else self.options.call_timeout_s
+        reply = self._await(proc, seq, cancel, timeout, "probe" if probing else "request")
+        assert reply is not None  # no bound: _await returns a reply or raises
+        return self._received(reply)
+
+    def _send(self, proc: _Process, op: str, arrays: Sequence[np.ndarray], key: int) -> int:
+        """Write `arrays` to the input segment and send request `op`; its sequence number."""
         arrays = [np.ascontiguousarray(a) for a in arrays]
         metas, size = _layout(arrays)
         segment_in = self._ensure_room("in", size)
@@ -571,8 +635,10 @@ class ModelHost:
             raise errors.Unavailable(
                 f"model {self.name!r}'s host {proc.death()}; it is restarting; retry"
             ) from None
-        timeout = self.options.probe_timeout_s if probing else self.options.call_timeout_s
-        reply = self._await(proc, seq, cancel, timeout, "probe" if probing else "request")
+        return seq
+
+    def _received(self, reply: tuple[Any, ...]) -> list[np.ndarray]:
+        """The outputs of a request's reply (or its error, raised)."""
         with self._state:
             self._inflight_seq = -1
         if reply[1] == "error":
@@ -580,6 +646,7 @@ class ModelHost:
         out_metas, inline = reply[2], reply[3]
         if inline is not None:
             return list(inline)
+        segment_out = self._out
         assert segment_out.buf is not None
         # Copies: the segment is rewritten by the next request while callers hold these.
         return [
@@ -594,16 +661,24 @@ class ModelHost:
         cancel: CancelToken | None,
         timeout: float,
         what: str,
-    ) -> tuple[Any, ...]:
+        *,
+        bound: float | None = None,
+    ) -> tuple[Any, ...] | None:
         """The reply to `seq`, while enforcing the memory budget, the callers' deadline + grace
-        and the backstop timeout; a host that breaks one is killed and Unavailable raised."""
+        and the backstop timeout; a host that breaks one is killed and Unavailable raised.
+        With `bound`, None once `bound` seconds have passed without the reply."""
         started = time.monotonic()
         left_at: float | None = None
         stop: errors.InterscopeError | None = None
         budget = self.options.memory_bytes
         while True:
+            poll = self.options.poll_s
+            if bound is not None:
+                poll = min(poll, started + bound - time.monotonic())
+                if poll <= 0 and not proc.conn.poll(0):
+                    return None
             try:
-                ready = proc.conn.poll(self.options.poll_s)
+                ready = proc.conn.poll(max(poll, 0.0))
                 reply = proc.conn.recv() if ready else None
             except (EOFError, OSError):
                 reply, ready = None, True

@@ -84,6 +84,22 @@ class HogOnHalf(torch.nn.Module):
         return torch.cat([s, -s], 1) + hog[:1].sum() * 0.0
 
 
+class SlowLinear(torch.nn.Module):
+    """Linear's logits exactly, after tens of milliseconds of work whose result is discarded:
+    slower than a small call may keep the event loop waiting (api/call.py's LOOP_WAIT_S)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = Linear()
+        self.w = torch.nn.Parameter(torch.eye(256) * 0.5, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.flatten(1).repeat(1, 16)
+        for _ in range(300):
+            z = torch.tanh(z @ self.w)
+        return self.linear(x) + z.sum() * 0.0
+
+
 UPLOAD_CONFIG = models_pb2.ModelConfig(
     format=models_pb2.MODEL_FORMAT_TORCHSCRIPT,
     input=models_pb2.TensorInfo(name="x", shape=list(SHAPE)),
@@ -123,6 +139,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _write(root, "linear", Linear())
     _write(root, "loop", LoopOnHalf())
     _write(root, "hog", HogOnHalf())
+    _write(root, "slow", SlowLinear())
     return root
 
 
@@ -265,6 +282,8 @@ def test_hung_forward_gets_its_deadline_and_the_host_is_killed(
         except InterscopeError as exc:
             errors.append(exc)
 
+    calls = server.server.analysis.calls
+    fell_back = calls.loop_outcomes["fell_back"]
     hung = threading.Thread(target=call_hung)
     hung.start()
     # While the loop model hangs, another model keeps answering, with its reference values.
@@ -280,10 +299,60 @@ def test_hung_forward_gets_its_deadline_and_the_host_is_killed(
     )
     hung.join(30)
     assert len(errors) == 1 and isinstance(errors[0], DeadlineExceededError)
+    # The hung call started on the event loop (a small call) and left it after LOOP_WAIT_S.
+    assert calls.loop_outcomes["fell_back"] == fell_back + 1
     # Killed within the deadline plus its grace, then restarted by its supervisor.
     assert loop.host.wait_for_generation(generation + 1, timeout=120)
     assert _gone(pid)
     assert _profile(client, "loop", X_OTHER, timeout=30) is not None
+
+
+def _numbers(result: object) -> dict[str, object]:
+    out = result.to_dict()  # type: ignore[attr-defined]
+    out.pop("provenance")  # timings and host name differ between calls
+    return out
+
+
+def test_small_profiles_run_on_the_event_loop_with_the_worker_path_s_numbers(
+    server: BackgroundServer, client: interscope.Client, tmp_path: Path
+) -> None:
+    calls = server.server.analysis.calls
+    before = dict(calls.loop_outcomes)
+    x = np.random.default_rng(4).random(SHAPE, dtype=np.float32)
+    on_loop = _profile(client, "linear", x, timeout=30)
+    assert calls.loop_outcomes["ran"] == before.get("ran", 0) + 1
+    assert calls.loop_outcomes["fell_back"] == before.get("fell_back", 0)
+    # The same call through the worker threads and an in-process model (inline hosts never
+    # use the loop: their forwards cannot give up waiting) gives the same numbers.
+    root = tmp_path / "models"
+    root.mkdir()
+    _write(root, "linear", Linear())
+    with (
+        BackgroundServer(_settings(root, model_hosts="inline")) as inline,
+        interscope.Client(inline.address, retries=0) as other,
+    ):
+        in_thread = _profile(other, "linear", x, timeout=30)
+        assert dict(inline.server.analysis.calls.loop_outcomes) == {}
+    np.testing.assert_equal(_numbers(on_loop), _numbers(in_thread))
+
+
+def test_a_slow_model_sends_small_calls_back_to_the_workers_without_harm(
+    server: BackgroundServer, client: interscope.Client
+) -> None:
+    slow = _host(server, "slow")
+    generation = slow.host.generation
+    calls = server.server.analysis.calls
+    fell_back = calls.loop_outcomes["fell_back"]
+    x = np.random.default_rng(5).random(SHAPE, dtype=np.float32)
+    # Its forward outlasts LOOP_WAIT_S: the request the loop sent is finished by a thread of
+    # its own, and the call runs again on a worker, with the numbers of the same logits.
+    result = _profile(client, "slow", x, timeout=60)
+    assert calls.loop_outcomes["fell_back"] == fell_back + 1
+    np.testing.assert_equal(_numbers(result), _numbers(_profile(client, "linear", x, timeout=30)))
+    # Within the cool-down its small calls go straight to the workers; nothing was killed.
+    assert _profile(client, "slow", X_OTHER, timeout=60) is not None
+    assert calls.loop_outcomes["fell_back"] == fell_back + 1
+    assert slow.host.generation == generation
 
 
 def test_unload_of_a_hung_model_finishes_within_its_grace(
