@@ -42,8 +42,10 @@ def environment(spinning: bool, environ: Mapping[str, str] = os.environ) -> dict
     return {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def server_threads(model_hosts: str) -> int | None:
+def server_threads(model_hosts: str, intra_op_threads: int = 0) -> int | None:
     """torch's intra-op threads for the server process: 1 when every model runs in a host
-    process (the hosts' forwards have the cores), None (torch's default) when models run
-    inline in the server."""
-    return 1 if model_hosts == "process" else None
+    process (the hosts' forwards have the cores); when models run inline in the server, the
+    operator's `intra_op_threads` (what a host process would use), None for torch's default."""
+    if model_hosts == "process":
+        return 1
+    return intra_op_threads or None

@@ -286,7 +286,7 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    threads = openmp.server_threads(settings.model_hosts)
+    threads = openmp.server_threads(settings.model_hosts, settings.intra_op_threads)
     if threads is not None:
         torch.set_num_threads(threads)
 

@@ -512,6 +512,53 @@ def test_sigterm_stops_a_server_whose_model_hangs(repository: Path) -> None:
             process.stdout.close()
 
 
+INLINE_SERVE_SCRIPT = """
+import sys
+from interscope_server.config import Settings
+from interscope_server.server import serve
+serve(Settings(host="127.0.0.1", port=0, metrics_port=None, model_repository=sys.argv[1],
+               load_models=["linear"], model_hosts="inline", intra_op_threads=3))
+import torch
+print("server torch threads", torch.get_num_threads(), flush=True)
+"""
+
+
+def test_inline_models_run_on_the_configured_torch_threads(repository: Path) -> None:
+    # With models inline the server's torch runs them: INTERSCOPE_INTRA_OP_THREADS must reach
+    # it as it reaches a host process (it used to reach only ONNX Runtime there).
+    process = subprocess.Popen(
+        [sys.executable, "-c", INLINE_SERVE_SCRIPT, str(repository)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stdout is not None
+        address = next(
+            (
+                line.split()[-1]
+                for line in process.stdout
+                if line.startswith("interscope listening")
+            ),
+            "",
+        )
+        assert address, f"the server exited early with {process.wait()}"
+        with interscope.Client(address, retries=0) as client:
+            # Answered by the event loop once serve() has set its signal handlers.
+            assert client.health("linear") == "SERVING"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        assert process.stdout.read().split()[-4:] == ["server", "torch", "threads", "3"]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
 def _children(pid: int) -> list[int]:
     """The model-host processes whose parent is `pid`."""
     found = []
