@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -449,20 +450,21 @@ def test_an_uploaded_model_that_hangs_leaves_the_server_healthy_after_restart(
 
 SERVE_SCRIPT = """
 import sys
-from interscope.v1 import models_pb2
 from interscope_server.config import Settings
 from interscope_server.server import serve
 serve(Settings(host="127.0.0.1", port=0, metrics_port=None, model_repository=sys.argv[1],
-               load_models=["loop"], grace_seconds=1.0, model_hosts="process",
-               model_host_grace_seconds=1.0, worker_threads=4))
+               grace_seconds=1.0, model_host_grace_seconds=1.0, worker_threads=4, {settings}))
 import torch
 print("server torch threads", torch.get_num_threads(), flush=True)
 """
 
 
-def test_sigterm_stops_a_server_whose_model_hangs(repository: Path) -> None:
+@contextlib.contextmanager
+def _serving(repository: Path, settings: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`serve()` in a process of its own, with `settings` (Settings keywords as source); yields
+    it and its address. After serve() returns, it prints its torch's intra-op thread count."""
     process = subprocess.Popen(
-        [sys.executable, "-c", SERVE_SCRIPT, str(repository)],
+        [sys.executable, "-c", SERVE_SCRIPT.format(settings=settings), str(repository)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -477,6 +479,25 @@ def test_sigterm_stops_a_server_whose_model_hangs(repository: Path) -> None:
                 address = line.split()[-1]
                 break
         assert address, f"the server exited early with {process.wait()}"
+        yield process, address
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def _torch_threads_printed(process: subprocess.Popen[str]) -> str:
+    assert process.stdout is not None
+    words = process.stdout.read().split()
+    assert words[-4:-1] == ["server", "torch", "threads"], words
+    return words[-1]
+
+
+def test_sigterm_stops_a_server_whose_model_hangs(repository: Path) -> None:
+    settings = 'load_models=["loop"], model_hosts="process"'
+    with _serving(repository, settings) as (process, address):
         hosts = _children(process.pid)
         assert len(hosts) == 1, "the model should run in a child process of the server"
         with interscope.Client(address, retries=0) as client:
@@ -503,60 +524,20 @@ def test_sigterm_stops_a_server_whose_model_hangs(repository: Path) -> None:
         assert all(_gone(pid) for pid in hosts)
         # The forwards ran in the host; the server's own torch kept one thread
         # (interscope_server.openmp.server_threads).
-        assert process.stdout.read().split()[-4:] == ["server", "torch", "threads", "1"]
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-        if process.stdout is not None:
-            process.stdout.close()
-
-
-INLINE_SERVE_SCRIPT = """
-import sys
-from interscope_server.config import Settings
-from interscope_server.server import serve
-serve(Settings(host="127.0.0.1", port=0, metrics_port=None, model_repository=sys.argv[1],
-               load_models=["linear"], model_hosts="inline", intra_op_threads=3))
-import torch
-print("server torch threads", torch.get_num_threads(), flush=True)
-"""
+        assert _torch_threads_printed(process) == "1"
 
 
 def test_inline_models_run_on_the_configured_torch_threads(repository: Path) -> None:
     # With models inline the server's torch runs them: INTERSCOPE_INTRA_OP_THREADS must reach
     # it as it reaches a host process (it used to reach only ONNX Runtime there).
-    process = subprocess.Popen(
-        [sys.executable, "-c", INLINE_SERVE_SCRIPT, str(repository)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert process.stdout is not None
-        address = next(
-            (
-                line.split()[-1]
-                for line in process.stdout
-                if line.startswith("interscope listening")
-            ),
-            "",
-        )
-        assert address, f"the server exited early with {process.wait()}"
+    settings = 'load_models=["linear"], model_hosts="inline", intra_op_threads=3'
+    with _serving(repository, settings) as (process, address):
         with interscope.Client(address, retries=0) as client:
             # Answered by the event loop once serve() has set its signal handlers.
             assert client.health("linear") == "SERVING"
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
-        assert process.stdout.read().split()[-4:] == ["server", "torch", "threads", "3"]
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-        if process.stdout is not None:
-            process.stdout.close()
+        assert _torch_threads_printed(process) == "3"
 
 
 def _children(pid: int) -> list[int]:
